@@ -1,0 +1,67 @@
+"""Shared test setup: Triton's interpreter on CPU, seeding, and the one tolerance table.
+
+TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it must be set before any
+``repa_fast.kernels`` module is imported; pytest imports this file first.
+"""
+
+import os
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never stall on hub retries (no network in CI)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One tolerance table for the whole suite (STYLE.md "Tests").
+# fp32: elementwise ops and reductions against a float64 reference.
+# bf16: one bf16 ulp (2^-8 relative, rounding of the stored output) plus a small absolute floor.
+TOLERANCES = {
+    ("float32", "elementwise"): dict(atol=1e-5, rtol=1e-5),
+    ("float32", "reduction"): dict(atol=1e-4, rtol=1e-4),
+    ("bfloat16", "elementwise"): dict(atol=1e-2, rtol=2**-7),
+    ("bfloat16", "reduction"): dict(atol=2e-2, rtol=2**-7),
+    ("float16", "elementwise"): dict(atol=1e-3, rtol=2**-10),
+    ("float16", "reduction"): dict(atol=2e-3, rtol=2**-10),
+}
+
+
+def tol(dtype: torch.dtype, kind: str = "elementwise") -> dict:
+    return TOLERANCES[(str(dtype).removeprefix("torch."), kind)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str = "elementwise", dtype=None):
+    """Compare ``actual`` with a (usually float64) ``expected`` at the table's tolerance for ``dtype``."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values (an unwritten, poisoned output?)"
+    torch.testing.assert_close(actual.double(), expected.double(), **tol(dtype, kind))
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so that any element a kernel forgets to write fails the test."""
+    return t.fill_(float("nan"))
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
