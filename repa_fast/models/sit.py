@@ -1,0 +1,328 @@
+"""SiT with adaLN-Zero and REPA projectors (SPEC sections 3 and 4).
+
+A drop-in for the reference ``models/sit.py`` of REPA: same model names, constructor keywords, forward signature
+``model(x, t, y) -> (prediction, zs)`` and state-dict keys, so released REPA checkpoints load with ``strict=True``.
+Differences (all fixes, SPEC section 3/4): SiT-S works (the reference builds its final layer at width 768), the label
+dropout rate is ``class_dropout_prob`` (the reference hard-codes 0.1), projectors are skipped when ``return_zs=False``,
+and ``encoder_depth`` outside 1..depth is a clear error instead of an UnboundLocalError.
+
+Model code is single-device: compile, activation checkpointing and parallelism are applied from ``repa_fast.engine``.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from repa_fast.kernels import adaln_modulate, apply_rope_2d, attention, gated_residual_adaln, rope_2d_cos_sin
+from repa_fast.kernels._dispatch import IMPLS
+
+
+def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """REPA projector: Linear - SiLU - Linear - SiLU - Linear, applied per token (keys 0, 2, 4)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patchify (kernel = stride = p, with bias) -> (N, T, D) tokens in row-major order."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input_size {img_size} is not divisible by patch_size {patch_size}")
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """256 sinusoidal features of the raw t in [0, 1] (order [cos, sin]) -> Linear - SiLU - Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # The reference casts the fp32 features to t's dtype before the MLP (models/sit.py:60-63).
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null row (index num_classes) used for label dropout / classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Mlp(nn.Module):
+    """fc1 (D -> 4D) - GELU(tanh) - fc2, as timm's Mlp in the reference."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional per-head qk LayerNorm (timm keys qkv, q_norm, k_norm, proj).
+
+    ``fused_attn=False`` is the reference's explicit-softmax path (``--no-fused-attn``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, fused_attn: bool = True, kernels="auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "auto" if fused_attn else "math"
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # SPEC 9: RoPE after qk-norm
+            q = apply_rope_2d(q, *rope, impl=self.kernels)
+            k = apply_rope_2d(k, *rope, impl=self.kernels)
+        x = attention(q, k, v, backend=self.backend)  # (B, N, H, Dh)
+        return self.proj(x.reshape(B, N, D))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block: x += g1 * Attn(mod(LN(x), s1, c1)); x += g2 * MLP(mod(LN(x), s2, c2)).
+
+    The LN + modulate and the gated residual + next LN + modulate are single fused ops (repa_fast.kernels);
+    LayerNorms have no affine and eps 1e-6, as in the reference.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True, kernels="auto"):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn, kernels=kernels)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
+        h = adaln_modulate(x, shift1, scale1, impl=self.kernels)
+        x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.kernels)
+        return x + gate2.unsqueeze(1) * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    """(shift, scale) = Linear(SiLU(c)); Linear(mod(LN(x), shift, scale)) -> p*p*C per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels="auto"):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(adaln_modulate(x, shift, scale, impl=self.kernels))
+
+
+class SiT(nn.Module):
+    """Scalable Interpolant Transformer with REPA projectors at block ``encoder_depth`` (1-indexed)."""
+
+    def __init__(
+        self,
+        path_type: str = "edm",  # kept for signature compatibility; the model does not use it
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        decoder_hidden_size: Optional[int] = None,
+        encoder_depth: int = 8,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        use_cfg: bool = False,  # kept for signature compatibility; the reference model never reads it
+        z_dims: Sequence[int] = (768,),
+        projector_dim: int = 2048,
+        qk_norm: bool = False,
+        fused_attn: bool = True,
+        kernels: str = "auto",
+        use_rope: bool = False,
+    ):
+        super().__init__()
+        if decoder_hidden_size not in (None, hidden_size):
+            raise ValueError(
+                f"decoder_hidden_size={decoder_hidden_size} differs from hidden_size={hidden_size}; the final layer "
+                "reads the residual stream, so they must match (the reference's SiT-S crash). Leave it unset."
+            )
+        z_dims = list(z_dims or [])
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth={encoder_depth} must be in 1..{depth} (the model has {depth} blocks)")
+        if kernels not in IMPLS:
+            raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
+        self.in_channels = self.out_channels = in_channels
+        self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
+        self.encoder_depth, self.z_dims, self.kernels = encoder_depth, z_dims, kernels
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn, kernels=kernels)
+            for _ in range(depth)
+        )
+        self.projectors = nn.ModuleList(build_mlp(hidden_size, projector_dim, z) for z in z_dims)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels=kernels)
+        self.use_rope = use_rope
+        if use_rope:  # not persistent: checkpoints keep the reference keys
+            g = self.x_embedder.grid_size
+            cos, sin = rope_2d_cos_sin(hidden_size // num_heads, g, g)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """SPEC 3 init: xavier Linear (qkv as one matrix), zero biases, adaLN and output layers zeroed."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        grid = self.x_embedder.grid_size
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # as a Linear on the (D, C p p) view
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W), via (N, h, w, p, p, C) as the reference (with PR #23's w*p fix)."""
+        c, p, g = self.out_channels, self.patch_size, self.x_embedder.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y, return_logvar: bool = False, return_zs: bool = True):
+        """x (N, C, H, W) noisy input, t (N,) in [0, 1], y (N,) labels -> (velocity (N, C, H, W), zs).
+
+        zs is one (N, T, z_dim) tensor per projector, or [] when ``return_zs`` is False (projectors skipped).
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        N, T, D = x.shape
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, rope)
+            if return_zs and self.projectors and i + 1 == self.encoder_depth:
+                zs = [proj(x.reshape(-1, D)).reshape(N, T, -1) for proj in self.projectors]
+        x = self.unpatchify(self.final_layer(x, c))
+        return x, zs
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """MAE 2-D sin-cos embedding (float64), (grid_size**2, embed_dim). The first half of the channels encodes the
+    column index and the second half the row index, each as [sin, cos] (the reference's meshgrid(w, h) order)."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_a = _get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
+    emb_b = _get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
+    return np.concatenate([emb_a, emb_b], axis=1)
+
+
+def _get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+# name: (depth, hidden_size, num_heads). "T" (tiny) is a repa_fast addition for the embedded demo and tests.
+SIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (6, 192, 3)}
+
+
+def _make_constructor(size: str, patch: int):
+    depth, hidden, heads = SIT_SIZES[size]
+
+    def constructor(**kwargs) -> SiT:
+        kwargs.setdefault("depth", depth)
+        return SiT(hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+
+    constructor.__name__ = f"SiT_{size}_{patch}"
+    constructor.__doc__ = f"SiT-{size}/{patch}: depth {depth}, width {hidden}, {heads} heads, patch {patch}."
+    return constructor
+
+
+SiT_models = {f"SiT-{s}/{p}": _make_constructor(s, p) for s in SIT_SIZES for p in (2, 4, 8)}
+
+
+def build_sit(name: str, **kwargs) -> SiT:
+    """``SiT_models[name](**kwargs)`` with an error that lists the valid names."""
+    if name not in SiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SiT_models)}")
+    return SiT_models[name](**kwargs)
