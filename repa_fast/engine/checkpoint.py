@@ -1,0 +1,176 @@
+"""Atomic, portable checkpoints.
+
+Layout of one checkpoint, ``<run_dir>/checkpoints/<step:07d>/``:
+    model.safetensors   trainable model weights (full, unsharded, fp32)
+    ema.safetensors     EMA weights
+    state.pt            optimizer, grad scaler, step, data position, config: plain containers of tensors and numbers,
+                        loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference stores an
+                        argparse.Namespace that needs ``weights_only=False``)
+    rng/rank<r>.pt      RNG states of process r (python, numpy, torch CPU, CUDA)
+Everything is written into ``.tmp-<step>-<pid>/``, fsynced, then renamed: a crash or a full disk mid-save leaves the
+previous checkpoint intact. Older checkpoints beyond ``keep`` are deleted only after the new one is in place.
+"""
+
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^\d{7,}$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and what to do."""
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str) -> list[int]:
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if _STEP_DIR.match(d))
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_root(run_dir), f"{step:07d}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, state: dict,
+                     rng: Optional[dict[int, dict]] = None, keep: int = 0) -> str:
+    """Write checkpoint ``step`` atomically (rank 0 calls this with everything gathered). Returns its path."""
+    root = checkpoint_root(run_dir)
+    final = step_dir(run_dir, step)
+    tmp = os.path.join(root, f".tmp-{step:07d}-{os.getpid()}")
+    try:
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        save_file(_contiguous(model_sd), os.path.join(tmp, "model.safetensors"))
+        save_file(_contiguous(ema_sd), os.path.join(tmp, "ema.safetensors"))
+        torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, os.path.join(tmp, "state.pt"))
+        for rank, r in (rng or {}).items():
+            torch.save(r, os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # re-saving a step: move the old one aside first, delete it after
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [s for s in list_checkpoints(run_dir) if s != step]
+        kept = f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {e}; {kept}. Free disk space (or choose another --output-dir) "
+            "and continue with --resume."
+        ) from e
+    if keep > 0:
+        for old_step in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(step_dir(run_dir, old_step), ignore_errors=True)
+    return final
+
+
+def clean_stale_tmp(run_dir: str) -> None:
+    """Remove temporaries left by a crashed save (they were never renamed, so nothing references them)."""
+    root = checkpoint_root(run_dir)
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if d.startswith(".tmp-") or ".old-" in d:
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def _load_file(path: str, loader):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another "
+                              "step with --resume-step or delete this directory")
+    try:
+        return loader(path)
+    except Exception as e:  # truncated or corrupt file
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e}. Resume from an earlier step "
+                              "(--resume-step) or delete this checkpoint.") from e
+
+
+def read_checkpoint(path: str, rank: Optional[int] = None) -> dict:
+    """Load a checkpoint directory: weights via safetensors, the rest with weights_only=True."""
+    out = {
+        "model": _load_file(os.path.join(path, "model.safetensors"), load_file),
+        "ema": _load_file(os.path.join(path, "ema.safetensors"), load_file),
+        "state": _load_file(os.path.join(path, "state.pt"), lambda p: torch.load(p, weights_only=True)),
+    }
+    if out["state"].get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}/state.pt has format_version {out['state'].get('format_version')}, "
+                              f"this repa_fast reads {FORMAT_VERSION}")
+    rng_path = os.path.join(path, "rng", f"rank{rank}.pt")
+    if rank is not None and os.path.isfile(rng_path):
+        out["rng"] = _load_file(rng_path, lambda p: torch.load(p, weights_only=True))
+    return out
+
+
+def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> Optional[str]:
+    """The checkpoint directory to resume from, or None for a fresh run."""
+    if resume_step:
+        path = step_dir(run_dir, resume_step)
+        if not os.path.isdir(path):
+            have = list_checkpoints(run_dir)
+            raise CheckpointError(f"--resume-step {resume_step}: {path} does not exist; available steps: {have or 'none'}")
+        return path
+    if resume:
+        steps = list_checkpoints(run_dir)
+        return step_dir(run_dir, steps[-1]) if steps else None
+    return None

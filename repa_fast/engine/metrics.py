@@ -1,0 +1,117 @@
+"""On-device loss accumulation (no per-step host sync) and the log sinks: JSON lines, TensorBoard, wandb."""
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("repa_fast")
+
+_KEYS = ("loss", "denoising", "alignment", "grad_norm")
+
+
+class LossMeter:
+    """Sums of the step losses kept on device; read (one sync) every --log-every steps."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(_KEYS), device=device, dtype=torch.float64)
+        self.counts = torch.zeros(3, device=device, dtype=torch.float64)  # micro-batches, non-finite losses, skipped
+        self.steps = 0
+
+    def add_losses(self, losses: dict) -> None:
+        vals = torch.stack([losses[k].detach().double() for k in _KEYS[:3]])
+        finite = torch.isfinite(vals[0])
+        self.sums[:3] += torch.where(finite, vals, torch.zeros_like(vals))
+        self.counts[0] += finite.double()
+        self.counts[1] += (~finite).double()
+
+    def add_step(self, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.sums[3] += torch.where(torch.isfinite(grad_norm), grad_norm.double(), 0.0)
+        self.counts[2] += skipped.double()
+        self.steps += 1
+
+    def read(self, backend) -> dict:
+        """Mean over the interval across ranks, and the interval's non-finite / skipped counts. Resets."""
+        packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()  # the one sync
+        sums, counts = packed[: len(_KEYS)], packed[len(_KEYS):]
+        out = {k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:3])}  # ratio of rank means = global mean
+        out["grad_norm"] = sums[3] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
+        out["nonfinite_losses"] = round(counts[1] * backend.world_size)
+        out["skipped_steps"] = round(counts[2])  # every rank skips the same steps
+        self.sums.zero_(), self.counts.zero_()
+        self.steps = 0
+        return out
+
+
+class LogSinks:
+    """log.jsonl (always), TensorBoard or wandb (when asked for; a missing package is an error naming the extra)."""
+
+    def __init__(self, run_dir: str, report_to: str, config: dict, enabled: bool = True):
+        self.enabled, self.tb, self.wandb = enabled, None, None
+        if not enabled:
+            return
+        self.path = os.path.join(run_dir, "log.jsonl")
+        self.file = open(self.path, "a", buffering=1)
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("--report-to tensorboard needs the tensorboard package: "
+                                   "pip install 'repa_fast[logging]' (or --report-to none)") from e
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb "
+                                   "(or --report-to tensorboard / none)") from e
+            self.wandb = wandb.init(project="repa_fast", name=config.get("exp_name"), config=config,
+                                    dir=run_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def add_image(self, tag: str, path: str, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def setup_logging(is_main: bool, run_dir: Optional[str] = None) -> None:
+    """Human-readable log to stderr (rank 0 at INFO, others at WARNING) and to <run_dir>/train.log on rank 0."""
+    root = logging.getLogger("repa_fast")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.handlers.clear()
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if is_main and run_dir:
+        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
