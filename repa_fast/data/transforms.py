@@ -1,0 +1,23 @@
+"""ADM center crop (SPEC section 1; guided-diffusion ``center_crop_arr``, REPA ``center-crop-dhariwal``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def adm_center_crop(image, size: int) -> np.ndarray:
+    """PIL image -> (size, size, 3) uint8: BOX-halve while min side >= 2*size, BICUBIC to short side = size, crop.
+
+    Each dimension is rounded with Python's ``round`` (ties to even), as the reference does; the crop offsets are
+    floor((H - size) / 2) and floor((W - size) / 2).
+    """
+    import PIL.Image
+
+    image = image.convert("RGB")
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.Resampling.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=PIL.Image.Resampling.BICUBIC)
+    arr = np.asarray(image)  # (H, W, 3)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return np.ascontiguousarray(arr[top:top + size, left:left + size])
