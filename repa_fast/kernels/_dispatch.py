@@ -1,27 +1,39 @@
-"""Choosing between a Triton kernel and its PyTorch reference, logged once per op.
+"""Choosing between a Triton kernel and its PyTorch reference, logged once per op; Triton imported gracefully.
 
 ``impl`` is one of ``"auto"`` (Triton on CUDA tensors, the reference elsewhere), ``"triton"`` (force it:
 on CPU this needs TRITON_INTERPRET=1, which is how the tests run the kernels) or ``"ref"``.
+
+Without the triton package, ``triton`` and ``tl`` below are stand-ins: ``@triton.jit`` returns the function
+unchanged and ``tl.constexpr`` only serves the kernels' annotations, so every op module (and its ``<op>_ref``)
+imports; ``use_triton`` then never picks a kernel and ``impl="triton"`` raises a clear error.
 """
 
-import functools
 import logging
 import os
+from types import SimpleNamespace
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work; see has_triton_package()
+    triton = SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f))
+    tl = SimpleNamespace(constexpr=None)
 
 logger = logging.getLogger("repa_fast.kernels")
 
 IMPLS = ("auto", "triton", "ref")
 
+# An H100 SXM has 132 SMs; used to size grids when modelling launches on "meta" tensors (bench, byte counts).
+MODEL_NUM_SMS = 132
 
-@functools.lru_cache(maxsize=None)
+_LOGGED: set = set()
+
+
 def has_triton_package() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when ``import triton`` succeeded (plain function, not lru_cache: torch.compile traces it)."""
+    return not isinstance(triton, SimpleNamespace)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -35,9 +47,12 @@ def can_run_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())
 
 
-@functools.lru_cache(maxsize=None)
-def _log_once(op: str, choice: str) -> None:
-    logger.info("repa_fast.kernels: %s uses %s", op, choice)
+def log_once(key: str, message: str) -> None:
+    """Log ``message`` the first time ``key`` is seen; a no-op while torch.compile traces (no graph break)."""
+    if torch.compiler.is_compiling() or key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    logger.info("repa_fast.kernels: %s", message)
 
 
 def use_triton(op: str, impl: str, x: torch.Tensor) -> bool:
@@ -49,11 +64,42 @@ def use_triton(op: str, impl: str, x: torch.Tensor) -> bool:
     elif impl == "triton":
         if not can_run_triton(x):
             raise RuntimeError(
-                f"{op}: kernels='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                f"got a {x.device.type} tensor. Use kernels='auto' or 'ref'."
+                f"{op}: kernels='triton' needs the triton package (pip install 'repa_fast[dev]' or triton) and a CUDA "
+                f"tensor (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor. Use kernels='auto' or 'ref'."
             )
         choice = True
     else:
         choice = x.is_cuda and has_triton_package()
-    _log_once(op, "triton" if choice else "reference")
+    log_once(f"{op}:{choice}", f"{op} uses {'triton' if choice else 'the PyTorch reference'}")
     return choice
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill: the real count on CUDA, an H100's on meta, 1 on CPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return MODEL_NUM_SMS if device.type == "meta" else 1
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def out_dtype(*items, norm_autocast: bool = False) -> torch.dtype:
+    """The dtype PyTorch's eager reference returns: type promotion of the given tensors or dtypes (None skipped).
+    With ``norm_autocast``, CUDA autocast runs layer_norm in fp32 (its documented fp32 op list): fp32 or wider."""
+    dtype, cuda = None, False
+    for t in items:
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor):
+            cuda = cuda or t.is_cuda
+            t = t.dtype
+        dtype = t if dtype is None else torch.promote_types(dtype, t)
+    if norm_autocast and cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return dtype

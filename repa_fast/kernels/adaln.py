@@ -1,31 +1,350 @@
-"""adaLN modulation: y = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6).
+"""adaLN modulation: y = Norm(x) * (1 + scale) + shift, and the fused gated residual before it.
 
-Shapes: x (B, N, D); shift, scale, gate (B, D), broadcast over the N tokens.
-Replaces ``modulate(self.norm1(x), shift, scale)`` of DiT/SiT, and the fused
-"gated residual + next modulation" ``x = x + gate * branch; y = modulate(norm2(x), shift, scale)``.
+Shapes: x, branch (B, N, D); shift, scale, gate (B, D), broadcast over the N tokens; weight (D,) optional.
+Norm is LayerNorm without affine (eps 1e-6, DiT/SiT), or RMSNorm with a learnable weight (LightningDiT-style:
+``RMSNorm(x.float()).type_as(x) * weight``); LayerNorm also takes an optional weight (no bias).
+Replaces ``modulate(self.norm1(x), shift, scale)`` of DiT/SiT and the pair
+``x = x + gate * branch; y = modulate(self.norm2(x), shift, scale)`` (``gated_residual_adaln``: one pass,
+both outputs). Statistics are fp32 and recomputed in the backward, which reads each row of x once and
+returns dx, dshift, dscale (and dbranch, dgate, dweight) from that single pass; the per-sample reductions
+over tokens are written as per-chunk partial sums, then summed in fp32 (deterministic, no atomics).
 """
+
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import cdiv, next_power_of_2, num_sms, out_dtype, tl, triton, triton_interpreter_enabled, use_triton
+
+NORMS = ("layer", "rms")
 
 
-def adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+# ----------------------------------------------------------------------------------------------------------------
+# 1. References (the spec, the CPU fallback, the test oracle, the benchmark baseline)
+# ----------------------------------------------------------------------------------------------------------------
+def _norm_ref(x: torch.Tensor, norm: str, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if norm == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight=weight, eps=eps)
+    # LightningDiT / Llama RMSNorm: normalise in fp32, cast back, then the learnable weight.
+    x32 = x.float()
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return out if weight is None else out * weight
 
 
-def gated_residual_adaln_ref(x, branch, gate, shift, scale, eps: float = 1e-6):
-    """Returns (x + gate * branch, LN(x + gate * branch) * (1 + scale) + shift)."""
+def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, norm: str = "layer", weight=None) -> torch.Tensor:
+    return _norm_ref(x, norm, weight, eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_residual_adaln_ref(x, branch, gate, shift, scale, eps: float = 1e-6, norm: str = "layer", weight=None):
+    """Returns (x + gate * branch, Norm(x + gate * branch) * (1 + scale) + shift)."""
     x_new = x + gate.unsqueeze(1) * branch
-    return x_new, adaln_modulate_ref(x_new, shift, scale, eps)
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps, norm, weight)
 
 
-def adaln_modulate(x, shift, scale, eps: float = 1e-6, impl: str = "auto"):
-    use_triton("adaln_modulate", impl, x)
-    return adaln_modulate_ref(x, shift, scale, eps)
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Kernels. Rows are the B*N tokens; a row's sample is row // n_tok. Every load is upcast to fp32 at once
+#    (bf16 arithmetic is wrong in the interpreter, and statistics must be fp32 anyway).
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _adaln_fwd_kernel(
+    x_ptr, branch_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, xnew_ptr, y_ptr,
+    n_rows, n_tok, D,
+    stride_x_row, stride_branch_row, stride_gate_b, stride_shift_b, stride_scale_b,
+    eps,
+    GATED: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    b = rows // n_tok
+    x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        br = tl.load(branch_ptr + rows[:, None] * stride_branch_row + cols[None, :], mask=mask, other=0.0)
+        g = tl.load(gate_ptr + b[:, None] * stride_gate_b + cols[None, :], mask=mask, other=0.0)
+        x = x + g.to(tl.float32) * br.to(tl.float32)
+        xq = x.to(xnew_ptr.dtype.element_ty)  # the stored residual; the norm reads what was stored, as eager does
+        tl.store(xnew_ptr + rows[:, None] * D + cols[None, :], xq, mask=mask)
+        x = xq.to(tl.float32)
+    if RMS:
+        xc = x
+    else:
+        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    xhat = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        xhat = xhat * w[None, :]
+    sh = tl.load(shift_ptr + b[:, None] * stride_shift_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + b[:, None] * stride_scale_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = xhat * (1.0 + sc) + sh
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_residual_adaln(x, branch, gate, shift, scale, eps: float = 1e-6, impl: str = "auto"):
-    use_triton("gated_residual_adaln", impl, x)
-    return gated_residual_adaln_ref(x, branch, gate, shift, scale, eps)
+@triton.jit
+def _adaln_bwd_kernel(
+    dy_ptr, dres_ptr, h_ptr, branch_ptr, gate_ptr, scale_ptr, w_ptr, dx_ptr, dbranch_ptr, part_ptr,
+    n_tok, D, rows_per_chunk, n_chunks, n_batch,
+    stride_dy_row, stride_dres_row, stride_h_row, stride_branch_row, stride_gate_b, stride_scale_b,
+    eps,
+    GATED: tl.constexpr, HAS_DRES: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program per (sample b, chunk c of its tokens). Partial sums go to part[k, b, c, :]:
+    # k=0: sum dy (-> dshift), k=1: sum dy * xhat (-> dscale, dweight), k=2: sum dh * branch (-> dgate).
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mod = 1.0 + tl.load(scale_ptr + b * stride_scale_b + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        mod = mod * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(gate_ptr + b * stride_gate_b + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_dy = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_dg = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_start = c * rows_per_chunk  # rows_per_chunk is a multiple of BLOCK_M; the last chunk may overhang (masked)
+    for n0 in range(n_start, n_start + rows_per_chunk, BLOCK_M):
+        toks = n0 + tl.arange(0, BLOCK_M)
+        rows = b * n_tok + toks
+        mask = (toks < n_tok)[:, None] & cmask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RMS:
+            hc = h
+        else:
+            hc = tl.where(mask, h - (tl.sum(h, axis=1) / D)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
+        xhat = hc * rstd[:, None]
+        dxhat = dy * mod[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / D
+        if RMS:
+            dh = (dxhat - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(dxhat, axis=1) / D
+            dh = (dxhat - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dres = tl.load(dres_ptr + rows[:, None] * stride_dres_row + cols[None, :], mask=mask, other=0.0)
+            dh = dh + dres.to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_dy += dy
+        acc_dyx += dy * xhat
+        if GATED:
+            br = tl.load(branch_ptr + rows[:, None] * stride_branch_row + cols[None, :], mask=mask, other=0.0)
+            dbr = dh * g[None, :]
+            tl.store(dbranch_ptr + rows[:, None] * D + cols[None, :], dbr.to(dbranch_ptr.dtype.element_ty), mask=mask)
+            acc_dg += tl.where(mask, dh * br.to(tl.float32), 0.0)
+    part = part_ptr + (b * n_chunks + c) * D + cols
+    plane = n_batch * n_chunks * D
+    tl.store(part, tl.sum(acc_dy, axis=0), mask=cmask)
+    tl.store(part + plane, tl.sum(acc_dyx, axis=0), mask=cmask)
+    if GATED:
+        tl.store(part + 2 * plane, tl.sum(acc_dg, axis=0), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Launchers: checks, layout, grid. No autograd here.
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device):
+    """(BLOCK_M, BLOCK_D, rows_per_chunk, num_warps). Untuned heuristics (no GPU was available to tune them):
+    tiles of about 4K fp32 values on a GPU; under the interpreter, whose cost is per program, large tiles."""
+    block_d = next_power_of_2(D)
+    if device.type == "cpu" and triton_interpreter_enabled():
+        block_m = max(1, min(next_power_of_2(n_tok), 32768 // block_d, 64))
+        return block_m, block_d, cdiv(n_tok, block_m) * block_m, 4
+    block_m = max(1, min(16, 4096 // block_d))
+    n_batch = max(1, n_rows // max(n_tok, 1))
+    chunks = max(1, min(cdiv(n_tok, block_m), cdiv(4 * num_sms(device), n_batch)))
+    rows_per_chunk = cdiv(cdiv(n_tok, chunks), block_m) * block_m
+    return block_m, block_d, rows_per_chunk, 8 if block_m * block_d >= 8192 else 4
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> a (B*N, D) view with unit column stride (copies only if it must)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cols(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, D) modulation vectors, e.g. chunks of the adaLN Linear output: keep the row stride, unit column stride."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def adaln_fwd(x, branch, gate, shift, scale, weight, eps: float, rms: bool, xnew_dtype, y_dtype):
+    """Returns (x_new or None, y); x_new = x + gate * branch when ``branch`` is given, else x itself is normalised."""
+    B, N, D = x.shape
+    x2, br2 = _rows(x), _rows(branch) if branch is not None else None
+    gate, shift, scale = _cols(gate), _cols(shift), _cols(scale)
+    gated = branch is not None
+    x_new = torch.empty((B, N, D), dtype=xnew_dtype, device=x.device) if gated else None
+    y = torch.empty((B, N, D), dtype=y_dtype, device=x.device)
+    block_m, block_d, _, warps = _launch_config(B * N, N, D, x.device)
+    dummy = x2
+    _adaln_fwd_kernel[(cdiv(B * N, block_m),)](
+        x2, br2 if gated else dummy, gate if gated else dummy, shift, scale,
+        weight if weight is not None else dummy, x_new if gated else dummy, y,
+        B * N, N, D,
+        x2.stride(0), br2.stride(0) if gated else 0, gate.stride(0) if gated else 0, shift.stride(0), scale.stride(0),
+        eps,
+        GATED=gated, RMS=rms, HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return x_new, y
+
+
+def _num_chunks(N: int, D: int, device: torch.device, n_rows: int) -> int:
+    _, _, rows_per_chunk, _ = _launch_config(n_rows, N, D, device)
+    return cdiv(N, rows_per_chunk)
+
+
+def adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps: float, rms: bool, dx_dtype):
+    """Returns (dx, dbranch or None, partials (2 or 3, B, chunks, D) fp32); see _adaln_bwd_kernel."""
+    B, N, D = h.shape
+    dy2, h2 = _rows(dy), _rows(h)
+    dres2 = _rows(dres) if dres is not None else None
+    gated = branch is not None
+    br2 = _rows(branch) if gated else None
+    gate, scale = _cols(gate), _cols(scale)
+    block_m, block_d, rows_per_chunk, warps = _launch_config(B * N, N, D, h.device)
+    chunks = cdiv(N, rows_per_chunk)
+    dx = torch.empty((B, N, D), dtype=dx_dtype, device=h.device)
+    dbranch = torch.empty_like(branch, memory_format=torch.contiguous_format) if gated else None
+    part = torch.empty((3 if gated else 2, B, chunks, D), dtype=torch.float32, device=h.device)
+    dummy = h2
+    _adaln_bwd_kernel[(B, chunks)](
+        dy2, dres2 if dres is not None else dummy, h2, br2 if gated else dummy, gate if gated else dummy, scale,
+        weight if weight is not None else dummy, dx, dbranch if gated else dummy, part,
+        N, D, rows_per_chunk, chunks, B,
+        dy2.stride(0), dres2.stride(0) if dres is not None else 0, h2.stride(0), br2.stride(0) if gated else 0,
+        gate.stride(0) if gated else 0, scale.stride(0),
+        eps,
+        GATED=gated, HAS_DRES=dres is not None, RMS=rms, HAS_WEIGHT=weight is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return dx, dbranch, part
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. torch.library registration (custom_op + register_fake + register_autograd: the project's one mechanism),
+#    so torch.compile(fullgraph=True) sees opaque ops instead of tracing into Triton's launcher.
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("repa_fast::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool,
+    y_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    return adaln_fwd(x, None, None, shift, scale, weight, eps, rms, None, y_dtype)[1]
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, weight, eps, rms, y_dtype):
+    return x.new_empty(x.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("repa_fast::gated_residual_adaln", mutates_args=())
+def _gated_adaln_op(
+    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    weight: torch.Tensor | None, eps: float, rms: bool, xnew_dtype: torch.dtype, y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return adaln_fwd(x, branch, gate, shift, scale, weight, eps, rms, xnew_dtype, y_dtype)
+
+
+@_gated_adaln_op.register_fake
+def _(x, branch, gate, shift, scale, weight, eps, rms, xnew_dtype, y_dtype):
+    return x.new_empty(x.shape, dtype=xnew_dtype), x.new_empty(x.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("repa_fast::adaln_modulate_bwd", mutates_args=())
+def _adaln_bwd_op(
+    dy: torch.Tensor, dres: torch.Tensor | None, h: torch.Tensor, branch: torch.Tensor | None,
+    gate: torch.Tensor | None, scale: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool,
+    dx_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dx, dbranch, part = adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps, rms, dx_dtype)
+    return dx, dbranch if dbranch is not None else h.new_empty(0), part
+
+
+@_adaln_bwd_op.register_fake
+def _(dy, dres, h, branch, gate, scale, weight, eps, rms, dx_dtype):
+    B, N, D = h.shape
+    chunks = _num_chunks(N, D, h.device, B * N)
+    dbranch = branch.new_empty(branch.shape) if branch is not None else h.new_empty(0)
+    part = h.new_empty((3 if branch is not None else 2, B, chunks, D), dtype=torch.float32)
+    return h.new_empty(h.shape, dtype=dx_dtype), dbranch, part
+
+
+def _param_grads(part, scale, weight, shift_dtype, scale_dtype):
+    """(dshift, dscale, dweight) from the partial sums: dscale = w * sum(dy xhat), dw = sum_b (1 + scale_b) * ..."""
+    sums = part.sum(dim=2)  # (K, B, D) fp32
+    dyx = sums[1]
+    dscale = dyx if weight is None else dyx * weight.float()
+    dweight = None if weight is None else ((1 + scale.float()) * dyx).sum(0).to(weight.dtype)
+    return sums, sums[0].to(shift_dtype), dscale.to(scale_dtype), dweight
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, weight, eps, rms, _ = inputs
+    ctx.save_for_backward(x, scale, weight)
+    ctx.eps, ctx.rms, ctx.shift_dtype = eps, rms, shift.dtype
+
+
+def _adaln_backward(ctx, dy):
+    x, scale, weight = ctx.saved_tensors
+    dx, _, part = _adaln_bwd_op(dy, None, x, None, None, scale, weight, ctx.eps, ctx.rms, x.dtype)
+    _, dshift, dscale, dweight = _param_grads(part, scale, weight, ctx.shift_dtype, scale.dtype)
+    return dx, dshift, dscale, dweight, None, None, None
+
+
+def _gated_setup(ctx, inputs, output):
+    x, branch, gate, shift, scale, weight, eps, rms, _, _ = inputs
+    ctx.save_for_backward(output[0], branch, gate, scale, weight)  # x_new: the residual stream keeps it anyway
+    ctx.eps, ctx.rms, ctx.x_dtype, ctx.shift_dtype = eps, rms, x.dtype, shift.dtype
+
+
+def _gated_backward(ctx, dxnew, dy):
+    x_new, branch, gate, scale, weight = ctx.saved_tensors
+    dx, dbranch, part = _adaln_bwd_op(dy, dxnew, x_new, branch, gate, scale, weight, ctx.eps, ctx.rms, ctx.x_dtype)
+    sums, dshift, dscale, dweight = _param_grads(part, scale, weight, ctx.shift_dtype, scale.dtype)
+    return dx, dbranch, sums[2].to(gate.dtype), dshift, dscale, dweight, None, None, None, None
+
+
+_adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+_gated_adaln_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Public ops: Triton when eligible (see _dispatch.use_triton), the reference otherwise.
+# ----------------------------------------------------------------------------------------------------------------
+def _check(x, norm, weight, **mods):
+    if norm not in NORMS:
+        raise ValueError(f"adaLN norm must be one of {NORMS}, got {norm!r}")
+    if x.dim() != 3:
+        raise ValueError(f"adaLN input x must be (B, N, D), got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    for name, t in mods.items():
+        want = (B, N, D) if name == "branch" else (B, D)
+        if tuple(t.shape) != want:
+            raise ValueError(f"adaLN {name} must have shape {want} to match x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if weight is not None and tuple(weight.shape) != (D,):
+        raise ValueError(f"adaLN norm weight must have shape ({D},), got {tuple(weight.shape)}")
+
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, impl: str = "auto", *, norm: str = "layer", weight=None):
+    """Norm(x) * (1 + scale) + shift; x (B, N, D), shift/scale (B, D); norm "layer" (DiT) or "rms" (+ weight)."""
+    _check(x, norm, weight, shift=shift, scale=scale)
+    if not use_triton("adaln_modulate", impl, x):
+        return adaln_modulate_ref(x, shift, scale, eps, norm, weight)
+    y_dtype = out_dtype(x, shift, scale, weight, norm_autocast=norm == "layer")
+    return _adaln_modulate_op(x, shift, scale, weight, float(eps), norm == "rms", y_dtype)
+
+
+def gated_residual_adaln(x, branch, gate, shift, scale, eps: float = 1e-6, impl: str = "auto", *, norm="layer",
+                         weight=None):  # fmt: skip
+    """(x_new, y) with x_new = x + gate * branch and y = Norm(x_new) * (1 + scale) + shift, in one pass."""
+    _check(x, norm, weight, branch=branch, gate=gate, shift=shift, scale=scale)
+    if not use_triton("gated_residual_adaln", impl, x):
+        return gated_residual_adaln_ref(x, branch, gate, shift, scale, eps, norm, weight)
+    xnew_dtype = out_dtype(x, branch, gate)
+    y_dtype = out_dtype(x, xnew_dtype, shift, scale, weight, norm_autocast=norm == "layer")
+    return _gated_adaln_op(x, branch, gate, shift, scale, weight, float(eps), norm == "rms", xnew_dtype, y_dtype)

@@ -1,15 +1,28 @@
-"""2-D axial RoPE (EVA-02 layout, SPEC section 9) on q or k of shape (B, N, H, Dh).
+"""2-D axial RoPE (EVA-02 layout, SPEC section 9) on q or k of shape (B, N, H, Dh), optionally after a per-head norm.
 
 The first Dh/2 channels rotate with the token's row index, the last Dh/2 with its column index;
 rotation pairs are adjacent channels (2i, 2i+1): out = x * cos + rotate_half(x) * sin with
 rotate_half(x)[2i] = -x[2i+1], rotate_half(x)[2i+1] = x[2i].
+
+``qk_norm_rope`` fuses the per-head qk-norm that precedes it (ERW/LightningDiT ``q = rope(q_norm(q))``):
+LayerNorm(head_dim) with affine, eps 1e-5 (timm/nn.LayerNorm, the reference qk_norm), or RMSNorm with a weight.
+It reads q straight out of the qkv GEMM output (a strided (B, N, H, Dh) view, no copy), writes one contiguous
+(B, N, H, Dh) tensor, and its backward returns dx, dweight, dbias in one pass over the rows (fp32 statistics are
+recomputed; dweight/dbias are per-program partial sums, then summed in fp32).
 """
 
+
 import torch
+import torch.nn.functional as F
 
-from ._dispatch import use_triton
+from ._dispatch import cdiv, next_power_of_2, num_sms, out_dtype, tl, triton, triton_interpreter_enabled, use_triton
+
+NORMS = (None, "layer", "rms")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 1. References
+# ----------------------------------------------------------------------------------------------------------------
 def rope_2d_cos_sin(head_dim: int, grid_h: int, grid_w: int, theta: float = 10000.0, device=None):
     """cos, sin tables of shape (grid_h * grid_w, head_dim), fp32, tokens in row-major order."""
     if head_dim % 4:
@@ -35,6 +48,304 @@ def apply_rope_2d_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
 
 
+def qk_norm_rope_ref(x, weight=None, bias=None, cos=None, sin=None, eps: float = 1e-5, norm: str | None = "layer"):
+    """rope(norm(x)): norm "layer" = F.layer_norm(head_dim, weight, bias) (nn.LayerNorm), "rms" = RMSNorm * weight."""
+    if norm == "layer":
+        x = F.layer_norm(x, (x.shape[-1],), weight=weight, bias=bias, eps=eps)
+    elif norm == "rms":
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+        x = x if weight is None else x * weight
+        x = x if bias is None else x + bias
+    return x if cos is None else apply_rope_2d_ref(x, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Kernels. A row is one (b, n, h) head vector; it is handled as Dh/2 (even, odd) channel pairs, so the
+#    rotation needs no shuffle. NORM: 0 none, 1 LayerNorm, 2 RMSNorm. fp32 right after every load.
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _norm_rope_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, y_ptr,
+    n_rows, N, H, Dh, stride_xb, stride_xn, stride_xh, stride_tab, eps,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pairs = tl.arange(0, BLOCK_P)
+    pmask = pairs < Dh // 2
+    mask = (rows < n_rows)[:, None] & pmask[None, :]
+    n = (rows // H) % N
+    base = (rows // (H * N)) * stride_xb + n * stride_xn + (rows % H) * stride_xh
+    xe_ptrs = x_ptr + base[:, None] + 2 * pairs[None, :]
+    xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    if NORM != 0:
+        if NORM == 1:
+            mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
+            xe = tl.where(mask, xe - mean[:, None], 0.0)
+            xo = tl.where(mask, xo - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
+        xe = xe * rstd[:, None]
+        xo = xo * rstd[:, None]
+        if HAS_WEIGHT:
+            xe = xe * tl.load(w_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
+            xo = xo * tl.load(w_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            xe = xe + tl.load(b_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
+            xo = xo + tl.load(b_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_ROPE:
+        tab = n[:, None] * stride_tab + 2 * pairs[None, :]
+        ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+        co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+        se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+        so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+        ye = xe * ce - xo * se
+        yo = xo * co + xe * so
+    else:
+        ye = xe
+        yo = xo
+    y_ptrs = y_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
+    tl.store(y_ptrs, ye.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptrs + 1, yo.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_rope_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, part_ptr,
+    n_rows, N, H, Dh, rows_per_prog, stride_xb, stride_xn, stride_xh, stride_tab, eps,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # dz = R^T dy (the transposed rotation); then the norm's backward. part[0, pid] = sum dz * xhat (dweight),
+    # part[1, pid] = sum dz (dbias), over this program's rows_per_prog rows.
+    pid = tl.program_id(0)
+    pairs = tl.arange(0, BLOCK_P)
+    pmask = pairs < Dh // 2
+    if HAS_WEIGHT:
+        we = tl.load(w_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)
+        wo = tl.load(w_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)
+    acc_we = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    acc_wo = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    acc_be = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    acc_bo = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    for r0 in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < n_rows)[:, None] & pmask[None, :]
+        n = (rows // H) % N
+        dy_ptrs = dy_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
+        dye = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dyo = tl.load(dy_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ROPE:
+            tab = n[:, None] * stride_tab + 2 * pairs[None, :]
+            ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+            co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+            se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+            so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+            dze = dye * ce + dyo * so
+            dzo = dyo * co - dye * se
+        else:
+            dze = dye
+            dzo = dyo
+        if NORM == 0:
+            dxe = dze
+            dxo = dzo
+        else:
+            base = (rows // (H * N)) * stride_xb + n * stride_xn + (rows % H) * stride_xh
+            xe_ptrs = x_ptr + base[:, None] + 2 * pairs[None, :]
+            xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
+            xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+            if NORM == 1:
+                mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
+                xe = tl.where(mask, xe - mean[:, None], 0.0)
+                xo = tl.where(mask, xo - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
+            xe = xe * rstd[:, None]
+            xo = xo * rstd[:, None]
+            acc_we += dze * xe
+            acc_wo += dzo * xo
+            acc_be += dze
+            acc_bo += dzo
+            if HAS_WEIGHT:
+                dze = dze * we[None, :]
+                dzo = dzo * wo[None, :]
+            c1 = (tl.sum(dze * xe, axis=1) + tl.sum(dzo * xo, axis=1)) / Dh
+            if NORM == 1:
+                c2 = (tl.sum(dze, axis=1) + tl.sum(dzo, axis=1)) / Dh
+                dxe = (dze - c2[:, None] - xe * c1[:, None]) * rstd[:, None]
+                dxo = (dzo - c2[:, None] - xo * c1[:, None]) * rstd[:, None]
+            else:
+                dxe = (dze - xe * c1[:, None]) * rstd[:, None]
+                dxo = (dzo - xo * c1[:, None]) * rstd[:, None]
+        dx_ptrs = dx_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
+        tl.store(dx_ptrs, dxe.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptrs + 1, dxo.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NORM != 0:
+        part = part_ptr + pid * Dh + 2 * pairs
+        plane = tl.num_programs(0) * Dh
+        tl.store(part, tl.sum(acc_we, axis=0), mask=pmask)
+        tl.store(part + 1, tl.sum(acc_wo, axis=0), mask=pmask)
+        tl.store(part + plane, tl.sum(acc_be, axis=0), mask=pmask)
+        tl.store(part + plane + 1, tl.sum(acc_bo, axis=0), mask=pmask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_config(n_rows: int, Dh: int, device: torch.device):
+    """(BLOCK_R, BLOCK_P, rows_per_prog of the backward, num_warps); untuned (no GPU to tune on)."""
+    block_p = next_power_of_2(Dh // 2)
+    if device.type == "cpu" and triton_interpreter_enabled():
+        block_r = max(1, min(next_power_of_2(n_rows), 16384 // block_p, 128))
+        return block_r, block_p, cdiv(n_rows, block_r) * block_r, 4
+    block_r = max(1, min(64, 2048 // block_p))
+    progs = max(1, min(cdiv(n_rows, block_r), 4 * num_sms(device)))
+    return block_r, block_p, cdiv(cdiv(n_rows, progs), block_r) * block_r, 4
+
+
+def _tables(cos, sin):
+    if cos is None:
+        return None, None
+    return cos.contiguous(), sin.contiguous()
+
+
+def norm_rope_fwd(x, weight, bias, cos, sin, eps: float, norm: int, y_dtype):
+    """x (B, N, H, Dh), any strides with a unit channel stride -> contiguous (B, N, H, Dh) of ``y_dtype``."""
+    B, N, H, Dh = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = _tables(cos, sin)
+    y = torch.empty((B, N, H, Dh), dtype=y_dtype, device=x.device)
+    n_rows = B * N * H
+    block_r, block_p, _, warps = _launch_config(n_rows, Dh, x.device)
+    dummy = x
+    _norm_rope_fwd_kernel[(cdiv(n_rows, block_r),)](
+        x, weight if weight is not None else dummy, bias if bias is not None else dummy,
+        cos if cos is not None else dummy, sin if sin is not None else dummy, y,
+        n_rows, N, H, Dh, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0, eps,
+        NORM=norm, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ROPE=cos is not None,
+        BLOCK_R=block_r, BLOCK_P=block_p, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def _num_progs(n_rows: int, Dh: int, device: torch.device) -> int:
+    _, _, rows_per_prog, _ = _launch_config(n_rows, Dh, device)
+    return cdiv(n_rows, rows_per_prog)
+
+
+def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
+    """Returns (dx (B, N, H, Dh), partials (2, programs, Dh) fp32: [sum dz * xhat, sum dz], empty if no norm)."""
+    B, N, H, Dh = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dy = dy.contiguous()
+    cos, sin = _tables(cos, sin)
+    n_rows = B * N * H
+    block_r, block_p, rows_per_prog, warps = _launch_config(n_rows, Dh, x.device)
+    progs = cdiv(n_rows, rows_per_prog)
+    dx = torch.empty((B, N, H, Dh), dtype=dx_dtype, device=x.device)
+    part = torch.empty((2, progs, Dh) if norm else (0,), dtype=torch.float32, device=x.device)
+    dummy = x
+    _norm_rope_bwd_kernel[(progs,)](
+        dy, x, weight if weight is not None else dummy, cos if cos is not None else dummy,
+        sin if sin is not None else dummy, dx, part if norm else dummy,
+        n_rows, N, H, Dh, rows_per_prog, x.stride(0), x.stride(1), x.stride(2),
+        cos.stride(0) if cos is not None else 0, eps,
+        NORM=norm, HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None,
+        BLOCK_R=block_r, BLOCK_P=block_p, num_warps=warps,
+    )  # fmt: skip
+    return dx, part
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. torch.library registration (custom_op + register_fake + register_autograd)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("repa_fast::norm_rope", mutates_args=())
+def _norm_rope_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, eps: float, norm: int, y_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    return norm_rope_fwd(x, weight, bias, cos, sin, eps, norm, y_dtype)
+
+
+@_norm_rope_op.register_fake
+def _(x, weight, bias, cos, sin, eps, norm, y_dtype):
+    return x.new_empty(x.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("repa_fast::norm_rope_bwd", mutates_args=())
+def _norm_rope_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, eps: float, norm: int, dx_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return norm_rope_bwd(dy, x, weight, cos, sin, eps, norm, dx_dtype)
+
+
+@_norm_rope_bwd_op.register_fake
+def _(dy, x, weight, cos, sin, eps, norm, dx_dtype):
+    B, N, H, Dh = x.shape
+    progs = _num_progs(B * N * H, Dh, x.device)
+    return x.new_empty(x.shape, dtype=dx_dtype), x.new_empty((2, progs, Dh) if norm else (0,), dtype=torch.float32)
+
+
+def _norm_rope_setup(ctx, inputs, output):
+    x, weight, bias, cos, sin, eps, norm, _ = inputs
+    ctx.save_for_backward(x if norm else None, weight, cos, sin)
+    ctx.eps, ctx.norm, ctx.x_dtype = eps, norm, x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _norm_rope_backward(ctx, dy):
+    x, weight, cos, sin = ctx.saved_tensors
+    if x is None:  # plain RoPE: the kernel never reads x, it only needs a (B, N, H, Dh) tensor for the shape
+        x = dy.contiguous()
+    dx, part = _norm_rope_bwd_op(dy, x, weight, cos, sin, ctx.eps, ctx.norm, ctx.x_dtype)
+    dweight = dbias = None
+    if ctx.norm:
+        sums = part.sum(dim=1)  # (2, Dh) fp32
+        dweight = sums[0].to(weight.dtype) if weight is not None else None
+        dbias = sums[1].to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+_norm_rope_op.register_autograd(_norm_rope_backward, setup_context=_norm_rope_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Public ops
+# ----------------------------------------------------------------------------------------------------------------
+def _check(x, weight, bias, cos, sin, norm):
+    if norm not in NORMS:
+        raise ValueError(f"qk norm must be one of {NORMS}, got {norm!r}")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"RoPE/qk-norm input must be (B, N, H, Dh) with an even Dh, got {tuple(x.shape)}")
+    B, N, H, Dh = x.shape
+    if (cos is None) != (sin is None):
+        raise ValueError("RoPE needs both the cos and the sin table (or neither)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and tuple(t.shape) != (N, Dh):
+            raise ValueError(f"RoPE {name} table must be (N, Dh) = {(N, Dh)} for x {tuple(x.shape)}, got "
+                             f"{tuple(t.shape)}; build it with rope_2d_cos_sin(head_dim, grid_h, grid_w)")  # fmt: skip
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (Dh,):
+            raise ValueError(f"qk-norm {name} must have shape ({Dh},), got {tuple(t.shape)}")
+
+
+def qk_norm_rope(x, weight=None, bias=None, cos=None, sin=None, eps: float = 1e-5, norm: str | None = "layer",
+                 impl: str = "auto"):  # fmt: skip
+    """rope(norm(x)) per head: x (B, N, H, Dh); weight/bias (Dh,); cos/sin (N, Dh) or None (norm only)."""
+    _check(x, weight, bias, cos, sin, norm)
+    if not use_triton("qk_norm_rope", impl, x) or x.numel() == 0:
+        return qk_norm_rope_ref(x, weight, bias, cos, sin, eps, norm)
+    code = NORMS.index(norm)
+    y_dtype = x.dtype if code == 0 else out_dtype(x, weight, bias, norm_autocast=norm == "layer")
+    return _norm_rope_op(x, weight, bias, cos, sin, float(eps), code, y_dtype)
+
+
 def apply_rope_2d(x, cos, sin, impl: str = "auto"):
-    use_triton("rope_2d", impl, x)
-    return apply_rope_2d_ref(x, cos, sin)
+    """2-D RoPE of x (B, N, H, Dh) with tables (N, Dh) from rope_2d_cos_sin; returns x's dtype."""
+    _check(x, None, None, cos, sin, None)
+    if not use_triton("rope_2d", impl, x) or x.numel() == 0:
+        return apply_rope_2d_ref(x, cos, sin)
+    return _norm_rope_op(x, None, None, cos, sin, 0.0, 0, x.dtype)
