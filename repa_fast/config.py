@@ -37,6 +37,8 @@ class TargetConfig:
     enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b or dinov2-vit-b,dinov2-vit-l")
     encoder_checkpoint_dir: Optional[str] = _f(None, "directory with the encoder weight files (default: torch hub cache)")
     encoder_pretrained: bool = _f(True, "load encoder weights; off = random init (demo and tests only)")
+    encoder_grid: Optional[int] = _f(None, "encoder token grid (default resolution // 16 as the reference; the demo "
+                                     "sets it to the SiT grid)")
 
 
 @dataclass
@@ -82,6 +84,8 @@ class RunConfig:
     checkpointing_steps: int = _f(50000, "save a checkpoint every N steps (and at the end)")
     checkpoints_total_limit: int = _f(3, "keep the last N checkpoints (0 = keep all)")
     sampling_steps: int = _f(10000, "preview grid from the EMA model every N steps (0 = never)")
+    preview_num_steps: int = _f(50, "Euler steps of the preview sampler (reference: 50)")
+    preview_cfg_scale: float = _f(4.0, "CFG scale of the preview sampler (reference: 4.0)")
     log_every: int = _f(100, "read the on-device loss accumulators and log every N steps")
     resume_step: int = _f(0, "resume from the checkpoint of this step (reference flag)")
     resume: bool = _f(False, "resume from the latest checkpoint in the run directory")
@@ -144,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded demo: 32x32 digits in pixel space, tiny SiT, tiny random DINOv2-architecture target encoder.
     "demo": {
         "model": "SiT-T/4", "encoder_depth": 2, "projector_dim": 256, "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False, "dataset": "digits", "resolution": 32, "num_classes": 10, "num_workers": 0,
+        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 32, "num_classes": 10, "num_workers": 0,
         "latent_scale": 1.0, "batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.99, "max_train_steps": 400,
         "checkpointing_steps": 200, "sampling_steps": 200, "log_every": 20, "exp_name": "demo",
         "output_dir": "demo_out", "report_to": "tensorboard",

@@ -86,9 +86,22 @@ class Backend:
         opt.zero_grad(set_to_none=True)
         return grad_norm.detach(), skipped
 
+    def update_ema(self, ema, model: nn.Module, decay: float, skipped: torch.Tensor) -> None:
+        ema.update(model, decay, skip=skipped)
+
     # -- state -----------------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict:
+        """The full (unsharded) model state dict; meaningful on rank 0."""
         return {k: v.detach() for k, v in model.state_dict().items()}
+
+    def full_ema_state_dict(self, ema) -> dict:
+        return ema.state_dict()
+
+    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
+        model.load_state_dict(state, strict=True)
+
+    def load_ema_state_dict(self, ema, state: dict) -> None:
+        ema.load_state_dict(state)
 
     def optimizer_state_dict(self, model: nn.Module) -> dict:
         """Portable optimizer state: per-parameter entries keyed by parameter NAME (not index)."""
@@ -182,7 +195,7 @@ def shutdown_process_group() -> None:
         dist.destroy_process_group()
 
 
-def make_backend(kind: str = "auto", device: str = "auto") -> Backend:
+def make_backend(kind: str = "auto", device: str = "auto", cfg=None) -> Backend:
     _, world, _ = env_world()
     if kind == "auto":
         kind = "ddp" if world > 1 else "none"
