@@ -128,13 +128,14 @@ def pack(src: str, dst: str, *, latent_dtype: str = "fp32", num_classes: int = 1
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", metavar="SRC DST", help="REPA-layout source and packed destination")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST: REPA-layout source, packed destination "
+                   "(with --verify: the packed dataset only)")
     p.add_argument("--latent-dtype", choices=sorted(LATENT_DTYPES), default="fp32",
                    help="storage dtype of the moments (fp32 = the reference's bits; fp16 halves the size)")
     p.add_argument("--num-classes", type=int, default=1000, help="labels must lie in [0, num_classes)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding the source files")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--verify", action="store_true", help="fully verify the packed dataset DST (only path given)")
+    p.add_argument("--verify", action="store_true", help="fully verify a packed dataset (SHA-256 + every row)")
     args = p.parse_args(argv)
     try:
         if args.verify:

@@ -39,6 +39,7 @@ from .transforms import adm_center_crop
 from .vae import encode_moments, latent_geometry, load_vae, read_vae_config
 
 PROGRESS_DIR = ".progress"
+RECORD_FILE = "preprocess.json"  # ref layout: the finished job's plan (the reference loader ignores it)
 
 
 @dataclasses.dataclass
@@ -169,11 +170,31 @@ class Job:
                      "shard_size": cfg.shard_size, "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
     # ---- work area -------------------------------------------------------------------------------------------
-    def is_complete(self) -> bool:
+    def _finished_plan(self) -> dict | None:
+        """The plan of a finished dataset at --dest ({} if made by another tool), None if there is none."""
+        dest = self.cfg.dest
         if self.cfg.layout == "packed":
-            return os.path.isfile(os.path.join(self.cfg.dest, "index.json"))
-        return os.path.isfile(os.path.join(self.cfg.dest, FEATURES_DIR, LABELS_FILE)) and not os.path.isdir(
-            self.progress)
+            if not os.path.isfile(os.path.join(dest, "index.json")):
+                return None
+            with open(os.path.join(dest, "index.json")) as f:
+                return json.load(f).get("source", {}).get("plan", {})
+        if os.path.isdir(self.progress):
+            return None
+        if os.path.isfile(os.path.join(dest, RECORD_FILE)):
+            with open(os.path.join(dest, RECORD_FILE)) as f:
+                return json.load(f)["plan"]
+        return {} if os.path.isfile(os.path.join(dest, FEATURES_DIR, LABELS_FILE)) else None
+
+    def is_complete(self) -> bool:
+        """True when --dest is this very job, finished; a finished *different* dataset there is an error."""
+        plan = self._finished_plan()
+        if plan is None:
+            return False
+        if plan != self.plan:
+            what = ("with different " + ", ".join(sorted(k for k in self.plan if plan.get(k) != self.plan[k]))
+                    if plan else "by another tool")
+            raise DataError(f"{self.cfg.dest}: already holds a finished dataset made {what}; choose another --dest")
+        return True
 
     def _check_plan(self, plan_path: str) -> None:
         with open(plan_path) as f:
@@ -270,23 +291,30 @@ class Job:
 
     # ---- finalisation ------------------------------------------------------------------------------------------
     def wait_all_done(self) -> None:
+        """Rank 0: wait for the other ranks' shards; gives up after wait_timeout_s without any shard finishing."""
+        pending = self.pending_shards(0, 1)
         deadline = time.monotonic() + self.cfg.wait_timeout_s
-        while self.pending_shards(0, 1):
-            if time.monotonic() > deadline:
-                raise DataError(f"{self.progress}: shards {self.pending_shards(0, 1)[:8]} are still unfinished; "
-                                "check the other ranks, then rerun the same command to resume")
+        while pending:
             time.sleep(1.0)
+            now = self.pending_shards(0, 1)
+            if len(now) < len(pending):
+                deadline = time.monotonic() + self.cfg.wait_timeout_s
+            elif time.monotonic() > deadline:
+                raise DataError(f"{self.progress}: shards {now[:8]} are still unfinished; check the other ranks, "
+                                "then rerun the same command to resume")
+            pending = now
 
     def finalize(self) -> str:
         if self.cfg.layout == "ref":
             for sub, name in ((IMAGES_DIR, ref_image_name), (FEATURES_DIR, ref_feature_name)):
                 labels = [[name(i), lab] for i, lab in enumerate(self.labels)]
                 _atomic_json(os.path.join(self.work, sub, LABELS_FILE), {"labels": labels, "classes": self.classes})
-            shutil.rmtree(self.progress)
+            _atomic_json(os.path.join(self.work, RECORD_FILE), {"plan": self.plan, "classes": self.classes})
+            shutil.rmtree(self.progress)  # last: from here on the dataset counts as finished
             RefFolderDataset(self.work, num_classes=len(self.classes), resolution=self.cfg.resolution)  # self-check
             return self.work
         source = {"layout": "imagefolder", "path": os.path.abspath(self.cfg.source), "classes": self.classes,
-                  "order": "class-major, files sorted within a class"}
+                  "order": "class-major, files sorted within a class", "plan": self.plan}
         write_index(self.work, self.specs, resolution=self.cfg.resolution, latent_shape=self.latent_shape,
                     source=source)
         shutil.rmtree(self.progress)
@@ -342,7 +370,8 @@ _FLAG_HELP = {
     "loader_workers": "JPEG decode/crop processes per rank",
     "shard_size": "images per resumable unit (1000 = one reference folder)",
     "device": "VAE device: auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...",
-    "wait_timeout_s": "seconds rank 0 waits for other ranks' shards (and they wait for its setup)",
+    "wait_timeout_s": "seconds without progress after which rank 0 stops waiting for the other ranks' shards (and "
+    "they for its setup)",
 }
 
 
@@ -354,7 +383,8 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=["ref", "packed"], default="ref")
     for f in dataclasses.fields(PreprocessConfig):
         if f.name in _FLAG_HELP:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+            choices = sorted(LATENT_DTYPES) if f.name == "latent_dtype" else None
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, choices=choices,
                            help=f"{_FLAG_HELP[f.name]} (default {f.default})")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (for a quick subset)")
     p.add_argument("--no-progress", dest="progress", action="store_false")

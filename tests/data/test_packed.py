@@ -122,6 +122,7 @@ def test_pickles_without_memmaps_and_loads_in_workers(packed):
     ds = open_dataset(dst, num_classes=7)
     blob = pickle.dumps(ds)
     assert len(blob) < 20_000  # the arrays are reopened in the worker, never shipped
+    np.testing.assert_array_equal(pickle.loads(blob)[3][1].numpy(), truth[3][1])  # spawn-style workers
     batches = list(torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2))
     moments = torch.cat([b[1] for b in batches])
     np.testing.assert_array_equal(moments.numpy(), np.stack([truth[i][1] for i in range(N)]))
@@ -146,6 +147,14 @@ def test_file_disagrees_with_index(packed):
     np.save(os.path.join(dst, "labels.npy"), np.zeros(N, np.int32))
     with pytest.raises(DataError, match=r"labels.npy: holds int32 \[21\] but index.json says int64 \[21\] for "
                                         r"field 'labels'"):
+        open_dataset(dst, num_classes=7)
+
+
+def test_field_row_count_mismatch(packed):
+    dst, _ = packed
+    np.save(os.path.join(dst, "images.npy"), np.zeros((N - 1, 3, 32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"images.npy: holds uint8 \[20, 3, 32, 32\] but index.json says uint8 "
+                                        r"\[21, 3, 32, 32\] for field 'images'; the files do not belong together"):
         open_dataset(dst, num_classes=7)
 
 

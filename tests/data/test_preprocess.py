@@ -138,6 +138,22 @@ def test_rerun_of_a_finished_job_is_a_no_op(env, ref_out, capsys):
     assert "already complete, nothing to do" in capsys.readouterr().out
 
 
+def test_finished_dataset_made_differently_is_not_touched(env, ref_out, packed_out):
+    root, _ = env
+    with pytest.raises(DataError, match=r"ref: already holds a finished dataset made with different latent_shape, "
+                                        r"resolution; choose"):
+        preprocess(cfg(root, "ref", resolution=16))
+    with pytest.raises(DataError, match=r"packed: already holds a finished dataset made with different latent_dtype"):
+        preprocess(cfg(root, "packed", layout="packed", latent_dtype="fp16"))
+    record = os.path.join(ref_out, "preprocess.json")
+    os.rename(record, record + ".away")  # as if made by the reference's dataset_tools.py
+    try:
+        with pytest.raises(DataError, match=r"ref: already holds a finished dataset made by another tool"):
+            preprocess(cfg(root, "ref"))
+    finally:
+        os.rename(record + ".away", record)
+
+
 def test_resume_skips_finished_shards(env, ref_out, monkeypatch):
     root, _ = env
     real, encoded = pp.encode_moments, []

@@ -219,3 +219,12 @@ def test_moments_of_wrong_dtype(ref):
     ds = open_dataset(root, num_classes=5)
     with pytest.raises(DataError, match=r"img-mean-std-00000999.npy: moments dtype is int32, expected float32"):
         ds[2]
+
+
+def test_per_sample_error_survives_dataloader_workers(ref):
+    """The loop reads through worker processes: the message must still name the file."""
+    root, _ = ref
+    open(image_path(root, 1001), "wb").write(os.urandom(300))
+    loader = torch.utils.data.DataLoader(open_dataset(root, num_classes=5), batch_size=2, num_workers=1)
+    with pytest.raises(DataError, match=r"img00001001.png: cannot decode image"):
+        list(loader)
