@@ -11,7 +11,8 @@ latents' dtype, as the reference ``samplers.py`` (``euler_sampler``, ``euler_mar
   deterministic. N model calls.
 - CFG: where guidance_low <= t_cur <= guidance_high the batch is doubled with the null label and
   d = d_u + cfg_scale (d_c - d_u) (on the velocity for the ODE, on the drift for the SDE, as the reference).
-  Heun's second evaluation follows the decision taken at t_cur.
+  Heun's second evaluation follows the decision taken at t_cur. Callers pass B latents and B labels and get
+  B samples: unlike generate.py, do not pre-double the batch (the reference then runs 4B rows per call).
 
 Differences from the reference, on purpose: the null label is the model's ``num_classes`` (the reference
 hard-codes 1000); a model returning a plain tensor is accepted (the reference always takes ``[0]``);
@@ -132,7 +133,7 @@ class _GuidedVelocity:
         grid64 = torch.tensor(grid, dtype=torch.float64, device=latents.device)
         self.t_table = grid64.to(self.dtype)[:, None].repeat(1, 2 * b)  # (len(grid), 2B) in the model dtype
         if isinstance(model, torch.nn.Module) and model.training:
-            warnings.warn("sampling a model in train mode (label dropout?): call model.eval() first", stacklevel=3)
+            warnings.warn("sampling a model in train mode (label dropout?): call model.eval() first", stacklevel=4)
 
     def __call__(self, x: torch.Tensor, k: int, guided: bool) -> torch.Tensor:
         """Velocity at grid point k, float64: (2B, ...) with [cond; uncond] halves when guided, else (B, ...)."""

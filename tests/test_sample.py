@@ -49,8 +49,9 @@ class GaussianFlow:
     def __call__(self, x, t, y):
         assert bool((t == t[0]).all()), "one time value per call"
         t0 = float(t[0])
-        self.calls.append(dict(t=t0, n=x.shape[0], y=y.clone() if len(y) <= 256 else None, x_dtype=x.dtype,
-                               t_dtype=t.dtype))
+        self.calls.append(
+            dict(t=t0, n=x.shape[0], y=y.clone() if len(y) <= 256 else None, x_dtype=x.dtype, t_dtype=t.dtype)
+        )
         a, b, da, db = (float(c) for c in _coefficients(torch.tensor(t0, dtype=torch.float64), self.path_type))
         mu = self.means[y] if self.means.shape[0] > 1 else self.means[0]  # (B, D) or (D,)
         q = self.std**2
@@ -144,8 +145,8 @@ def test_gaussian_moments(kind, num_steps, heun, path_type, bias_bound):
     se_m, se_v = (v_disc / n).sqrt(), v_disc * math.sqrt(2 / (n - 1))  # Gaussian output: var of s^2 is 2 s^4/(n-1)
     assert (4 * se_v / STD**2).max() < 0.02  # a 2% variance error beyond the bias fails (power)
     # Sample moments agree with the exact moments of the discrete sampler within 4 standard errors ...
-    assert ((m_hat - m_disc).abs() <= 4 * se_m).all(), ((m_hat - m_disc) / se_m)
-    assert ((v_hat - v_disc).abs() <= 4 * se_v).all(), ((v_hat - v_disc) / se_v)
+    assert ((m_hat - m_disc).abs() <= 4 * se_m).all(), (m_hat - m_disc) / se_m
+    assert ((v_hat - v_disc).abs() <= 4 * se_v).all(), (v_hat - v_disc) / se_v
     # ... and the data moments within 4 standard errors plus that bias.
     assert ((m_hat - MU).abs() <= 4 * se_m + bias_m.abs()).all()
     assert ((v_hat - STD**2).abs() <= 4 * se_v + bias_v.abs()).all()
@@ -246,9 +247,8 @@ def test_cfg_scale_one_is_no_cfg(kind):
     assert all(c["n"] == x.shape[0] and bool((c["y"] == y).all()) for c in m1.calls)  # never doubled, no null label
     # And it is the conditional flow: a hand-written Euler loop on the conditional velocity agrees.
     if kind == "ode":
-        ref = x.clone()
-        for t, tn in zip(torch.linspace(1, 0, 8, dtype=torch.float64).tolist()[:-1],
-                         torch.linspace(1, 0, 8, dtype=torch.float64).tolist()[1:]):
+        ref, ts = x.clone(), torch.linspace(1, 0, 8, dtype=torch.float64).tolist()
+        for t, tn in zip(ts[:-1], ts[1:]):
             ref = ref + (tn - t) * _direct_v(ref, t, y)
         torch.testing.assert_close(a, ref, rtol=1e-13, atol=1e-13)
 
@@ -381,11 +381,17 @@ def test_model_called_in_latent_dtype_state_in_float64(dtype):
         out = sampler(m, x, y, num_steps=5, cfg_scale=1.5)
         assert out.dtype == torch.float64
         assert {(c["x_dtype"], c["t_dtype"]) for c in m.calls} == {(dtype, dtype)}
-        grid = torch.linspace(1, 0 if sampler is euler_sampler else 0.04, 6 if sampler is euler_sampler else 5,
-                              dtype=torch.float64)[:5].tolist()
+        ode = sampler is euler_sampler
+        grid = torch.linspace(1, 0 if ode else 0.04, 6 if ode else 5, dtype=torch.float64)[:5].tolist()
         # t is the float64 grid rounded to the model dtype, as the reference casts time_input.
         expected = [float(torch.tensor(t, dtype=torch.float64).to(dtype)) for t in grid]
         assert [c["t"] for c in m.calls] == expected
+
+
+def test_train_mode_warns():
+    x, y = _inputs()
+    with pytest.warns(UserWarning, match="model.eval"):
+        euler_sampler(ZsModule().train(), x, y, num_steps=2)
 
 
 def test_tensor_or_tuple_output():
