@@ -30,6 +30,10 @@ MODEL_NUM_SMS = 132
 
 _LOGGED: set = set()
 
+# Testing aid (tests/kernels/conftest.py turns it on): every buffer a launcher allocates through empty() starts
+# as NaN, so an element a kernel forgets to write fails the comparison instead of passing by luck.
+POISON_OUTPUTS = False
+
 
 def has_triton_package() -> bool:
     """True when ``import triton`` succeeded (plain function, not lru_cache: torch.compile traces it)."""
@@ -38,6 +42,11 @@ def has_triton_package() -> bool:
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreted(device: torch.device) -> bool:
+    """Kernels on this device run in Triton's interpreter (CPU): its cost is per program, so grids stay small."""
+    return device.type == "cpu" and triton_interpreter_enabled()
 
 
 def can_run_triton(x: torch.Tensor) -> bool:
@@ -79,6 +88,12 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return MODEL_NUM_SMS if device.type == "meta" else 1
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for kernel outputs; NaN-filled when POISON_OUTPUTS is set (floating dtypes)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS and t.is_floating_point() and t.device.type != "meta" else t
 
 
 def next_power_of_2(n: int) -> int:

@@ -14,9 +14,10 @@ over tokens are written as per-chunk partial sums, then summed in fp32 (determin
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import cdiv, next_power_of_2, num_sms, out_dtype, tl, triton, triton_interpreter_enabled, use_triton
+from ._dispatch import cdiv, empty, interpreted, next_power_of_2, num_sms, out_dtype, tl, triton, use_triton
 
 NORMS = ("layer", "rms")
+MIN_CHUNK_TOKENS = 32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,12 +152,14 @@ def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device):
     """(BLOCK_M, BLOCK_D, rows_per_chunk, num_warps). Untuned heuristics (no GPU was available to tune them):
     tiles of about 4K fp32 values on a GPU; under the interpreter, whose cost is per program, large tiles."""
     block_d = next_power_of_2(D)
-    if device.type == "cpu" and triton_interpreter_enabled():
+    if interpreted(device):
         block_m = max(1, min(next_power_of_2(n_tok), 32768 // block_d, 64))
         return block_m, block_d, cdiv(n_tok, block_m) * block_m, 4
     block_m = max(1, min(16, 4096 // block_d))
     n_batch = max(1, n_rows // max(n_tok, 1))
-    chunks = max(1, min(cdiv(n_tok, block_m), cdiv(4 * num_sms(device), n_batch)))
+    # Enough (sample, chunk) programs to fill the GPU, but chunks of >= MIN_CHUNK_TOKENS tokens: each chunk writes
+    # 2-3 fp32 partial rows, which must stay small next to the bf16 rows it reads (<= ~12% at 32 tokens).
+    chunks = max(1, min(cdiv(n_tok, MIN_CHUNK_TOKENS), cdiv(4 * num_sms(device), n_batch)))
     rows_per_chunk = cdiv(cdiv(n_tok, chunks), block_m) * block_m
     return block_m, block_d, rows_per_chunk, 8 if block_m * block_d >= 8192 else 4
 
@@ -178,8 +181,8 @@ def adaln_fwd(x, branch, gate, shift, scale, weight, eps: float, rms: bool, xnew
     x2, br2 = _rows(x), _rows(branch) if branch is not None else None
     gate, shift, scale = _cols(gate), _cols(shift), _cols(scale)
     gated = branch is not None
-    x_new = torch.empty((B, N, D), dtype=xnew_dtype, device=x.device) if gated else None
-    y = torch.empty((B, N, D), dtype=y_dtype, device=x.device)
+    x_new = empty((B, N, D), xnew_dtype, x.device) if gated else None
+    y = empty((B, N, D), y_dtype, x.device)
     block_m, block_d, _, warps = _launch_config(B * N, N, D, x.device)
     dummy = x2
     _adaln_fwd_kernel[(cdiv(B * N, block_m),)](
@@ -208,9 +211,9 @@ def adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps: float, rms: bool, d
     gate, scale = _cols(gate), _cols(scale)
     block_m, block_d, rows_per_chunk, warps = _launch_config(B * N, N, D, h.device)
     chunks = cdiv(N, rows_per_chunk)
-    dx = torch.empty((B, N, D), dtype=dx_dtype, device=h.device)
-    dbranch = torch.empty_like(branch, memory_format=torch.contiguous_format) if gated else None
-    part = torch.empty((3 if gated else 2, B, chunks, D), dtype=torch.float32, device=h.device)
+    dx = empty((B, N, D), dx_dtype, h.device)
+    dbranch = empty(branch.shape, branch.dtype, branch.device) if gated else None
+    part = empty((3 if gated else 2, B, chunks, D), torch.float32, h.device)
     dummy = h2
     _adaln_bwd_kernel[(B, chunks)](
         dy2, dres2 if dres is not None else dummy, h2, br2 if gated else dummy, gate if gated else dummy, scale,

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import cdiv, next_power_of_2, tl, triton, triton_interpreter_enabled, use_triton
+from ._dispatch import cdiv, empty, interpreted, next_power_of_2, tl, triton, use_triton
 
 MAX_DIM = 16384  # one row is held in registers/one tile; DINOv2-g's 1536 and CLIP-L's 1024 are far below
 
@@ -97,7 +97,7 @@ def _cos_rows_bwd_kernel(
 def _launch_config(n_rows: int, D: int, device: torch.device):
     """(BLOCK_M, BLOCK_D, num_warps): ~4K-value tiles on a GPU (untuned), large tiles under the interpreter."""
     block_d = next_power_of_2(D)
-    cap = 32768 if device.type == "cpu" and triton_interpreter_enabled() else 4096
+    cap = 32768 if interpreted(device) else 4096
     block_m = max(1, min(next_power_of_2(n_rows), cap // block_d, 64))
     return block_m, block_d, 8 if block_m * block_d >= 8192 else 4
 
@@ -111,7 +111,7 @@ def cos_rows_fwd(p: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     """(M, D), (M, D) -> (M,) fp32."""
     p2, z2 = _rows2d(p), _rows2d(z)
     M, D = p2.shape
-    cos = torch.empty(M, dtype=torch.float32, device=p.device)
+    cos = empty(M, torch.float32, p.device)
     block_m, block_d, warps = _launch_config(M, D, p.device)
     _cos_rows_fwd_kernel[(cdiv(M, block_m),)](
         p2, z2, cos, M, D, p2.stride(0), z2.stride(0), eps, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps
@@ -123,8 +123,8 @@ def cos_rows_bwd(dcos, p, z, eps: float, need_dp: bool, need_dz: bool):
     """(M,) upstream gradient -> (dp or None, dz or None), each (M, D) in its input's dtype."""
     p2, z2 = _rows2d(p), _rows2d(z)
     M, D = p2.shape
-    dp = torch.empty((M, D), dtype=p.dtype, device=p.device) if need_dp else None
-    dz = torch.empty((M, D), dtype=z.dtype, device=z.device) if need_dz else None
+    dp = empty((M, D), p.dtype, p.device) if need_dp else None
+    dz = empty((M, D), z.dtype, z.device) if need_dz else None
     block_m, block_d, warps = _launch_config(M, D, p.device)
     _cos_rows_bwd_kernel[(cdiv(M, block_m),)](
         dcos, p2, z2, dp if need_dp else p2, dz if need_dz else z2, M, D, p2.stride(0), z2.stride(0),

@@ -15,7 +15,7 @@ recomputed; dweight/dbias are per-program partial sums, then summed in fp32).
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import cdiv, next_power_of_2, num_sms, out_dtype, tl, triton, triton_interpreter_enabled, use_triton
+from ._dispatch import cdiv, empty, interpreted, next_power_of_2, num_sms, out_dtype, tl, triton, use_triton
 
 NORMS = (None, "layer", "rms")
 
@@ -195,7 +195,7 @@ def _norm_rope_bwd_kernel(
 def _launch_config(n_rows: int, Dh: int, device: torch.device):
     """(BLOCK_R, BLOCK_P, rows_per_prog of the backward, num_warps); untuned (no GPU to tune on)."""
     block_p = next_power_of_2(Dh // 2)
-    if device.type == "cpu" and triton_interpreter_enabled():
+    if interpreted(device):
         block_r = max(1, min(next_power_of_2(n_rows), 16384 // block_p, 128))
         return block_r, block_p, cdiv(n_rows, block_r) * block_r, 4
     block_r = max(1, min(64, 2048 // block_p))
@@ -215,7 +215,7 @@ def norm_rope_fwd(x, weight, bias, cos, sin, eps: float, norm: int, y_dtype):
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = _tables(cos, sin)
-    y = torch.empty((B, N, H, Dh), dtype=y_dtype, device=x.device)
+    y = empty((B, N, H, Dh), y_dtype, x.device)
     n_rows = B * N * H
     block_r, block_p, _, warps = _launch_config(n_rows, Dh, x.device)
     dummy = x
@@ -244,8 +244,8 @@ def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
     n_rows = B * N * H
     block_r, block_p, rows_per_prog, warps = _launch_config(n_rows, Dh, x.device)
     progs = cdiv(n_rows, rows_per_prog)
-    dx = torch.empty((B, N, H, Dh), dtype=dx_dtype, device=x.device)
-    part = torch.empty((2, progs, Dh) if norm else (0,), dtype=torch.float32, device=x.device)
+    dx = empty((B, N, H, Dh), dx_dtype, x.device)
+    part = empty((2, progs, Dh) if norm else (0,), torch.float32, x.device)
     dummy = x
     _norm_rope_bwd_kernel[(progs,)](
         dy, x, weight if weight is not None else dummy, cos if cos is not None else dummy,

@@ -1,0 +1,30 @@
+"""adaLN modulation and the fused gated residual + modulation: ref vs compile(ref) vs triton at SiT shapes.
+
+``python bench/bench_adaln.py [--models SiT-XL/2 --batches 256 --dtypes bf16]``: analytic bytes everywhere,
+timings and GB/s on a CUDA GPU (bench/_common.py).
+"""
+
+import torch
+from _common import Case, main
+
+from repa_fast.kernels.adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
+from repa_fast.kernels.traffic import SIT_SHAPES, TOKENS
+
+
+def _make(n_big: int, n_mod: int):
+    def make(model, batch, dtype, device):
+        D = SIT_SHAPES[model][0]
+        big = [torch.randn(batch, TOKENS, D, dtype=dtype, device=device, requires_grad=True) for _ in range(n_big)]
+        mod = [0.5 * torch.randn(batch, D, dtype=dtype, device=device) for _ in range(n_mod)]
+        return big + [m.requires_grad_() for m in mod]
+
+    return make
+
+
+ADALN = Case("adaln_modulate", "adaln_modulate", _make(1, 2), adaln_modulate_ref,
+             lambda x, sh, sc: adaln_modulate(x, sh, sc, impl="triton"))  # fmt: skip
+GATED = Case("gated_residual_adaln", "gated_residual_adaln", _make(2, 3), gated_residual_adaln_ref,
+             lambda x, br, g, sh, sc: gated_residual_adaln(x, br, g, sh, sc, impl="triton"))  # fmt: skip
+
+if __name__ == "__main__":
+    main(ADALN, GATED)
