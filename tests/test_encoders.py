@@ -137,6 +137,7 @@ def test_preprocess_matches_reference_chain(resolution, grid, side):
     ours = enc.preprocess(images)
     assert ours.shape == (2, 3, side, side) and ours.dtype == torch.float32
     assert torch.equal(ours, ref)
+    assert torch.equal(enc.to(torch.bfloat16).preprocess(images), ref)  # bf16 weights: preprocessing stays fp32
     tv = pytest.importorskip("torchvision.transforms")
     ref_tv = F.interpolate(tv.Normalize(IMAGENET_MEAN, IMAGENET_STD)(images / 255.0), size=side, mode="bicubic")
     assert torch.equal(ours, ref_tv)
@@ -216,22 +217,30 @@ def test_hub_and_hf_layouts_load_and_agree(files, reg, empty_caches):
     assert torch.equal(from_hub.blocks[3].ls2.gamma, sd["blocks.3.ls2.gamma"])
 
 
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
 def test_checkpoint_search_locations(files, empty_caches):
-    images = _images(1)
     (explicit,) = load_encoders("dinov2-vit-s", 256, files[False]["hub"])
+    (reg_explicit,) = load_encoders("dinov2reg-vit-s", 256, files[True]["hub"])
     hub_ckpts = empty_caches / "torchhub" / "checkpoints"
     hub_ckpts.mkdir(parents=True)
     os.symlink(files[False]["hub"], hub_ckpts / "dinov2_vits14_pretrain.pth")
     (from_torch_hub,) = load_encoders("dinov2-vit-s")  # torch.hub.get_dir()/checkpoints
-    assert torch.equal(from_torch_hub(images), explicit(images))
+    _assert_same_weights(from_torch_hub, explicit)
 
     folder = empty_caches / "ckpts" / "vit_small_patch14_reg4_dinov2.lvd142m"
     folder.mkdir(parents=True)
     os.symlink(files[True]["hf"], folder / "model.safetensors")
-    both = load_encoders("dinov2-vit-s, dinov2reg-vit-s", 256, empty_caches / "ckpts")  # folder, then hub cache
-    (reg_explicit,) = load_encoders("dinov2reg-vit-s", 256, files[True]["hub"])
+    both = load_encoders("dinov2-vit-s, dinov2reg-vit-s", 256, empty_caches / "ckpts")  # hub cache, then folder
     assert [e.enc_name for e in both] == ["dinov2-vit-s", "dinov2reg-vit-s"]
-    assert torch.equal(both[0](images), explicit(images))
+    _assert_same_weights(both[0], explicit)
+    _assert_same_weights(both[1], load_encoders("dinov2reg-vit-s", 256, files[True]["hf"])[0])
+    images = _images(1)  # the timm layout folds the class position into cls_token: same outputs, not same weights
     assert torch.equal(both[1](images), reg_explicit(images))
 
 
@@ -400,4 +409,19 @@ def test_attention_goes_through_kernels_module(monkeypatch):
     with pytest.raises(ValueError, match="kernels must be one of"):
         load_encoders("dinov2-vit-t", pretrained=False, kernels="fast")
     with pytest.raises(ValueError, match="attn_backend must be one of"):
-        load_encoders("dinov2-vit-t", pretrained=False, attn_backend="xformers")
+        load_encoders("dinov2-vit-t", pretrained=False, attn_backend="flash-ish")
+
+
+def test_low_precision_runs_match_fp32():
+    """The reference runs encoders under fp16 autocast; here bf16 (CPU autocast) and bf16 weights stay close to fp32."""
+    enc = _randomize_(DINOv2ViT(dinov2_arch("t", True), resolution=64), seed=11).eval()
+    images = _images(2, 64)
+    ref = enc(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = enc(images)
+    half = enc.to(torch.bfloat16)(images)
+    for out in (auto, half):
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        cos = F.cosine_similarity(out.float(), ref, dim=-1)
+        assert cos.min() > 0.98, cos.min()
+    assert half.dtype == torch.bfloat16

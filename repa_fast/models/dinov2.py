@@ -198,8 +198,10 @@ class DINOv2ViT(nn.Module):
             14 * grid pixels and ``pos_embed`` holds grid*grid positions.
         kernels: "auto" | "triton" | "ref", for API symmetry with SiT. The encoder has no Triton op, so it only
             picks the default attention backend: "ref" pins plain ``F.scaled_dot_product_attention`` ("sdpa"),
-            "auto" and "triton" let ``repa_fast.kernels.attention`` pick its fastest backend ("auto").
-        attn_backend: explicit backend for ``repa_fast.kernels.attention.attention`` (overrides ``kernels``).
+            "auto" and "triton" let ``repa_fast.kernels.attention`` pick its fastest backend ("auto": FlashAttention
+            3/2 or xformers for fp16/bf16 CUDA inputs when installed, else SDPA).
+        attn_backend: explicit backend for ``repa_fast.kernels.attention.attention`` (overrides ``kernels``), e.g.
+            "math" for the explicit-softmax path of the reference's hub model without xformers.
         enc_name: the ``--enc-type`` string this module answers to (informational).
     """
 
@@ -234,9 +236,9 @@ class DINOv2ViT(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, n_reg, dim)) if n_reg else None  # inserted after cls
         self.blocks = nn.ModuleList(Block(arch, backend) for _ in range(arch.depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        # Non-persistent: not part of the official state dict.
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Normalisation constants live outside the module's buffers so that `.to(torch.bfloat16)` on the
+        # encoder cannot round them (0.485 -> 0.484375): preprocessing stays in fp32 whatever the weights' dtype.
+        self._pixel_stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.init_weights()
 
     @torch.no_grad()
@@ -267,9 +269,19 @@ class DINOv2ViT(nn.Module):
         (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""
         self._check_images(images)
         x = images / 255.0  # float32 for uint8 input, as `raw_image / 255.` in the reference
-        x = (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)  # torchvision Normalize: sub_, div_
+        mean, std = self._stats(x)
+        x = (x - mean) / std  # torchvision Normalize: sub_(mean).div_(std)
         size = (self.input_size, self.input_size)
         return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=False)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, 1, 1) mean and std made from the Python constants in x's dtype (as torchvision's Normalize)."""
+        key = (x.device, x.dtype)
+        if key not in self._pixel_stats:
+            self._pixel_stats[key] = tuple(
+                torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)
+            )
+        return self._pixel_stats[key]
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.resolution,) * 2:

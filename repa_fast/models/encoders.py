@@ -203,13 +203,18 @@ def build_encoder(
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
     path = find_checkpoint(name, checkpoint_dir) if pretrained else None  # fail before building a large model
-    model = DINOv2ViT(
-        dinov2_arch(size, registers), resolution, grid, kernels=kernels, attn_backend=attn_backend, enc_name=name
-    )
-    if path is not None:
-        logger.info("encoder %s: loading %s (pos_embed resampled to %dx%d)", name, path, model.grid, model.grid)
-        load_dinov2_weights(model, path)
-    return freeze(model.to(device) if device is not None else model)
+    arch = dinov2_arch(size, registers)
+    kw = dict(kernels=kernels, attn_backend=attn_backend, enc_name=name)
+    if path is None:
+        model = DINOv2ViT(arch, resolution, grid, **kw)
+        return freeze(model.to(device) if device is not None else model)
+    # Pretrained: build on the meta device and allocate on the target device, so that no random init runs
+    # (seconds for ViT-g on CPU) and the weights are copied straight to where they will be used.
+    with torch.device("meta"):
+        model = DINOv2ViT(arch, resolution, grid, **kw)
+    model = model.to_empty(device=device if device is not None else "cpu")
+    logger.info("encoder %s: loading %s (pos_embed resampled to %dx%d)", name, path, model.grid, model.grid)
+    return freeze(load_dinov2_weights(model, path))
 
 
 def load_encoders(
