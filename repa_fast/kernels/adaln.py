@@ -153,7 +153,7 @@ def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device):
     tiles of about 4K fp32 values on a GPU; under the interpreter, whose cost is per program, large tiles."""
     block_d = next_power_of_2(D)
     if interpreted(device):
-        block_m = max(1, min(next_power_of_2(n_tok), 32768 // block_d, 64))
+        block_m = max(1, min(next_power_of_2(n_tok), 131072 // block_d, 256))
         return block_m, block_d, cdiv(n_tok, block_m) * block_m, 4
     block_m = max(1, min(16, 4096 // block_d))
     n_batch = max(1, n_rows // max(n_tok, 1))

@@ -97,8 +97,8 @@ def _cos_rows_bwd_kernel(
 def _launch_config(n_rows: int, D: int, device: torch.device):
     """(BLOCK_M, BLOCK_D, num_warps): ~4K-value tiles on a GPU (untuned), large tiles under the interpreter."""
     block_d = next_power_of_2(D)
-    cap = 32768 if interpreted(device) else 4096
-    block_m = max(1, min(next_power_of_2(n_rows), cap // block_d, 64))
+    cap = 131072 if interpreted(device) else 4096
+    block_m = max(1, min(next_power_of_2(n_rows), cap // block_d, 256 if interpreted(device) else 64))
     return block_m, block_d, 8 if block_m * block_d >= 8192 else 4
 
 

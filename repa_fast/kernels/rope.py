@@ -196,7 +196,7 @@ def _launch_config(n_rows: int, Dh: int, device: torch.device):
     """(BLOCK_R, BLOCK_P, rows_per_prog of the backward, num_warps); untuned (no GPU to tune on)."""
     block_p = next_power_of_2(Dh // 2)
     if interpreted(device):
-        block_r = max(1, min(next_power_of_2(n_rows), 16384 // block_p, 128))
+        block_r = max(1, min(next_power_of_2(n_rows), 131072 // block_p, 4096))
         return block_r, block_p, cdiv(n_rows, block_r) * block_r, 4
     block_r = max(1, min(64, 2048 // block_p))
     progs = max(1, min(cdiv(n_rows, block_r), 4 * num_sms(device)))
