@@ -130,11 +130,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         B, N, D = x.shape
+        from repa_fast.kernels import qk_norm_rope  # local: this edit is confined to forward()
+
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # SPEC 9: RoPE after qk-norm
-            q = apply_rope_2d(q, *rope, impl=self.kernels)
-            k = apply_rope_2d(k, *rope, impl=self.kernels)
+        cos, sin = rope if rope is not None else (None, None)
+        if isinstance(self.q_norm, nn.LayerNorm):  # SPEC 9: qk-norm then RoPE, one fused op per tensor
+            qn, kn = self.q_norm, self.k_norm
+            q = qk_norm_rope(q, qn.weight, qn.bias, cos, sin, eps=qn.eps, impl=self.kernels)
+            k = qk_norm_rope(k, kn.weight, kn.bias, cos, sin, eps=kn.eps, impl=self.kernels)
+        elif rope is not None:
+            q = apply_rope_2d(q, cos, sin, impl=self.kernels)
+            k = apply_rope_2d(k, cos, sin, impl=self.kernels)
         x = attention(q, k, v, backend=self.backend)  # (B, N, H, Dh)
         return self.proj(x.reshape(B, N, D))
 
