@@ -56,7 +56,7 @@ def _adaln_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,); int64: offsets may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
     b = rows // n_tok
@@ -94,7 +94,7 @@ def _adaln_bwd_kernel(
 ):  # fmt: skip
     # One program per (sample b, chunk c of its tokens). Partial sums go to part[k, b, c, :]:
     # k=0: sum dy (-> dshift), k=1: sum dy * xhat (-> dscale, dweight), k=2: sum dh * branch (-> dgate).
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64 offsets: B * N * D may pass 2^31
     c = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D

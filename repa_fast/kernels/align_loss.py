@@ -49,7 +49,7 @@ def _cos_rows_fwd_kernel(
     p_ptr, z_ptr, cos_ptr, n_rows, D, stride_p_row, stride_z_row, eps,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
     p = tl.load(p_ptr + rows[:, None] * stride_p_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -67,7 +67,7 @@ def _cos_rows_bwd_kernel(
 ):  # fmt: skip
     # d cos / d p = (zn - [|p| >= eps] cos * pn) / max(|p|, eps), with pn, zn the normalised rows (clamp_min's
     # gradient flows where |p| >= eps, as in autograd); symmetric in z.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
     mask = rmask[:, None] & (cols < D)[None, :]
@@ -194,11 +194,11 @@ def cosine_similarity_rows(p: torch.Tensor, z: torch.Tensor, eps: float = 1e-12,
     """Per-row cosine with F.normalize semantics: (..., D), (..., D) -> (...) fp32; differentiable in p and z."""
     if p.shape != z.shape:
         raise ValueError(f"cosine_similarity_rows: shapes {tuple(p.shape)} and {tuple(z.shape)} differ")
-    if not use_triton("alignment_loss", impl, p) or p.numel() == 0:
+    if not use_triton("alignment_loss", impl, p) or p.numel() == 0 or (impl == "auto" and p.shape[-1] > MAX_DIM):
         return cosine_similarity_rows_ref(p, z, eps)
     if p.shape[-1] > MAX_DIM:
         raise ValueError(f"cosine_similarity_rows: the Triton kernel holds a row in one tile, D <= {MAX_DIM}; "
-                         f"got {p.shape[-1]}. Use impl='ref'.")  # fmt: skip
+                         f"got {p.shape[-1]}. Use impl='ref' or 'auto'.")  # fmt: skip
     lead = p.shape[:-1]
     return _cos_rows_op(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]), float(eps)).reshape(lead)
 

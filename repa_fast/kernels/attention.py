@@ -126,8 +126,8 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
 
 def attention(q, k, v, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q, k, v of shape (B, N, H, Dh) -> (B, N, H, Dh)."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"attention expects q, k, v of shape (B, N, H, Dh), got {q.shape}, {k.shape}, {v.shape}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention expects q, k, v of one shape (B, N, H, Dh), got {q.shape}, {k.shape}, {v.shape}")
     choice = select_backend(q, backend)
     if choice == "math":
         return attention_ref(q, k, v, scale)

@@ -71,7 +71,7 @@ def _norm_rope_fwd_kernel(
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # offsets may pass 2^31
     pairs = tl.arange(0, BLOCK_P)
     pmask = pairs < Dh // 2
     mask = (rows < n_rows)[:, None] & pmask[None, :]
@@ -130,7 +130,7 @@ def _norm_rope_bwd_kernel(
     acc_be = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
     acc_bo = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
     for r0 in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (rows < n_rows)[:, None] & pmask[None, :]
         n = (rows // H) % N
         dy_ptrs = dy_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
@@ -318,6 +318,8 @@ _norm_rope_op.register_autograd(_norm_rope_backward, setup_context=_norm_rope_se
 def _check(x, weight, bias, cos, sin, norm):
     if norm not in NORMS:
         raise ValueError(f"qk norm must be one of {NORMS}, got {norm!r}")
+    if norm is None and (weight is not None or bias is not None):
+        raise ValueError("qk_norm_rope: weight/bias given with norm=None; pass norm='layer' or 'rms'")
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"RoPE/qk-norm input must be (B, N, H, Dh) with an even Dh, got {tuple(x.shape)}")
     B, N, H, Dh = x.shape

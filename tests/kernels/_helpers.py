@@ -13,7 +13,7 @@ def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
 def upstream_grads(outs, seed: int = 1):
     """Fixed random upstream gradients in each output's dtype (the float64 reference gets the same values)."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
 
 
 def forward_backward(fn, inputs, grads=None):

@@ -128,6 +128,8 @@ def test_explicit_backends_fail_clearly_when_unavailable(monkeypatch):
         select_backend(q, "xformers")
     with pytest.raises(ValueError, match="backend must be one of"):
         select_backend(q, "cudnn")
+    with pytest.raises(ValueError, match="of one shape"):
+        attention(q, q, q[..., :8])
 
 
 def test_broken_flash_install_counts_as_absent(monkeypatch):

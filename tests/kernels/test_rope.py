@@ -107,5 +107,7 @@ def test_bad_inputs_raise_clear_errors():
         qk_norm_rope(torch.randn(1, 4, 2, 7))
     with pytest.raises(ValueError, match="both the cos and the sin"):
         qk_norm_rope(torch.randn(1, 4, 2, 8), cos=cos)
+    with pytest.raises(ValueError, match="norm=None"):
+        qk_norm_rope(torch.randn(1, 4, 2, 8), torch.ones(8), norm=None)
     with pytest.raises(ValueError, match="divisible by 4"):
         rope_2d_cos_sin(6, 2, 2)
