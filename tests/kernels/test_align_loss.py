@@ -60,10 +60,12 @@ def test_bf16_projector_output(target_dtype):
 
 
 def test_zero_rows_follow_normalize_eps_semantics():
-    """A zero prediction row (|p| < eps: p / eps, gradient z_hat / eps) and a zero target row (cos = 0)."""
+    """Rows with |p| < eps (normalize divides by eps; no gradient through the clamped norm: dp = z_hat / eps),
+    an exactly zero prediction row, and a zero target row (cos = 0)."""
     p = torch.randn(1, 6, 130, dtype=torch.float64)
     z = torch.randn(1, 6, 130, dtype=torch.float64)
     p[0, 1] = 0.0
+    p[0, 2] *= 1e-14
     z[0, 4] = 0.0
     p.requires_grad_()
     check_against_fp64(_loss("triton", 1), _loss("ref", 1), [p.float().detach().requires_grad_(), z.float()],
