@@ -22,6 +22,7 @@ def _arg_type(f):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description="Train SiT with REPA (repa_fast). Flags keep the reference train.py names.",
+        allow_abbrev=False,  # an unknown or misspelt flag is an error, never a silent prefix match
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help='JSON file: {"trainer": {flat options}, "deepspeed": {...}}')
@@ -78,7 +79,7 @@ def validate(cfg: TrainConfig) -> None:
         for name in cfg.target.enc_type.split(","):
             try:
                 parse_encoder_name(name.strip())
-            except ValueError as e:
+            except (ValueError, NotImplementedError) as e:
                 raise ConfigError(f"--enc-type: {e}") from e
     for flag, value, low in [("--batch-size", o.batch_size, 1), ("--gradient-accumulation-steps",
                              o.gradient_accumulation_steps, 1), ("--max-train-steps", r.max_train_steps, 1),

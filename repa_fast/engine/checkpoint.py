@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from repa_fast.engine.faults import maybe_kill
+
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^\d{7,}$")
 
@@ -99,6 +101,7 @@ def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, s
     try:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         save_file(_contiguous(model_sd), os.path.join(tmp, "model.safetensors"))
+        maybe_kill("mid_save", step)
         save_file(_contiguous(ema_sd), os.path.join(tmp, "ema.safetensors"))
         torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, os.path.join(tmp, "state.pt"))
         for rank, r in (rng or {}).items():

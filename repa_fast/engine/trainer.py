@@ -22,6 +22,7 @@ from repa_fast.config import ConfigError, TrainConfig, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine.ema import EMA
+from repa_fast.engine.faults import maybe_kill
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend
 from repa_fast.engine.preview import Previewer, plot_loss_curve
@@ -257,6 +258,7 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
                 batch = _next_batch(loader, data_iter, backend.device)
             meter.add_losses(micro_step(cfg, state, backend, batch, encoders, amp_dtype, last=i == accum - 1))
         optimizer_step(cfg, state, backend, meter)
+        maybe_kill("after_step", state.step)
         progress.update(1)
         step = state.step
         if step % cfg.run.log_every == 0 or step == cfg.run.max_train_steps:
