@@ -145,10 +145,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sit-xl-repa": {},
     "sit-l-repa": {"model": "SiT-L/2"},
     "sit-b-repa": {"model": "SiT-B/2", "encoder_depth": 4},
-    # The embedded demo: 32x32 digits in pixel space, tiny SiT, tiny random DINOv2-architecture target encoder.
+    # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), tiny random DINOv2-architecture target.
     "demo": {
-        "model": "SiT-T/4", "encoder_depth": 2, "projector_dim": 256, "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 32, "num_classes": 10, "num_workers": 0,
+        "model": "SiT-T/2", "encoder_depth": 2, "projector_dim": 256, "enc_type": "dinov2-vit-t",
+        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 16, "num_classes": 10, "num_workers": 0,
         "latent_scale": 1.0, "batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.99, "max_train_steps": 400,
         "checkpointing_steps": 200, "sampling_steps": 200, "log_every": 20, "exp_name": "demo",
         "output_dir": "demo_out", "report_to": "tensorboard",

@@ -9,7 +9,7 @@ from repa_fast.cli import resolve_config
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The demo preset shrunk to 16x16 digits (4x4 token grid), batch 8: a step takes a few tens of milliseconds.
-TINY_DEMO = ["--preset", "demo", "--resolution", "16", "--encoder-grid", "4", "--batch-size", "8",
+TINY_DEMO = ["--preset", "demo", "--model", "SiT-T/4", "--resolution", "16", "--encoder-grid", "4", "--batch-size", "8",
              "--log-every", "1", "--sampling-steps", "0", "--report-to", "none", "--num-workers", "0"]
 
 

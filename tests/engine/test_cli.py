@@ -58,7 +58,7 @@ def test_precedence_preset_config_cli_and_dry_run(tmp_path, capsys):
 
 def test_no_data_flags_means_demo_preset():
     cfg, _ = resolve_config([])
-    assert cfg.data.dataset == "digits" and cfg.model.model == "SiT-T/4" and cfg.run.exp_name == "demo"
+    assert cfg.data.dataset == "digits" and cfg.model.model == "SiT-T/2" and cfg.run.exp_name == "demo"
 
 
 def test_written_config_round_trips(tmp_path):

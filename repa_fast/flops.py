@@ -1,0 +1,63 @@
+"""Analytic FLOPs of one REPA training step (matmul and attention FLOPs, 2 per multiply-add).
+
+Counted: every Linear/Conv (forward 2*in*out per token), attention scores and values (4*T*D per token), in the SiT,
+its projectors and the frozen encoders. Backward = 2x forward for the trainable SiT (activation and weight gradients);
+the encoders run forward only. Elementwise work (norms, GELU, softmax, optimizer) is not counted, as in MFU conventions.
+The tests check these formulas against torch.utils.flop_counter on real modules.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepFlops:
+    sit_forward: float
+    projector_forward: float
+    encoder_forward: float
+
+    @property
+    def train_step(self) -> float:
+        """Per image: 3x (forward + backward) of SiT and projectors, plus the encoders' forward."""
+        return 3 * (self.sit_forward + self.projector_forward) + self.encoder_forward
+
+
+def vit_block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
+    """One pre-norm transformer block on ``tokens`` tokens: qkv, proj, fc1, fc2 and attention."""
+    linear = 2 * tokens * (dim * 3 * dim + dim * dim + 2 * dim * mlp_hidden)
+    attention = 4 * tokens * tokens * dim
+    return linear + attention
+
+
+def sit_forward_flops(depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4,
+                      mlp_ratio: float = 4.0, freq_dim: int = 256) -> float:
+    """SiT forward per image, projectors excluded."""
+    blocks = depth * vit_block_flops(tokens, dim, int(dim * mlp_ratio))
+    patch_in = 2 * tokens * (in_channels * patch * patch) * dim
+    final = 2 * tokens * dim * (patch * patch * in_channels)
+    conditioning = 2 * (freq_dim * dim + dim * dim) + depth * 2 * dim * 6 * dim + 2 * dim * 2 * dim  # per image
+    return blocks + patch_in + final + conditioning
+
+
+def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims) -> float:
+    return sum(2 * tokens * (dim * projector_dim + projector_dim * projector_dim + projector_dim * z) for z in z_dims)
+
+
+def dinov2_forward_flops(depth: int, dim: int, grid: int, registers: int = 0, swiglu_hidden: int = 0) -> float:
+    """DINOv2 ViT/14 forward per image on a grid x grid patch grid (+ CLS and registers)."""
+    tokens = grid * grid + 1 + registers
+    mlp = 4 * dim
+    blocks = depth * vit_block_flops(tokens, dim, mlp)
+    if swiglu_hidden:  # w12: dim -> 2h, w3: h -> dim, instead of fc1/fc2
+        blocks += depth * 2 * tokens * (dim * 2 * swiglu_hidden + swiglu_hidden * dim - 2 * dim * mlp)
+    return blocks + 2 * grid * grid * (3 * 14 * 14) * dim
+
+
+DINOV2_ARCH = {"s": (12, 384, 0), "b": (12, 768, 0), "l": (24, 1024, 0), "g": (40, 1536, 4096), "t": (4, 192, 0)}
+
+
+def repa_step_flops(depth: int, dim: int, tokens: int, patch: int, z_dims=(768,), projector_dim: int = 2048,
+                    encoders=("b",), encoder_grid: int = 16, in_channels: int = 4, registers: int = 0) -> StepFlops:
+    enc = sum(dinov2_forward_flops(DINOV2_ARCH[e][0], DINOV2_ARCH[e][1], encoder_grid, registers, DINOV2_ARCH[e][2])
+              for e in encoders)
+    return StepFlops(sit_forward_flops(depth, dim, tokens, patch, in_channels),
+                     projector_flops(tokens, dim, projector_dim, z_dims), enc)

@@ -1,0 +1,52 @@
+"""The analytic FLOP model equals torch's FlopCounterMode on real modules, and gives the known XL figure.
+
+Modules use the explicit-softmax attention here: the counter does not see the CPU flash-attention kernel of SDPA.
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from repa_fast.flops import dinov2_forward_flops, projector_flops, repa_step_flops, sit_forward_flops
+from repa_fast.models.encoders import load_encoders
+from repa_fast.models.sit import SiT_models
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_sit_and_projector_flops_match_counter():
+    model = SiT_models["SiT-S/2"](input_size=16, z_dims=[32, 48], encoder_depth=2, depth=3, projector_dim=64,
+                                      fused_attn=False)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randint(0, 1000, (2,))
+    counted = _count(lambda: model(x, t, y))
+    expected = 2 * (sit_forward_flops(3, 384, 64, 2) + projector_flops(64, 384, 64, [32, 48]))
+    assert counted == expected
+    counted_no_proj = _count(lambda: model(x, t, y, return_zs=False))
+    assert counted_no_proj == 2 * sit_forward_flops(3, 384, 64, 2)
+
+
+def test_sit_backward_is_twice_forward():
+    model = SiT_models["SiT-S/2"](input_size=16, z_dims=[], depth=2, fused_attn=False)
+    x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randint(0, 1000, (2,))
+    out = model(x, t, y)[0]
+    counted_bwd = _count(lambda: out.sum().backward())
+    # The input of the patch conv needs no gradient: its data-gradient conv is skipped.
+    fwd = sit_forward_flops(2, 384, 64, 2)
+    patch_in = 2 * 64 * 16 * 384
+    assert abs(counted_bwd - 2 * 2 * fwd + 2 * patch_in) / (2 * 2 * fwd) < 0.02
+
+
+def test_dinov2_flops_match_counter():
+    enc = load_encoders("dinov2-vit-t", resolution=64, pretrained=False, attn_backend="math")[0]
+    img = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    counted = _count(lambda: enc(img))
+    assert counted == 2 * dinov2_forward_flops(4, 192, 4)
+
+
+def test_xl_repa_step_is_about_771_gflop_per_image():
+    f = repa_step_flops(28, 1152, 256, 2, z_dims=(768,), encoders=("b",), encoder_grid=16)
+    assert abs(f.sit_forward / 1e9 - 236.9) < 0.5
+    assert abs(f.train_step / 1e9 - 771) < 3  # speed_anchors.md's SiT-XL/2 + DINOv2-B figure
