@@ -201,7 +201,8 @@ def main(argv=None):
     torch.manual_seed(0)
     batch = synthetic_batch(args, device)
     flops = step_flops_per_image(args) * args.batch_size
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    cuda = device.type == "cuda"
+    dev_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak = device_peak(device)
     rows, base = [], None
     print(f"{args.model} + {args.enc_type}, batch {args.batch_size}, {args.mixed_precision}, {dev_name}; "
@@ -213,8 +214,8 @@ def main(argv=None):
         base = base or sec
         row = {"provider": name, "ms_per_step": round(sec * 1e3, 2), "img_per_s": round(args.batch_size / sec, 2),
                "tflops": round(tflops, 3), "mfu": round(tflops / peak, 4) if peak else "",
-               "speedup_vs_first": round(base / sec, 3), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-               if device.type == "cuda" else "", "compile": args.compile}
+               "speedup_vs_first": round(base / sec, 3), "compile": args.compile,
+               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else ""}
         rows.append(row)
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         del step

@@ -10,7 +10,7 @@ Both losses are computed in fp32 on the model outputs cast to fp32, as accelerat
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ def sample_time(
     weighting: str = "uniform",
     path_type: str = "linear",
     device=None,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """t of shape (B,), fp32, drawn on ``device`` (the reference draws on the CPU: same law, other stream).
 
@@ -68,15 +68,15 @@ def training_loss(
     model,
     x0: torch.Tensor,
     y: torch.Tensor,
-    targets: Optional[Sequence[torch.Tensor]],
+    targets: Sequence[torch.Tensor] | None,
     *,
-    t: Optional[torch.Tensor] = None,
-    noise: Optional[torch.Tensor] = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     path_type: str = "linear",
     prediction: str = "v",
     weighting: str = "uniform",
     proj_coeff: float = 0.5,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: torch.dtype | None = None,
     kernels: str = "auto",
 ) -> dict:
     """The REPA training loss on one batch.

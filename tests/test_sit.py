@@ -172,7 +172,8 @@ def test_label_dropout_rate_and_null_class():
     assert abs(rate - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 20000)
     assert torch.equal(emb(labels[:5], train=False), emb.embedding_table(labels[:5]))
     forced = emb(labels[:3], train=False, force_drop_ids=torch.tensor([1, 0, 1]))
-    assert torch.equal(forced[0], emb.embedding_table.weight[10]) and torch.equal(forced[1], emb.embedding_table(labels[1]))
+    assert torch.equal(forced[0], emb.embedding_table.weight[10])
+    assert torch.equal(forced[1], emb.embedding_table(labels[1]))
 
 
 def test_projectors_not_run_when_zs_not_needed():

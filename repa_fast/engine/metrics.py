@@ -5,7 +5,6 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
 
@@ -101,7 +100,7 @@ class LogSinks:
             self.wandb.finish()
 
 
-def setup_logging(is_main: bool, run_dir: Optional[str] = None) -> None:
+def setup_logging(is_main: bool, run_dir: str | None = None) -> None:
     """Human-readable log to stderr (rank 0 at INFO, others at WARNING) and to <run_dir>/train.log on rank 0."""
     root = logging.getLogger("repa_fast")
     root.setLevel(logging.INFO if is_main else logging.WARNING)

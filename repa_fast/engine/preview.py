@@ -10,12 +10,12 @@ import json
 import logging
 import math
 import os
-from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+from repa_fast.data.vae import load_vae
 from repa_fast.sample import class_balanced_labels, decode_to_uint8, euler_sampler
 
 logger = logging.getLogger("repa_fast")
@@ -23,7 +23,7 @@ logger = logging.getLogger("repa_fast")
 
 class Previewer:
     def __init__(self, latent_shape: tuple, num_classes: int, latent_scale: float, path_type: str,
-                 device: torch.device, seed: int, vae_path: Optional[str] = None, n: int = 32):
+                 device: torch.device, seed: int, vae_path: str | None = None, n: int = 32):
         c, h, w = latent_shape[0] // 2, latent_shape[1], latent_shape[2]
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(n, c, h, w, generator=gen).to(device)  # fixed across previews
@@ -51,17 +51,6 @@ class Previewer:
         return path
 
 
-def load_vae(path: str, device: torch.device):
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError as e:
-        raise RuntimeError("--vae needs diffusers: pip install 'repa_fast[vae]'") from e
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--vae {path}: not a directory; download stabilityai/sd-vae-ft-ema (or -mse) in "
-                                "diffusers layout (config.json + diffusion_pytorch_model.safetensors) and pass its path")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
-
-
 def save_grid(images: np.ndarray, path: str) -> None:
     """uint8 (N, H, W, 3) -> one PNG grid, written atomically."""
     n, h, w, _ = images.shape
@@ -79,7 +68,7 @@ def save_grid(images: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss_curve(log_path: str, out_path: str) -> Optional[str]:
+def plot_loss_curve(log_path: str, out_path: str) -> str | None:
     """Plot loss / denoising / alignment from log.jsonl; returns the path, or None when matplotlib is missing."""
     try:
         import matplotlib

@@ -10,14 +10,21 @@ Model code is single-device: compile, activation checkpointing and parallelism a
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repa_fast.kernels import adaln_modulate, apply_rope_2d, attention, gated_residual_adaln, rope_2d_cos_sin
+from repa_fast.kernels import (
+    adaln_modulate,
+    apply_rope_2d,
+    attention,
+    gated_residual_adaln,
+    qk_norm_rope,
+    rope_2d_cos_sin,
+)
 from repa_fast.kernels._dispatch import IMPLS
 
 
@@ -84,14 +91,14 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels: torch.Tensor, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, self.num_classes, labels)
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None):
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -128,10 +135,8 @@ class Attention(nn.Module):
         self.backend = "auto" if fused_attn else "math"
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        from repa_fast.kernels import qk_norm_rope  # local: this edit is confined to forward()
-
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
         cos, sin = rope if rope is not None else (None, None)
         if isinstance(self.q_norm, nn.LayerNorm):  # SPEC 9: qk-norm then RoPE, one fused op per tensor
@@ -159,7 +164,7 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
         h = adaln_modulate(x, shift1, scale1, impl=self.kernels)
         x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.kernels)
@@ -190,7 +195,7 @@ class SiT(nn.Module):
         patch_size: int = 2,
         in_channels: int = 4,
         hidden_size: int = 1152,
-        decoder_hidden_size: Optional[int] = None,
+        decoder_hidden_size: int | None = None,
         encoder_depth: int = 8,
         depth: int = 28,
         num_heads: int = 16,

@@ -90,7 +90,8 @@ def test_bad_options_are_clear_errors(argv, message, capsys):
 def test_global_batch_not_divisible_by_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["--batch-size", "64", "--dry-run"]) == 2
-    assert "--batch-size 64 (global) is not divisible by processes x accumulation = 3 x 1 = 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--batch-size 64 (global) is not divisible by processes x accumulation = 3 x 1 = 3" in err
 
 
 def test_unknown_key_in_config_file_names_file_and_suggestion(tmp_path, capsys):
