@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     # The embedded demo: a real small dataset (scikit-learn digits) and PNG plots.
-    "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+    "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
     # SD-VAE encode/decode for preprocessing and preview grids.
     "vae": ["diffusers>=0.27"],
     "deepspeed": ["deepspeed>=0.14"],
