@@ -130,8 +130,8 @@ class ReferenceStep:
 
 
 class RepaFastStep:
-    def __init__(self, args, device):
-        self.cfg, model, encoders = build(args, device, "auto", None)
+    def __init__(self, args, device, kernels: str = "auto"):
+        self.cfg, model, encoders = build(args, device, kernels, None)
         if args.compile:
             for block in model.blocks:
                 block.compile()

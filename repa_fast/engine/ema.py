@@ -31,10 +31,12 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float, skip: Optional[torch.Tensor] = None) -> None:
         ema_p, model_p = self._pairs(self.module, model)
-        weight = 1.0 - decay
-        if skip is not None:
-            weight = torch.where(skip, 0.0, weight).to(ema_p[0].device, torch.float32)
-        torch._foreach_lerp_(ema_p, model_p, weight)
+        if skip is None:
+            torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+            return
+        weight = torch.where(skip, 0.0, 1.0 - decay).to(ema_p[0].device, torch.float32)
+        # The tensor-list overload: a lone tensor weight would be read as a Python scalar (.item(), a host sync).
+        torch._foreach_lerp_(ema_p, model_p, [weight] * len(ema_p))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
