@@ -40,8 +40,8 @@ def ref_data(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("layout", ["digits", "ref", "packed"])
-def test_tiny_end_to_end_on_each_layout(layout, ref_data, tmp_path):
+@pytest.mark.parametrize("layout,workers", [("digits", 0), ("ref", 0), ("ref", 2), ("packed", 0)])
+def test_tiny_end_to_end_on_each_layout(layout, workers, ref_data, tmp_path):
     if layout == "digits":
         extra = []
     elif layout == "ref":
@@ -50,7 +50,7 @@ def test_tiny_end_to_end_on_each_layout(layout, ref_data, tmp_path):
         packed = tmp_path / "packed"
         pack(str(ref_data), str(packed), num_classes=5, progress=False, workers=0)
         extra = _latent_args(packed, tmp_path)
-    cfg = tiny_cfg(tmp_path, *extra, steps=4, ckpt_every=2)
+    cfg = tiny_cfg(tmp_path, *extra, "--num-workers", workers, steps=4, ckpt_every=2)
     summary = train(cfg)
     run = summary["run_dir"]
     assert summary["step"] == 4 and ckpt.list_checkpoints(run) == [2, 4]
