@@ -61,6 +61,12 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
     validate(cfg)
+    if cfg.run.parallel == "deepspeed":  # fill/check the DeepSpeed numbers from the trainer's (parallel_dsconfig)
+        from repa_fast.engine.parallel_dsconfig import resolve_deepspeed_config
+
+        where = f"--config {config_path}" if config_path else "--parallel deepspeed"
+        cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args),
+                                                 where=where)
     return cfg, dry_run
 
 
@@ -111,8 +117,10 @@ def main(argv=None) -> int:
     try:
         cfg, dry_run = resolve_config(argv)
         if dry_run:
-            print(json.dumps(cfg.to_json(), indent=2))
+            if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
+                print(json.dumps(cfg.to_json(), indent=2))
             return 0
+        from repa_fast.engine.parallel import PeerFailure
         from repa_fast.engine.trainer import TrainingStopped, train
 
         try:
@@ -120,6 +128,9 @@ def main(argv=None) -> int:
         except TrainingStopped as e:
             print(f"train.py: stopped: {e}", file=sys.stderr)
             return 3
+        except PeerFailure as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 4
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

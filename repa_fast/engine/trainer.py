@@ -45,7 +45,7 @@ class State:
 
     model: torch.nn.Module
     train_model: torch.nn.Module
-    ema: EMA
+    ema: EMA  # or parallel.ShardedEMA (same update / state_dict interface)
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     sampler: ResumableDistributedSampler
@@ -54,12 +54,25 @@ class State:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary (final step, run directory, last logged metrics)."""
+    """Run training as configured; returns a summary (final step, run directory, last logged metrics).
+
+    A collective that fails because another process died or hung (bounded by REPA_FAST_DIST_TIMEOUT) is raised as
+    ``PeerFailure``; the process group is destroyed on every exit path.
+    """
     backend = make_backend(cfg.run.parallel, cfg.run.device, cfg)
+    clean = False
     try:
-        return _train(cfg, backend)
+        summary = _train(cfg, backend)
+        clean = True
+        return summary
+    except Exception as e:
+        good = ckpt.list_checkpoints(run_dir(cfg))
+        failure = backend.peer_failure(e, ckpt.step_dir(run_dir(cfg), good[-1]) if good else None)
+        if failure is None or failure is e:
+            raise
+        raise failure from e
     finally:
-        backend.shutdown()
+        backend.shutdown(clean=clean)
 
 
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
@@ -142,7 +155,7 @@ def seed_everything(seed: int) -> None:
 def _train(cfg: TrainConfig, backend: Backend) -> dict:
     out = prepare_run_dir(cfg, backend)
     setup_logging(backend.is_main, out)
-    seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index
+    seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = backend.device
@@ -152,16 +165,21 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if backend.is_main:
         save_resolved_config(cfg, out)
         _log_setup(cfg, model, encoders, dataset, backend, micro)
-    ema = EMA(model)
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type) if cfg.run.mixed_precision == "fp16" else None
+    resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
+    saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
+    if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
+        backend.load_model_state_dict(model, saved["model"])
+    train_model = backend.wrap(model, build_optimizer(cfg, model))
+    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
+    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
+    use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size, rank=backend.rank,
                                           world_size=backend.world_size, seed=cfg.run.seed)
-    train_model = backend.wrap(model, optimizer)
     state = State(model, train_model, ema, optimizer, scaler, sampler)
-    resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
-    if resume_from:
-        load_state(state, resume_from, backend)
+    if saved is not None:
+        load_state(state, resume_from, saved, backend)
     if cfg.model.compile:
         for block in model.blocks:
             block.compile()  # in place: state-dict keys unchanged
@@ -271,10 +289,12 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
         if step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps:
             save_state(cfg, state, backend, out)
-        if previewer is not None and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps):
-            path = previewer(state.ema.module, os.path.join(out, "samples", f"{step:07d}.png"),
-                             num_steps=cfg.run.preview_num_steps, cfg_scale=cfg.run.preview_cfg_scale)
-            sinks.add_image("samples", path, step)
+        if cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps):
+            ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
+            if previewer is not None:
+                path = previewer(ema_model, os.path.join(out, "samples", f"{step:07d}.png"),
+                                 num_steps=cfg.run.preview_num_steps, cfg_scale=cfg.run.preview_cfg_scale)
+                sinks.add_image("samples", path, step)
     progress.close()
     return last_metrics
 
@@ -324,9 +344,8 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
     backend.barrier()
 
 
-def load_state(state: State, path: str, backend: Backend) -> None:
-    saved = ckpt.read_checkpoint(path, rank=backend.rank)
-    backend.load_model_state_dict(state.model, saved["model"])
+def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
+    """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG."""
     backend.load_ema_state_dict(state.ema, saved["ema"])
     backend.load_optimizer_state_dict(state.model, saved["state"]["optimizer"])
     if state.scaler is not None and saved["state"].get("scaler"):

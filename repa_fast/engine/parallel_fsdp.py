@@ -1,0 +1,118 @@
+"""torch FSDP2 (``fully_shard``) backend: parameters, gradients, optimizer state and EMA sharded over ranks.
+
+Wrapping policy: every child of every ``nn.ModuleList`` (the SiT blocks, the REPA projectors) is its own FSDP unit,
+then the root (embedders, final layer, frozen ``pos_embed``). Parameters stay fp32 with no ``MixedPrecisionPolicy``:
+bf16/fp16 is the loop's torch.autocast, as on every backend, and gradients are reduce-scattered in fp32 (same numerics
+as DDP). Gradient accumulation turns the reduce-scatter off on all but the last micro-batch
+(``set_requires_gradient_sync``). Clipping uses the global norm of the sharded gradients (a replicated DTensor), and
+the fused AdamW skips non-finite steps through ``found_inf`` with no host sync, as in one process.
+
+Checkpoints: ``torch.distributed.checkpoint.state_dict`` assembles full fp32 model and optimizer state keyed by
+parameter name (rank 0, CPU); loading cuts full tensors into this rank's shards (``distribute_tensor`` with
+``src_data_rank=None``: every rank already read the file, no communication).
+"""
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from repa_fast.engine.parallel import (
+    FullReplica,
+    ShardedEMA,
+    ShardingBackend,
+    bound_process_groups,
+    check_optimizer_names,
+    load_param_group_settings,
+    param_group_settings,
+    trainable,
+)
+
+
+def _dtensor_api():
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return fully_shard, DTensor, distribute_tensor, StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDPBackend(ShardingBackend):
+    name = "fsdp"
+
+    def wrap(self, model, optimizer):
+        fully_shard = _dtensor_api()[0]
+        self.replica = FullReplica(model)
+        self._model = model
+        for module in list(model.modules()):
+            if isinstance(module, nn.ModuleList):
+                for child in module:
+                    fully_shard(child)
+        fully_shard(model)
+        # fully_shard swaps every parameter for a DTensor: rebuild the optimizer over them, same hyper-parameters.
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+        kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        self.optimizer = type(optimizer)([p for _, p in trainable(model)], **kwargs)
+        self._params = dict(model.named_parameters())
+        bound_process_groups()  # in case the device mesh made its own group
+        return model
+
+    def no_sync(self, train_model, last_micro_step):
+        train_model.set_requires_gradient_sync(last_micro_step)
+        return super().no_sync(train_model, last_micro_step)
+
+    def _clip(self, params, max_norm):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # replicated DTensor -> plain tensor
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    # -- EMA ---------------------------------------------------------------------------------------------------------
+    def make_ema(self, model):
+        names = [n for n, _ in trainable(model)]
+        return ShardedEMA(names, lambda: [_local(self._params[n]) for n in names], self._gather_full,
+                          self._local_slice, self.replica)
+
+    def _gather_full(self, name, local):
+        DTensor = _dtensor_api()[1]
+        p = self._params[name]
+        full = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        return full.cpu()
+
+    def _local_slice(self, name, full):
+        distribute_tensor = _dtensor_api()[2]
+        p = self._params[name]
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def full_state_dict(self, model):
+        _, _, _, options, get_model_state_dict, _ = _dtensor_api()
+        return get_model_state_dict(model, options=options(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self, model):
+        _, _, _, options, _, get_optimizer_state_dict = _dtensor_api()
+        sd = get_optimizer_state_dict(model, self.optimizer, options=options(full_state_dict=True, cpu_offload=True))
+        state = {name: {k: v.detach().cpu() for k, v in s.items()} for name, s in sd.get("state", {}).items()}
+        return {"state": state, "param_groups": param_group_settings(self.optimizer)}
+
+    def load_optimizer_state_dict(self, model, saved):
+        params = check_optimizer_names(model, saved)
+        for name, s in saved["state"].items():
+            p = params[name]
+            self.optimizer.state[p] = {
+                k: self._local_state(p, v) if v.shape == p.shape else v.to(self.device, copy=True) for k, v in s.items()
+            }
+        load_param_group_settings(self.optimizer, saved)
+
+    def _local_state(self, p, full):
+        """This rank's shard of a full optimizer-state tensor, as the DTensor the optimizer itself would hold."""
+        distribute_tensor = _dtensor_api()[2]
+        return distribute_tensor(full.to(self.device, torch.float32), p.device_mesh, p.placements, src_data_rank=None)
