@@ -150,8 +150,9 @@ def resolve_deepspeed_config(cfg, world_size: int, cli: set | None = None, where
         raise ConfigError(f"{where}: managed_gradient_accumulation must be false: the training loop owns the "
                           "accumulation boundary (remove the key)")
     ds["managed_gradient_accumulation"] = False
-    if stage == 1:
-        zero.setdefault("overlap_comm", False)  # DeepSpeed allows overlap with caller-owned accumulation only in 2/3
+    if stage == 1 and zero.setdefault("overlap_comm", False):
+        raise ConfigError(f"{where}: zero_optimization.overlap_comm needs stage 2 or 3 here (with the loop owning the "
+                          "accumulation, DeepSpeed overlaps reduction only for partitioned gradients); remove it")
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's fused AdamW on the flat fp32 partitions
     ds.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; DeepSpeed's own progress lines off
     ds.setdefault("wall_clock_breakdown", False)

@@ -5,12 +5,15 @@ random draws (t, noise) are keyed by the sample's position in the GLOBAL batch, 
 oracle for 2-process runs; every run also gets a NaN loss at step 5 on the rank holding global sample 0, which every
 backend must skip (so the compared trajectory is steps 1-4 and 6, and the optimizer ends at step count 5).
 
-    reference   1 process                                     python parallel_entry.py
-    ddp         torchrun --standalone                         DDP
-    fsdp        torchrun --nnodes 2 --rdzv-backend c10d       FSDP2, two "nodes" (agents) meeting on localhost
-    zero1       deepspeed --hostfile (localhost slots=2)      ZeRO-1
-    zero2       two ranks started by hand (RANK/WORLD_SIZE)    ZeRO-2
-    zero3       deepspeed --no_ssh --node_rank 0|1            ZeRO-3, a 2-host hostfile, one launcher per "node"
+    run         launched by                                   backend, gradient accumulation
+    reference   1 process                                     none, 1 micro-batch of 8
+    ddp         torchrun --standalone                         DDP, 2 x 2 micro-batches of 2
+    fsdp        torchrun --nnodes 2 --rdzv-backend c10d       FSDP2, 2 x 2, two "nodes" (agents) meeting on localhost
+    zero1       deepspeed --hostfile (localhost slots=2)      ZeRO-1, 2 x 1 micro-batch of 4
+    zero2       two ranks started by hand (RANK/WORLD_SIZE)    ZeRO-2, 2 x 2
+    zero3       deepspeed --no_ssh --node_rank 0|1            ZeRO-3, 2 x 2, a 2-host hostfile, one launcher per "node"
+
+Resumes on another backend or process count use accumulation 1 (another split of the same global batch of 8).
 
 Bitwise claims, precisely: (a) a 2-process run killed after step 4 and resumed on 2 processes with the same backend
 ends bit-identical (weights, EMA, AdamW moments and step) to the uninterrupted 2-process run; (b) whatever the saving
@@ -37,6 +40,7 @@ from .helpers import REPO, TINY_DEMO
 pytestmark = pytest.mark.multiproc
 
 COMPARED = [1, 2, 3, 4, 6]  # step 5 is the skipped NaN step
+ACCUM = ["--gradient-accumulation-steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +60,13 @@ def reference(work):
 
 @pytest.fixture(scope="module")
 def ddp(work):
-    H.check_ok(H.torchrun(H.run_args(work, "ddp", "--parallel", "ddp")))
+    H.check_ok(H.torchrun(H.run_args(work, "ddp", "--parallel", "ddp", *ACCUM)))
     return work / "ddp"
 
 
 @pytest.fixture(scope="module")
 def fsdp(work):
-    agents = H.torchrun_two_nodes(H.run_args(work, "fsdp", "--parallel", "fsdp"))
+    agents = H.torchrun_two_nodes(H.run_args(work, "fsdp", "--parallel", "fsdp", *ACCUM))
     H.check_ok(*agents)
     return work / "fsdp"
 
@@ -79,15 +83,15 @@ def zero1(work):
 def zero2(work):
     logs = work / "zero2-logs"
     logs.mkdir()
-    H.check_ok(*H.finish(H.spawn(H.run_args(work, "zero2", "--parallel", "deepspeed", "--config", _ds(work, 2)),
-                                 logs)))
+    H.check_ok(*H.finish(H.spawn(H.run_args(work, "zero2", "--parallel", "deepspeed", "--config", _ds(work, 2),
+                                            *ACCUM), logs)))
     return work / "zero2"
 
 
 @pytest.fixture(scope="module")
 def zero3(work):
     launchers = H.deepspeed_two_nodes(work, H.run_args(work, "zero3", "--parallel", "deepspeed", "--config",
-                                                       _ds(work, 3)))
+                                                       _ds(work, 3), *ACCUM))
     H.check_ok(*launchers)
     for k, r in enumerate(launchers):
         text = r.stdout + r.stderr
@@ -119,7 +123,7 @@ def test_two_processes_follow_the_one_process_trajectory(backend, request, refer
 def test_killed_rank_stops_the_other_within_60s_and_the_run_resumes_bitwise(work, ddp):
     logs = work / "killed-logs"
     logs.mkdir()
-    procs = H.spawn(H.run_args(work, "killed", "--parallel", "ddp"), logs,
+    procs = H.spawn(H.run_args(work, "killed", "--parallel", "ddp", *ACCUM), logs,
                     rank_env={1: {"REPA_FAST_FAULT": "after_step:4"}})
     procs[1].wait(timeout=300)
     died = time.perf_counter()
@@ -134,7 +138,7 @@ def test_killed_rank_stops_the_other_within_60s_and_the_run_resumes_bitwise(work
     H.assert_bitwise(H.load(run, 3), H.load(ddp, 3), "checkpoint 3 of the killed run")
 
     dump = work / "killed-loaded.pt"
-    r = H.torchrun(H.run_args(work, "killed", "--parallel", "ddp", "--resume"),
+    r = H.torchrun(H.run_args(work, "killed", "--parallel", "ddp", *ACCUM, "--resume"),
                    {"REPA_FAST_TEST_DUMP_LOADED": str(dump)})
     H.check_ok(r)
     assert "resumed from" in r.stderr and "at step 3" in r.stderr
