@@ -275,6 +275,9 @@ class DDPBackend(DistributedBackend):
         return contextlib.nullcontext() if last_micro_step else train_model.no_sync()
 
 
+_PRIVATE_STORES: list[str] = []  # file stores of launcher-less single-process groups, removed at shutdown
+
+
 def init_process_group(device: torch.device) -> None:
     """One process group for everything, with a bounded timeout: a dead or hung peer makes collectives fail after
     REPA_FAST_DIST_TIMEOUT seconds (gloo honours it per operation; NCCL's watchdog aborts the communicator)."""
@@ -286,7 +289,9 @@ def init_process_group(device: torch.device) -> None:
         # A single process not started by a launcher (e.g. --parallel deepspeed on one GPU): a private file store.
         import tempfile
 
-        store = tempfile.NamedTemporaryFile(prefix="repa_fast-pg-", delete=False).name
+        fd, store = tempfile.mkstemp(prefix="repa_fast-pg-")
+        os.close(fd)
+        _PRIVATE_STORES.append(store)
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
         return
@@ -322,6 +327,9 @@ def shutdown_process_group(clean: bool = True) -> None:
         except Exception:  # a peer died during teardown: still destroy our side
             pass
     dist.destroy_process_group()
+    while _PRIVATE_STORES:
+        with contextlib.suppress(OSError):
+            os.remove(_PRIVATE_STORES.pop())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
