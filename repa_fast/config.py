@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def _f(default, help: str, **kw):
@@ -28,29 +28,30 @@ class ModelConfig:
     use_rope: bool = _f(False, "2-D axial RoPE on q and k (ERW/LightningDiT); off in the reference")
     kernels: str = _f("auto", "fused kernels: auto (Triton on CUDA), triton, ref", choices=("auto", "triton", "ref"))
     compile: bool = _f(False, "torch.compile each SiT block (repeated structure compiles once)")
+    compile_backend: str = _f("inductor", "torch.compile backend for --compile (e.g. inductor, aot_eager, cudagraphs)")
     cfg_prob: float = _f(0.1, "label dropout probability (the reference hard-codes 0.1 in the model; here it is real)")
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
 
 
 @dataclass
 class TargetConfig:
-    enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b or dinov2-vit-b,dinov2-vit-l")
-    encoder_checkpoint_dir: Optional[str] = _f(None, "directory with the encoder weight files (default: torch hub cache)")
+    enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b,dinov2-vit-l")
+    encoder_checkpoint_dir: str | None = _f(None, "directory with the encoder weight files (default: torch hub cache)")
     encoder_pretrained: bool = _f(True, "load encoder weights; off = random init (demo and tests only)")
-    encoder_grid: Optional[int] = _f(None, "encoder token grid (default resolution // 16 as the reference; the demo "
+    encoder_grid: int | None = _f(None, "encoder token grid (default resolution // 16 as the reference; the demo "
                                      "sets it to the SiT grid)")
 
 
 @dataclass
 class DataConfig:
-    data_dir: Optional[str] = _f(None, "dataset: reference layout (images/ + vae-sd/) or packed; none = demo data")
+    data_dir: str | None = _f(None, "dataset: reference layout (images/ + vae-sd/) or packed; none = demo data")
     dataset: str = _f("auto", "auto (from data_dir), digits (scikit-learn digits, the embedded demo)",
                       choices=("auto", "digits"))
     resolution: int = _f(256, "image resolution (256 or 512 in the reference)")
     num_classes: int = _f(1000, "number of classes (the null class is num_classes)")
     num_workers: int = _f(4, "DataLoader workers per process")
     latent_scale: float = _f(0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space")
-    vae: Optional[str] = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
+    vae: str | None = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
 
 
 @dataclass
@@ -77,7 +78,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     output_dir: str = _f("exps", "results go to <output_dir>/<exp_name>")
-    exp_name: Optional[str] = _f(None, "run name (default: derived from model and encoder)")
+    exp_name: str | None = _f(None, "run name (default: derived from model and encoder)")
     seed: int = _f(0, "global seed; each process uses seed + rank")
     max_train_steps: int = _f(400000, "optimizer steps to train")
     epochs: int = _f(1400, "upper bound on epochs (the loop stops at max_train_steps)")
@@ -107,7 +108,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    deepspeed: Optional[dict] = field(default=None, metadata={"help": "DeepSpeed section of the --config file"})
+    deepspeed: dict | None = field(default=None, metadata={"help": "DeepSpeed section of the --config file"})
 
     def flat(self) -> dict:
         return {f.name: getattr(section, f.name) for section in self.sections() for f in dataclasses.fields(section)}
@@ -148,15 +149,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), tiny random DINOv2-architecture target.
     "demo": {
         "model": "SiT-T/2", "encoder_depth": 2, "projector_dim": 256, "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 16, "num_classes": 10, "num_workers": 0,
-        "latent_scale": 1.0, "batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.99, "max_train_steps": 400,
-        "checkpointing_steps": 200, "sampling_steps": 200, "log_every": 20, "exp_name": "demo",
+        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 16, "num_classes": 10,
+        "num_workers": 0, "latent_scale": 1.0, "batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.99,
+        "max_train_steps": 400, "checkpointing_steps": 200, "sampling_steps": 200, "log_every": 20, "exp_name": "demo",
         "output_dir": "demo_out", "report_to": "tensorboard",
     },
 }
 
 
-def load_config_file(path: str) -> tuple[dict, Optional[dict]]:
+def load_config_file(path: str) -> tuple[dict, dict | None]:
     """Read a --config JSON: {"trainer": {flat options}, "deepspeed": {...}}. Returns (trainer, deepspeed)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file")

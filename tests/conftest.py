@@ -5,7 +5,6 @@ TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it must be 
 """
 
 import os
-
 import random
 
 import numpy as np

@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-from typing import Optional
 
 import numpy as np
 import torch
@@ -78,7 +77,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -93,7 +93,7 @@ def _contiguous(sd: dict) -> dict:
 
 
 def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, state: dict,
-                     rng: Optional[dict[int, dict]] = None, keep: int = 0) -> str:
+                     rng: dict[int, dict] | None = None, keep: int = 0) -> str:
     """Write checkpoint ``step`` atomically (rank 0 calls this with everything gathered). Returns its path."""
     root = checkpoint_root(run_dir)
     final = step_dir(run_dir, step)
@@ -118,7 +118,8 @@ def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, s
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [s for s in list_checkpoints(run_dir) if s != step]
-        kept = f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        kept = (f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact" if previous
+                else "no earlier checkpoint exists")
         raise CheckpointError(
             f"could not write checkpoint {final}: {e}; {kept}. Free disk space (or choose another --output-dir) "
             "and continue with --resume."
@@ -149,7 +150,7 @@ def _load_file(path: str, loader):
                               "(--resume-step) or delete this checkpoint.") from e
 
 
-def read_checkpoint(path: str, rank: Optional[int] = None) -> dict:
+def read_checkpoint(path: str, rank: int | None = None) -> dict:
     """Load a checkpoint directory: weights via safetensors, the rest with weights_only=True."""
     out = {
         "model": _load_file(os.path.join(path, "model.safetensors"), load_file),
@@ -165,13 +166,14 @@ def read_checkpoint(path: str, rank: Optional[int] = None) -> dict:
     return out
 
 
-def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> Optional[str]:
+def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> str | None:
     """The checkpoint directory to resume from, or None for a fresh run."""
     if resume_step:
         path = step_dir(run_dir, resume_step)
         if not os.path.isdir(path):
             have = list_checkpoints(run_dir)
-            raise CheckpointError(f"--resume-step {resume_step}: {path} does not exist; available steps: {have or 'none'}")
+            raise CheckpointError(f"--resume-step {resume_step}: {path} does not exist; "
+                                  f"available steps: {have or 'none'}")
         return path
     if resume:
         steps = list_checkpoints(run_dir)

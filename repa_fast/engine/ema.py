@@ -7,7 +7,6 @@ host synchronisation: the EMA is not updated on steps the optimizer skipped (a r
 """
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +28,7 @@ class EMA:
         return ema_p, model_p
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float, skip: Optional[torch.Tensor] = None) -> None:
+    def update(self, model: nn.Module, decay: float, skip: torch.Tensor | None = None) -> None:
         ema_p, model_p = self._pairs(self.module, model)
         if skip is None:
             torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)

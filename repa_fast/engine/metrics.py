@@ -33,6 +33,10 @@ class LossMeter:
         self.counts[2] += skipped.double()
         self.steps += 1
 
+    def pending_nonfinite(self, backend) -> int:
+        """Non-finite losses counted since the last read, over all ranks (a sync: call it rarely)."""
+        return round(backend.all_reduce_mean(self.counts[1:2].clone()).item() * backend.world_size)
+
     def read(self, backend) -> dict:
         """Mean over the interval across ranks, and the interval's non-finite / skipped counts. Resets."""
         packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()  # the one sync

@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ class State:
     train_model: torch.nn.Module
     ema: EMA  # or parallel.ShardedEMA (same update / state_dict interface)
     optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: torch.amp.GradScaler | None
     sampler: ResumableDistributedSampler
     step: int = 0
     nonfinite_total: int = 0
@@ -182,7 +181,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
         load_state(state, resume_from, saved, backend)
     if cfg.model.compile:
         for block in model.blocks:
-            block.compile()  # in place: state-dict keys unchanged
+            block.compile(backend=cfg.model.compile_backend)  # in place: state-dict keys unchanged
     loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.data.num_workers > 0,
                         generator=torch.Generator().manual_seed(cfg.run.seed + backend.rank))
@@ -287,14 +286,22 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
             _check_nonfinite(cfg, state, metrics, out)
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
-        if step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps:
+        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps
+        preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
+        if (save_due or preview_due) and backend.device.type == "cuda":
+            torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
+        t_pause = time.perf_counter()
+        if save_due:
+            if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
+                _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
             save_state(cfg, state, backend, out)
-        if cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps):
+        if preview_due:
             ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
             if previewer is not None:
                 path = previewer(ema_model, os.path.join(out, "samples", f"{step:07d}.png"),
                                  num_steps=cfg.run.preview_num_steps, cfg_scale=cfg.run.preview_cfg_scale)
                 sinks.add_image("samples", path, step)
+        t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
     progress.close()
     return last_metrics
 

@@ -95,7 +95,8 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
     assert all(float(v) == 1.0 for v in steps.values())  # AdamW's step counter did not advance either
 
 
-def test_on_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 10])  # 10: the NaN is found by the check before saving, not by a log read
+def test_on_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every):
     real = trainer_mod.training_loss
     calls = {"n": 0}
 
@@ -105,7 +106,7 @@ def test_on_nan_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return {k: v * float("inf") for k, v in out.items()} if calls["n"] == 3 else out
 
     monkeypatch.setattr(trainer_mod, "training_loss", poisoned)
-    cfg = tiny_cfg(tmp_path, "--on-nan", "stop", steps=6, ckpt_every=2)
+    cfg = tiny_cfg(tmp_path, "--on-nan", "stop", "--log-every", log_every, steps=6, ckpt_every=2)
     with pytest.raises(TrainingStopped, match=r"non-finite loss.*Last good checkpoint: .*0000002"):
         train(cfg)
     assert ckpt.list_checkpoints(str(tmp_path / "run")) == [2]
@@ -190,3 +191,13 @@ def test_fp16_scaler_overflow_skips_step_and_ema(tmp_path):
         assert torch.equal(p, before[n])
     for n, p in ema.module.named_parameters():
         assert torch.equal(p, before[n])
+
+
+def test_compile_per_block_matches_eager(tmp_path):
+    eager = train(tiny_cfg(tmp_path / "eager", steps=3, ckpt_every=3))
+    compiled = train(tiny_cfg(tmp_path / "compiled", "--compile", "--compile-backend", "aot_eager", steps=3,
+                              ckpt_every=3))
+    for a, b in zip(_log(eager["run_dir"]), _log(compiled["run_dir"])):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
+    sd = ckpt.read_checkpoint(ckpt.step_dir(compiled["run_dir"], 3))["model"]
+    assert "blocks.0.attn.qkv.weight" in sd  # compiling in place keeps the reference key names
