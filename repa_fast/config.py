@@ -92,8 +92,9 @@ class RunConfig:
     resume: bool = _f(False, "resume from the latest checkpoint in the run directory")
     mixed_precision: str = _f("bf16", "autocast dtype (reference default fp16)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere+")
-    report_to: str = _f("tensorboard", "logging sinks besides log.jsonl: tensorboard, wandb, none",
+    report_to: str = _f("tensorboard", "logging sinks besides log.jsonl: tensorboard, wandb, none (reference: wandb)",
                         choices=("tensorboard", "wandb", "none"))
+    logging_dir: str = _f("tensorboard", "TensorBoard/wandb directory, relative to <output_dir>/<exp_name>")
     on_nan: str = _f("skip", "non-finite loss: skip the step (counted) or stop", choices=("skip", "stop"))
     parallel: str = _f("auto", "process backend: auto, none, ddp, fsdp, deepspeed",
                        choices=("auto", "none", "ddp", "fsdp", "deepspeed"))

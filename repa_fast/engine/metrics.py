@@ -65,7 +65,7 @@ class LogSinks:
             except ImportError as e:
                 raise RuntimeError("--report-to tensorboard needs the tensorboard package: "
                                    "pip install 'repa_fast[logging]' (or --report-to none)") from e
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(run_dir, config.get("logging_dir") or "tensorboard"))
         elif report_to == "wandb":
             try:
                 import wandb

@@ -16,7 +16,7 @@ REFERENCE_FLAGS = [
     "--max-grad-norm", "--mixed-precision", "--allow-tf32", "--seed", "--max-train-steps", "--checkpointing-steps",
     "--sampling-steps", "--resume-step", "--data-dir", "--resolution", "--output-dir", "--exp-name", "--report-to",
     "--num-workers", "--cfg-prob", "--legacy", "--qk-norm", "--fused-attn", "--no-fused-attn", "--no-qk-norm",
-    "--gradient-accumulation-steps", "--epochs", "--num-classes",
+    "--gradient-accumulation-steps", "--epochs", "--num-classes", "--logging-dir",
 ]
 
 
