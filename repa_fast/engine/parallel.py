@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from repa_fast.engine.ema import EMA
+from repa_fast.engine.ema import EMA, ema_update_
 
 logger = logging.getLogger("repa_fast")
 
@@ -385,12 +385,7 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float, skip: torch.Tensor | None = None) -> None:
-        if not self.shadow:
-            return
-        weight = 1.0 - decay
-        if skip is not None:  # same device-side skip as EMA.update: no host sync
-            weight = torch.where(torch.as_tensor(skip, device=self.shadow[0].device), 0.0, weight).float()
-        torch._foreach_lerp_(self.shadow, [v.float() for v in self._views()], weight)
+        ema_update_(self.shadow, [v.float() for v in self._views()], decay, skip)  # same device-side skip as EMA
 
     def full_trainable(self) -> dict:
         """Collective: every rank calls it; the full tensors are meaningful where the backend gathers (rank 0)."""

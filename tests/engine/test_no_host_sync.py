@@ -53,3 +53,19 @@ def test_saved_bytes_excludes_weights_and_counts_activations():
     got = saved_bytes(lambda: torch.relu(lin(x)).sum(), exclude=list(lin.parameters()))
     # Linear saves its input x (32x64 fp32); relu saves its output (32x64 fp32); the weight is excluded.
     assert got == 2 * 32 * 64 * 4
+
+
+def test_ema_update_is_sync_free_chunked_and_exact():
+    from repa_fast.engine.ema import _CHUNK, ema_update_
+
+    n = 2 * _CHUNK + 3  # several chunks, a ragged last one
+    ema = [torch.randn(5, 7) for _ in range(n)]
+    params = [torch.randn(5, 7) for _ in range(n)]
+    expected = [e + 0.25 * (p - e) for e, p in zip(ema, params)]
+    before = [e.clone() for e in ema]
+    counts = count_ops(lambda: ema_update_(ema, params, 0.75, skip=torch.tensor(True)))
+    assert host_syncs(counts) == 0 and all(torch.equal(a, b) for a, b in zip(ema, before))
+    counts = count_ops(lambda: ema_update_(ema, params, 0.75, skip=torch.tensor(False)))
+    assert host_syncs(counts) == 0
+    for a, b in zip(ema, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
