@@ -94,6 +94,9 @@ def validate(cfg: TrainConfig) -> None:
                              ("--resolution", cfg.data.resolution, 1), ("--num-classes", cfg.data.num_classes, 1)]:
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if r.preview_num_steps < 1 or r.preview_cfg_scale < 1:
+        raise ConfigError(f"--preview-num-steps must be >= 1 and --preview-cfg-scale >= 1 (1 = no guidance), got "
+                          f"{r.preview_num_steps} and {r.preview_cfg_scale}")
     if not 0 <= o.ema_decay <= 1:
         raise ConfigError(f"--ema-decay must be in [0, 1], got {o.ema_decay}")
     if not 0 <= m.cfg_prob < 1:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +126,7 @@ class TrainConfig:
                 close = difflib.get_close_matches(key, owners, n=3)
                 hint = f"; did you mean {' or '.join(close)}?" if close else ""
                 raise ConfigError(f"{source}: unknown option {key!r}{hint}")
-            setattr(owners[key], key, value)
+            setattr(owners[key], key, _checked(owners[key], key, value, source))
 
     def to_json(self) -> dict:
         return {"trainer": self.flat(), **({"deepspeed": self.deepspeed} if self.deepspeed else {})}
@@ -133,6 +134,24 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A configuration mistake; the message says what to change."""
+
+
+def _checked(section, key: str, value, source: str):
+    """``value`` as the field's type (ints widen to float), or a ConfigError naming the option and what it takes."""
+    f = next(f for f in dataclasses.fields(section) if f.name == key)
+    hint = typing.get_type_hints(type(section))[key]
+    types = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    want = types[0]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: option {key!r} takes a {want.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: option {key!r} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def field_specs():

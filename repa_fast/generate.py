@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # Triton kernels and NCCL use the current device
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
         if rank == 0:
             parts = [os.path.join(args.sample_dir, f"{name}.part{r}.npz") for r in range(world)]
             arr = np.concatenate([np.load(p)["arr_0"] for p in parts if os.path.exists(p)])
+            if len(arr) != args.num_fid_samples:
+                raise CheckpointError(f"only {len(arr)} of {args.num_fid_samples} samples were written (a rank "
+                                      "failed?); the parts are kept in --sample-dir")
             path = save_npz(os.path.join(args.sample_dir, f"{name}.npz"), arr)
             for p in parts:
                 if os.path.exists(p):

@@ -31,7 +31,8 @@ import warnings
 import numpy as np
 import torch
 
-PATH_TYPES = ("linear", "cosine")
+from repa_fast.objective import PATH_TYPES  # one list of paths for training and sampling
+
 LEGACY_NULL_CLASS = 1000  # samplers.py / generate.py hard-code this null label
 SDE_T_LAST = 0.04  # samplers.py: the stochastic grid stops here, then one deterministic step to 0
 # Wrappers that forward keyword arguments to `.module` unchanged (looked up by name: no optional imports).

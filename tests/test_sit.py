@@ -208,3 +208,65 @@ def test_qk_norm_and_rope_change_the_function():
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 1000, (2,))
     base.eval(), rope.eval()
     assert (base(x, t, y)[0] - rope(x, t, y)[0]).abs().max() > 1e-4
+
+
+def test_null_class_row_exists_even_without_label_dropout():
+    model = SiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                class_dropout_prob=0.0, z_dims=[]).eval()
+    assert model.y_embedder.embedding_table.num_embeddings == 11
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    assert model(x, t, torch.tensor([10, 3]))[0].shape == (2, 4, 8, 8)  # CFG's null label works
+    labels = torch.randint(0, 10, (1000,))
+    assert torch.equal(model.y_embedder.token_drop(labels), labels)  # and nothing is dropped
+
+
+def _spec_forward(sd, x, t, y, depth, heads, patch, tap):
+    """SiT forward written from SPEC section 3 alone (float64, explicit softmax), for an independent check."""
+    import torch.nn.functional as F
+
+    def lin(h, name):
+        return h @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+    def ln(h):
+        return F.layer_norm(h, (h.shape[-1],), eps=1e-6)
+
+    B, C = x.shape[:2]
+    tok = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch)
+    tok = tok.flatten(2).transpose(1, 2) + sd["pos_embed"]  # (B, T, D)
+    D = tok.shape[-1]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+    t_feat = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
+    c = lin(F.silu(lin(t_feat, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    zs = None
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shift1, scale1, gate1, shift2, scale2, gate2 = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, -1)
+        h = ln(tok) * (1 + scale1[:, None]) + shift1[:, None]
+        q, k, v = lin(h, b + "attn.qkv").reshape(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        att = ((q * (D // heads) ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v  # (B, H, T, Dh)
+        tok = tok + gate1[:, None] * lin(att.transpose(1, 2).reshape(B, -1, D), b + "attn.proj")
+        h = ln(tok) * (1 + scale2[:, None]) + shift2[:, None]
+        tok = tok + gate2[:, None] * lin(F.gelu(lin(h, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+        if i + 1 == tap:
+            zs = lin(F.silu(lin(F.silu(lin(tok, "projectors.0.0")), "projectors.0.2")), "projectors.0.4")
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, -1)
+    out = lin(ln(tok) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")  # (B, T, p*p*C)
+    g = x.shape[-1] // patch
+    out = out.reshape(B, g, g, patch, patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * patch, g * patch)
+    return out, zs
+
+
+@pytest.mark.parametrize("kernels", ["ref", "auto"])
+def test_forward_equals_the_spec_equations(kernels):
+    torch.manual_seed(0)
+    model = SiT_models["SiT-S/2"](input_size=8, depth=3, z_dims=[24], encoder_depth=2, kernels=kernels).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3 / math.sqrt(p.shape[-1]))
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([3, 1000])
+    out, zs = model(x, t, y)
+    ref_out, ref_z = _spec_forward(model.state_dict(), x, t, y, depth=3, heads=6, patch=2, tap=2)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(zs[0], ref_z, atol=1e-10, rtol=1e-9)
+    assert out.abs().max() > 1e-2  # a non-trivial function (random adaLN, not the zero init)

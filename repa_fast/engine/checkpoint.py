@@ -11,6 +11,7 @@ Everything is written into ``.tmp-<step>-<pid>/``, fsynced, then renamed: a cras
 previous checkpoint intact. Older checkpoints beyond ``keep`` are deleted only after the new one is in place.
 """
 
+import logging
 import os
 import random
 import re
@@ -21,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from repa_fast.engine.faults import maybe_kill
+
+logger = logging.getLogger("repa_fast")
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^\d{7,}$")
@@ -124,8 +127,9 @@ def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, s
             f"could not write checkpoint {final}: {e}; {kept}. Free disk space (or choose another --output-dir) "
             "and continue with --resume."
         ) from e
-    if keep > 0:
-        for old_step in list_checkpoints(run_dir)[:-keep]:
+    if keep > 0:  # the one just written always stays, whatever newer steps an abandoned timeline left behind
+        others = [s for s in list_checkpoints(run_dir) if s != step]
+        for old_step in others[: max(len(others) - (keep - 1), 0)]:
             shutil.rmtree(step_dir(run_dir, old_step), ignore_errors=True)
     return final
 
@@ -177,5 +181,20 @@ def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> str | None:
         return path
     if resume:
         steps = list_checkpoints(run_dir)
+        if not steps:
+            logger.warning("--resume: no checkpoint in %s, starting a fresh run", checkpoint_root(run_dir))
         return step_dir(run_dir, steps[-1]) if steps else None
     return None
+
+
+# Options that change the model's weights or function: a checkpoint only continues a run that agrees on all of them.
+ARCH_OPTIONS = ("model", "enc_type", "projector_dim", "qk_norm", "use_rope", "num_classes", "resolution",
+                "encoder_depth", "encoder_grid")
+
+
+def check_compatible(path: str, saved_config: dict, config: dict) -> None:
+    diff = [k for k in ARCH_OPTIONS if k in saved_config and saved_config[k] != config.get(k)]
+    if diff:
+        pairs = ", ".join(f"--{k.replace('_', '-')} {saved_config[k]} (this run: {config.get(k)})" for k in diff)
+        raise CheckpointError(f"{path} was trained with {pairs}; resume with the same options, or start a new run "
+                              "with another --exp-name")

@@ -167,6 +167,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
     saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
+        ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
         backend.load_model_state_dict(model, saved["model"])
     train_model = backend.wrap(model, build_optimizer(cfg, model))
     optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
@@ -222,10 +223,11 @@ def save_resolved_config(cfg: TrainConfig, out: str) -> None:
     os.replace(tmp, os.path.join(out, "config.json"))
 
 
-def get_batch(data_iter, device):
+def get_batch(data_iter, device, need_images: bool = True):
+    """Next (image, moments, label) on ``device``; images stay on the host when no encoder needs them."""
     image, moments, label = next(data_iter)
-    return (image.to(device, non_blocking=True), moments.to(device, non_blocking=True),
-            label.to(device, non_blocking=True))
+    image = image.to(device, non_blocking=True) if need_images else image
+    return image, moments.to(device, non_blocking=True), label.to(device, non_blocking=True)
 
 
 def sample_posterior(moments: torch.Tensor, scale: float) -> torch.Tensor:
@@ -269,10 +271,10 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
     state.train_model.train()
     while state.step < cfg.run.max_train_steps and state.sampler.epoch < cfg.run.epochs:
         for i in range(accum):
-            batch = _next_batch(loader, data_iter, backend.device)
+            batch = _next_batch(data_iter, backend.device, bool(encoders))
             if batch is None:  # epoch over (the sampler has already rolled to the next one)
                 data_iter = iter(loader)
-                batch = _next_batch(loader, data_iter, backend.device)
+                batch = _next_batch(data_iter, backend.device, bool(encoders))
             meter.add_losses(micro_step(cfg, state, backend, batch, encoders, amp_dtype, last=i == accum - 1))
         optimizer_step(cfg, state, backend, meter)
         maybe_kill("after_step", state.step)
@@ -306,9 +308,9 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
     return last_metrics
 
 
-def _next_batch(loader, data_iter, device):
+def _next_batch(data_iter, device, need_images):
     try:
-        return get_batch(data_iter, device)
+        return get_batch(data_iter, device, need_images)
     except StopIteration:
         return None
 

@@ -6,7 +6,7 @@ Differences (all fixes, SPEC section 3/4): SiT-S works (the reference builds its
 dropout rate is ``class_dropout_prob`` (the reference hard-codes 0.1), projectors are skipped when ``return_zs=False``,
 and ``encoder_depth`` outside 1..depth is a clear error instead of an UnboundLocalError.
 
-Model code is single-device: compile, activation checkpointing and parallelism are applied from ``repa_fast.engine``.
+Model code is single-device: compile and parallelism are applied from ``repa_fast.engine``.
 """
 
 import math
@@ -86,8 +86,9 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        use_cfg_embedding = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        # Always a null row (SPEC 3). The reference omits it when dropout_prob == 0, which breaks CFG sampling and the
+        # "rows - 1 = classes" rule other tools use; with the reference's 0.1 the shapes are the same.
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 

@@ -133,3 +133,32 @@ def test_train_py_is_thin():
     with open(os.path.join(REPO, "train.py")) as f:
         code = [line for line in f if line.strip() and not line.lstrip().startswith(("#", '"'))]
     assert len(code) < 15  # the loop lives in the package
+
+
+@pytest.mark.parametrize("trainer,message", [
+    ({"mixed_precision": "fp32"}, r"'mixed_precision' must be one of \['no', 'fp16', 'bf16'\], got 'fp32'"),
+    ({"path_type": "edm"}, r"'path_type' must be one of"),
+    ({"batch_size": "64"}, r"'batch_size' takes a int, got '64'"),
+    ({"qk_norm": 1}, r"'qk_norm' takes a bool, got 1"),
+    ({"preview_cfg_scale": 0.5}, r"--preview-cfg-scale >= 1"),
+])
+def test_config_file_values_are_type_and_choice_checked(tmp_path, capsys, trainer, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"trainer": trainer}))
+    assert main(["--config", str(path), "--dry-run"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_int_widens_to_float_in_config_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"trainer": {"learning_rate": 1, "proj_coeff": 0, "dataset": "digits"}}))
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    t = json.loads(capsys.readouterr().out)["trainer"]
+    assert t["learning_rate"] == 1.0 and isinstance(t["learning_rate"], float)
+
+
+def test_resume_with_other_architecture_is_a_clear_error(tmp_path, capsys):
+    assert run_train(tiny_args(tmp_path, steps=1, ckpt_every=1)).returncode == 0
+    assert main(tiny_args(tmp_path, "--resume", "--projector-dim", "128", steps=2, ckpt_every=1)) == 2
+    err = capsys.readouterr().err
+    assert "was trained with --projector-dim 256 (this run: 128)" in err and "--exp-name" in err

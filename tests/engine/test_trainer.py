@@ -197,7 +197,41 @@ def test_compile_per_block_matches_eager(tmp_path):
     eager = train(tiny_cfg(tmp_path / "eager", steps=3, ckpt_every=3))
     compiled = train(tiny_cfg(tmp_path / "compiled", "--compile", "--compile-backend", "aot_eager", steps=3,
                               ckpt_every=3))
-    for a, b in zip(_log(eager["run_dir"]), _log(compiled["run_dir"])):
+    logs = _log(eager["run_dir"]), _log(compiled["run_dir"])
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
     sd = ckpt.read_checkpoint(ckpt.step_dir(compiled["run_dir"], 3))["model"]
     assert "blocks.0.attn.qkv.weight" in sd  # compiling in place keeps the reference key names
+
+
+@pytest.mark.parametrize("legacy,expected", [(False, 0.5), (True, 0.75)])
+def test_cfg_prob_sets_label_dropout_and_legacy_drops_twice(tmp_path, legacy, expected):
+    from repa_fast.engine.parallel import Backend
+
+    cfg = tiny_cfg(tmp_path, "--cfg-prob", "0.5", *(["--legacy"] if legacy else []))
+    dataset = trainer_mod.build_dataset(cfg)
+    model, encoders = trainer_mod.build_models(cfg, dataset, torch.device("cpu"))
+    seen = []
+    model.y_embedder.embedding_table.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    backend = Backend("cpu")
+    opt = trainer_mod.build_optimizer(cfg, model)
+    sampler = trainer_mod.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
+    state = trainer_mod.State(model, backend.wrap(model, opt), EMA(model), opt, None, sampler)
+    batch = tuple(torch.stack([dataset[i][k] for i in range(cfg.optim.batch_size)]) for k in range(3))
+    model.train()
+    for _ in range(60):
+        trainer_mod.micro_step(cfg, state, backend, batch, encoders, None, last=True)
+    labels = torch.cat(seen)
+    rate = (labels == 10).float().mean().item()
+    se = (expected * (1 - expected) / labels.numel()) ** 0.5
+    assert abs(rate - expected) < 4 * se, (rate, expected)
+
+
+def test_plain_sit_without_alignment(tmp_path):
+    """--proj-coeff 0: no encoder is built or run, no projector exists, the loss is the denoising loss."""
+    summary = train(tiny_cfg(tmp_path, "--proj-coeff", "0", steps=2, ckpt_every=2))
+    records = _log(summary["run_dir"])
+    assert all(r["alignment"] == 0 and r["loss"] == r["denoising"] > 0 for r in records)
+    weights = ckpt.read_checkpoint(ckpt.step_dir(summary["run_dir"], 2))["model"]
+    assert not any(k.startswith("projectors.") for k in weights)
