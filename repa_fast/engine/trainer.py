@@ -217,9 +217,12 @@ def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
 def save_resolved_config(cfg: TrainConfig, out: str) -> None:
     import json
 
+    data = cfg.to_json()
+    if "deepspeed" in data:  # derived from batch / (processes x accumulation): the file stays valid at any world size
+        data["deepspeed"] = {**data["deepspeed"], "train_micro_batch_size_per_gpu": "auto"}
     tmp = os.path.join(out, "config.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
+        json.dump(data, f, indent=2)
     os.replace(tmp, os.path.join(out, "config.json"))
 
 

@@ -241,3 +241,16 @@ def test_every_process_group_gets_the_bounded_timeout(monkeypatch):
         assert backend.options._timeout == datetime.timedelta(seconds=7)
     finally:
         dist.destroy_process_group()
+
+
+def test_written_config_of_a_deepspeed_run_is_reusable_at_another_world_size(tmp_path, monkeypatch):
+    from repa_fast.cli import resolve_config
+    from repa_fast.engine.trainer import save_resolved_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg, _ = resolve_config(["--config", os.path.join(REPO, "configs", "ds_sit_b.json"), "--data-dir", "x"])
+    assert cfg.deepspeed["train_micro_batch_size_per_gpu"] == 128
+    save_resolved_config(cfg, str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    again, _ = resolve_config(["--config", str(tmp_path / "config.json")])
+    assert again.deepspeed["train_micro_batch_size_per_gpu"] == 64 and again.flat() == cfg.flat()
