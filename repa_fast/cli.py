@@ -10,7 +10,15 @@ import os
 import sys
 import typing
 
-from repa_fast.config import PRESETS, ConfigError, TrainConfig, default_exp_name, field_specs, load_config_file
+from repa_fast.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    default_exp_name,
+    field_specs,
+    load_config_file,
+    micro_batch_size,
+)
 
 
 def _arg_type(f):
@@ -106,11 +114,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.dataset == "auto" and not cfg.data.data_dir:
         raise ConfigError("no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
                           "demo with `python train.py` (or --preset demo)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if o.batch_size % (world * o.gradient_accumulation_steps):
-        denom = world * o.gradient_accumulation_steps
-        raise ConfigError(f"--batch-size {o.batch_size} (global) is not divisible by processes x accumulation = "
-                          f"{world} x {o.gradient_accumulation_steps} = {denom}; use a multiple of {denom}")
+    micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def main(argv=None) -> int:

@@ -191,6 +191,17 @@ def load_config_file(path: str) -> tuple[dict, dict | None]:
     return raw.get("trainer", {}), raw.get("deepspeed")
 
 
+def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    """Per-process micro-batch: the global batch / (processes x accumulation), or an error showing the arithmetic."""
+    denom = world_size * cfg.optim.gradient_accumulation_steps
+    if cfg.optim.batch_size % denom:
+        raise ConfigError(
+            f"--batch-size {cfg.optim.batch_size} (global) is not divisible by processes x accumulation = "
+            f"{world_size} x {cfg.optim.gradient_accumulation_steps} = {denom}; use a multiple of {denom}"
+        )
+    return cfg.optim.batch_size // denom
+
+
 def run_dir(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run.output_dir, cfg.run.exp_name)
 

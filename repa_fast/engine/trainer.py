@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from repa_fast.config import ConfigError, TrainConfig, run_dir
+from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine.ema import EMA
@@ -72,16 +72,6 @@ def train(cfg: TrainConfig) -> dict:
         raise failure from e
     finally:
         backend.shutdown(clean=clean)
-
-
-def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    denom = world_size * cfg.optim.gradient_accumulation_steps
-    if cfg.optim.batch_size % denom:
-        raise ConfigError(
-            f"--batch-size {cfg.optim.batch_size} (global) is not divisible by processes x accumulation = "
-            f"{world_size} x {cfg.optim.gradient_accumulation_steps} = {denom}; use a multiple of {denom}"
-        )
-    return cfg.optim.batch_size // denom
 
 
 def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:

@@ -252,4 +252,6 @@ def test_deepspeed_launch_of_the_demo_preset(work):
     assert any(not torch.equal(final["ema"][k], final["model"][k]) for k in final["model"])
     with open(run / "config.json") as f:
         resolved = json.load(f)["deepspeed"]
-    assert resolved["train_micro_batch_size_per_gpu"] == 4 and resolved["torch_autocast"]["dtype"] == "bfloat16"
+    # The written config keeps the micro batch derived ("auto": valid at any world size); the run used 8 / 2 = 4.
+    assert resolved["train_micro_batch_size_per_gpu"] == "auto" and resolved["torch_autocast"]["dtype"] == "bfloat16"
+    assert "global batch 8 = 2 x 1 x 4" in r.stdout + r.stderr
