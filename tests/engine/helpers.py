@@ -29,3 +29,36 @@ def run_train(args, env_extra=None, timeout=300):
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class StepRig:
+    """One-process training state for step-level tests: model, encoders, optimizer, EMA, a fixed batch."""
+
+    def __init__(self, cfg, device: str = "cpu"):
+        import torch
+
+        from repa_fast.engine import trainer as T
+        from repa_fast.engine.ema import EMA
+        from repa_fast.engine.metrics import LossMeter
+        from repa_fast.engine.parallel import Backend
+
+        self.T, self.cfg, self.device = T, cfg, torch.device(device)
+        dataset = T.build_dataset(cfg)
+        self.model, self.encoders = T.build_models(cfg, dataset, self.device)
+        self.backend = Backend(device)
+        opt = T.build_optimizer(cfg, self.model)
+        fp16 = cfg.run.mixed_precision == "fp16"
+        scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        sampler = T.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
+        self.state = T.State(self.model, self.backend.wrap(self.model, opt), EMA(self.model), opt, scaler, sampler)
+        self.meter = LossMeter(self.device)
+        items = [dataset[i] for i in range(cfg.optim.batch_size)]
+        self.batch = tuple(torch.stack([it[k] for it in items]).to(self.device) for k in range(3))
+        self.amp = T.AMP_DTYPES[cfg.run.mixed_precision]
+
+    def micro_step(self):
+        return self.T.micro_step(self.cfg, self.state, self.backend, self.batch, self.encoders, self.amp, last=True)
+
+    def step(self):
+        self.meter.add_losses(self.micro_step())
+        self.T.optimizer_step(self.cfg, self.state, self.backend, self.meter)

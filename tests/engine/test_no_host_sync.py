@@ -3,13 +3,9 @@
 import pytest
 import torch
 
-from repa_fast.engine import trainer as T
-from repa_fast.engine.ema import EMA
-from repa_fast.engine.metrics import LossMeter
-from repa_fast.engine.parallel import Backend
 from repa_fast.engine.profiling import count_ops, host_syncs, saved_bytes
 
-from .helpers import tiny_cfg
+from .helpers import StepRig, tiny_cfg
 
 
 def test_counter_sees_item_and_branching_on_tensors():
@@ -22,29 +18,12 @@ def test_counter_sees_item_and_branching_on_tensors():
 
 @pytest.mark.parametrize("precision", ["bf16", "no", "fp16"])
 def test_training_step_has_no_host_sync(tmp_path, precision):
-    cfg = tiny_cfg(tmp_path, "--mixed-precision", precision)
-    dataset = T.build_dataset(cfg)
-    device = torch.device("cpu")
-    model, encoders = T.build_models(cfg, dataset, device)
-    backend = Backend("cpu")
-    opt = T.build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
-    sampler = T.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
-    state = T.State(model, backend.wrap(model, opt), EMA(model), opt, scaler, sampler)
-    meter = LossMeter(device)
-    items = [dataset[i] for i in range(cfg.optim.batch_size)]
-    batch = tuple(torch.stack([it[k] for it in items]) for k in range(3))
-    amp = T.AMP_DTYPES[precision]
-
-    def step():
-        meter.add_losses(T.micro_step(cfg, state, backend, batch, encoders, amp, last=True))
-        T.optimizer_step(cfg, state, backend, meter)
-
-    step()  # first step: lazy optimizer state
-    counts = count_ops(step)
+    rig = StepRig(tiny_cfg(tmp_path, "--mixed-precision", precision))
+    rig.step()  # first step: lazy optimizer state
+    counts = count_ops(rig.step)
     assert host_syncs(counts) == 0, {k: v for k, v in counts.items() if "scalar" in k or "nonzero" in k}
     assert sum(counts.values()) > 100  # the counter really saw the step
-    assert meter.read(backend)["loss"] > 0  # reading the meter is the (one, per interval) sync
+    assert rig.meter.read(rig.backend)["loss"] > 0  # reading the meter is the (one, per interval) sync
 
 
 def test_saved_bytes_excludes_weights_and_counts_activations():

@@ -18,7 +18,7 @@ from repa_fast.export import main as export_main
 from repa_fast.models.sit import SiT_models
 
 from ..data.helpers import make_ref_dataset
-from .helpers import tiny_cfg
+from .helpers import StepRig, tiny_cfg
 
 
 def _log(run_dir):
@@ -207,21 +207,12 @@ def test_compile_per_block_matches_eager(tmp_path):
 
 @pytest.mark.parametrize("legacy,expected", [(False, 0.5), (True, 0.75)])
 def test_cfg_prob_sets_label_dropout_and_legacy_drops_twice(tmp_path, legacy, expected):
-    from repa_fast.engine.parallel import Backend
-
-    cfg = tiny_cfg(tmp_path, "--cfg-prob", "0.5", *(["--legacy"] if legacy else []))
-    dataset = trainer_mod.build_dataset(cfg)
-    model, encoders = trainer_mod.build_models(cfg, dataset, torch.device("cpu"))
+    rig = StepRig(tiny_cfg(tmp_path, "--cfg-prob", "0.5", *(["--legacy"] if legacy else [])))
     seen = []
-    model.y_embedder.embedding_table.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    backend = Backend("cpu")
-    opt = trainer_mod.build_optimizer(cfg, model)
-    sampler = trainer_mod.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
-    state = trainer_mod.State(model, backend.wrap(model, opt), EMA(model), opt, None, sampler)
-    batch = tuple(torch.stack([dataset[i][k] for i in range(cfg.optim.batch_size)]) for k in range(3))
-    model.train()
+    rig.model.y_embedder.embedding_table.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    rig.model.train()
     for _ in range(60):
-        trainer_mod.micro_step(cfg, state, backend, batch, encoders, None, last=True)
+        rig.micro_step()
     labels = torch.cat(seen)
     rate = (labels == 10).float().mean().item()
     se = (expected * (1 - expected) / labels.numel()) ** 0.5
