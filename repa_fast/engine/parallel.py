@@ -371,8 +371,9 @@ class ShardedEMA:
     """EMA of the FULL trainable parameters, stored as this rank's shards next to the parameter shards.
 
     The EMA is elementwise, so averaging each shard is averaging the full tensor: ema_shard <- lerp(ema_shard,
-    param_shard, 1 - decay), one ``_foreach_lerp_`` per step, no communication. Full tensors are assembled only to
-    save or preview (``gather``), and a checkpoint's full EMA is cut back into shards on load (``local_slice``).
+    param_shard, 1 - decay), with ``ema_update_``'s multi-tensor kernels and no communication. Full tensors are
+    assembled only to save or preview (``gather``); a checkpoint's full EMA is cut back into shards on load
+    (``local_slice``).
     ``local_views()`` returns the current fp32 shards of the trainable parameters, in ``names`` order.
     """
 

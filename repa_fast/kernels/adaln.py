@@ -47,6 +47,17 @@ def gated_residual_adaln_ref(x, branch, gate, shift, scale, eps: float = 1e-6, n
 #    (bf16 arithmetic is wrong in the interpreter, and statistics must be fp32 anyway).
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_norm(x, mask, D, eps, RMS: tl.constexpr):
+    """(x_hat, rstd) of rows x: LayerNorm without affine, or RMSNorm; statistics in fp32."""
+    if RMS:
+        xc = x
+    else:
+        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
 def _adaln_fwd_kernel(
     x_ptr, branch_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, xnew_ptr, y_ptr,
     n_rows, n_tok, D,
@@ -68,12 +79,7 @@ def _adaln_fwd_kernel(
         xq = x.to(xnew_ptr.dtype.element_ty)  # the stored residual; the norm reads what was stored, as eager does
         tl.store(xnew_ptr + rows[:, None] * D + cols[None, :], xq, mask=mask)
         x = xq.to(tl.float32)
-    if RMS:
-        xc = x
-    else:
-        xc = tl.where(mask, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    xhat = xc * rstd[:, None]
+    xhat, rstd = _row_norm(x, mask, D, eps, RMS)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         xhat = xhat * w[None, :]
@@ -113,12 +119,7 @@ def _adaln_bwd_kernel(
         mask = (toks < n_tok)[:, None] & cmask[None, :]
         h = tl.load(h_ptr + rows[:, None] * stride_h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if RMS:
-            hc = h
-        else:
-            hc = tl.where(mask, h - (tl.sum(h, axis=1) / D)[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / D + eps)
-        xhat = hc * rstd[:, None]
+        xhat, rstd = _row_norm(h, mask, D, eps, RMS)
         dxhat = dy * mod[None, :]
         c1 = tl.sum(dxhat * xhat, axis=1) / D
         if RMS:

@@ -65,6 +65,28 @@ def qk_norm_rope_ref(x, weight=None, bias=None, cos=None, sin=None, eps: float =
 #    rotation needs no shuffle. NORM: 0 none, 1 LayerNorm, 2 RMSNorm. fp32 right after every load.
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _pair_norm(xe, xo, mask, Dh, eps, NORM: tl.constexpr):
+    """Normalise rows held as even/odd channel halves: LayerNorm (NORM 1) or RMSNorm (2). Returns (xe, xo, rstd)."""
+    if NORM == 1:
+        mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
+        xe = tl.where(mask, xe - mean[:, None], 0.0)
+        xo = tl.where(mask, xo - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
+    return xe * rstd[:, None], xo * rstd[:, None], rstd
+
+
+@triton.jit
+def _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab):
+    """cos and sin of token n at the even and odd channel of each rotation pair: (ce, co, se, so), fp32."""
+    tab = n[:, None] * stride_tab + 2 * pairs[None, :]
+    ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+    co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+    se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+    so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+    return ce, co, se, so
+
+
+@triton.jit
 def _norm_rope_fwd_kernel(
     x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, y_ptr,
     n_rows, N, H, Dh, stride_xb, stride_xn, stride_xh, stride_tab, eps,
@@ -81,13 +103,7 @@ def _norm_rope_fwd_kernel(
     xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
     xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
     if NORM != 0:
-        if NORM == 1:
-            mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
-            xe = tl.where(mask, xe - mean[:, None], 0.0)
-            xo = tl.where(mask, xo - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
-        xe = xe * rstd[:, None]
-        xo = xo * rstd[:, None]
+        xe, xo, rstd = _pair_norm(xe, xo, mask, Dh, eps, NORM)
         if HAS_WEIGHT:
             xe = xe * tl.load(w_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
             xo = xo * tl.load(w_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
@@ -95,11 +111,7 @@ def _norm_rope_fwd_kernel(
             xe = xe + tl.load(b_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
             xo = xo + tl.load(b_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
     if HAS_ROPE:
-        tab = n[:, None] * stride_tab + 2 * pairs[None, :]
-        ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-        co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
-        se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-        so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+        ce, co, se, so = _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab)
         ye = xe * ce - xo * se
         yo = xo * co + xe * so
     else:
@@ -137,11 +149,7 @@ def _norm_rope_bwd_kernel(
         dye = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
         dyo = tl.load(dy_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
         if HAS_ROPE:
-            tab = n[:, None] * stride_tab + 2 * pairs[None, :]
-            ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-            co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
-            se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-            so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
+            ce, co, se, so = _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab)
             dze = dye * ce + dyo * so
             dzo = dyo * co - dye * se
         else:
@@ -155,13 +163,7 @@ def _norm_rope_bwd_kernel(
             xe_ptrs = x_ptr + base[:, None] + 2 * pairs[None, :]
             xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
             xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
-            if NORM == 1:
-                mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
-                xe = tl.where(mask, xe - mean[:, None], 0.0)
-                xo = tl.where(mask, xo - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
-            xe = xe * rstd[:, None]
-            xo = xo * rstd[:, None]
+            xe, xo, rstd = _pair_norm(xe, xo, mask, Dh, eps, NORM)
             acc_we += dze * xe
             acc_wo += dzo * xo
             acc_be += dze
