@@ -7,7 +7,9 @@ EXTRAS = {
     "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
     # SD-VAE encode/decode for preprocessing and preview grids.
     "vae": ["diffusers>=0.27"],
-    "deepspeed": ["deepspeed>=0.19"],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
+    "deepspeed": [
+        "deepspeed>=0.19"
+    ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
     "flash": ["flash-attn>=2.6"],
     "logging": ["tensorboard>=2.14"],
 }

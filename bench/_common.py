@@ -58,8 +58,10 @@ def _split(s):
 def analytic_table(case: Case, args) -> dict:
     """Print the analytic bytes of ref and triton per (model, batch, dtype); returns {(m, b, d): op_traffic}."""
     print(f"\n== {case.name}: analytic memory traffic (GB = 1e9 B; compile(ref) not modelled) ==")
-    print(f"{'model':9s} {'batch':>5s} {'dtype':5s} | {'ref fwd':>8s} {'ref bwd':>8s} {'ref full':>8s} | "
-          f"{'tri fwd':>8s} {'tri bwd':>8s} {'tri full':>8s} | {'ratio':>6s}")  # fmt: skip
+    print(
+        f"{'model':9s} {'batch':>5s} {'dtype':5s} | {'ref fwd':>8s} {'ref bwd':>8s} {'ref full':>8s} | "
+        f"{'tri fwd':>8s} {'tri bwd':>8s} {'tri full':>8s} | {'ratio':>6s}"
+    )
     out = {}
     for model in _split(args.models):
         for batch in map(int, _split(args.batches)):
@@ -132,8 +134,27 @@ def gpu_timings(case: Case, args, analytic: dict, device=None) -> None:
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if fresh:
-            writer.writerow(["op", "model", "batch", "dtype", "provider", "mode", "ms_p50", "ms_p20", "ms_p80",
-                             "bytes", "GB_per_s", "frac_copy_bw", "compile_s", "device", "torch", "triton", "git"])
+            writer.writerow(
+                [
+                    "op",
+                    "model",
+                    "batch",
+                    "dtype",
+                    "provider",
+                    "mode",
+                    "ms_p50",
+                    "ms_p20",
+                    "ms_p80",
+                    "bytes",
+                    "GB_per_s",
+                    "frac_copy_bw",
+                    "compile_s",
+                    "device",
+                    "torch",
+                    "triton",
+                    "git",
+                ]
+            )
         for (model, batch, dname), t in analytic.items():
             inputs = case.make(model, batch, DTYPES[dname], device)
             for provider in _split(args.providers):
@@ -148,15 +169,36 @@ def gpu_timings(case: Case, args, analytic: dict, device=None) -> None:
                     torch.cuda.synchronize()
                     compile_s = f"{time.perf_counter() - start:.1f}"
                 for mode in _split(args.modes):
-                    p50, p20, p80 = triton.testing.do_bench(_timed_fn(fn, inputs, mode), quantiles=[0.5, 0.2, 0.8],
-                                                            grad_to_none=inputs)  # fmt: skip
+                    p50, p20, p80 = triton.testing.do_bench(
+                        _timed_fn(fn, inputs, mode), quantiles=[0.5, 0.2, 0.8], grad_to_none=inputs
+                    )
                     nbytes = _bytes(t, provider, mode)
                     gbps = nbytes / (p50 * 1e-3) / 1e9 if nbytes else float("nan")
-                    print(f"{model:9s} {batch:4d} {dname:5s} {provider:13s} {mode:4s} {p50:8.3f} ms "
-                          f"[{p20:.3f}, {p80:.3f}]  {gbps:7.0f} GB/s  {gbps * 1e9 / copy_bw:5.2f}x copy")  # fmt: skip
-                    writer.writerow([case.name, model, batch, dname, provider, mode, f"{p50:.4f}", f"{p20:.4f}",
-                                     f"{p80:.4f}", nbytes or "", f"{gbps:.1f}", f"{gbps * 1e9 / copy_bw:.3f}",
-                                     compile_s, name, torch.__version__, triton.__version__, _git_sha()])  # fmt: skip
+                    print(
+                        f"{model:9s} {batch:4d} {dname:5s} {provider:13s} {mode:4s} {p50:8.3f} ms "
+                        f"[{p20:.3f}, {p80:.3f}]  {gbps:7.0f} GB/s  {gbps * 1e9 / copy_bw:5.2f}x copy"
+                    )
+                    writer.writerow(
+                        [
+                            case.name,
+                            model,
+                            batch,
+                            dname,
+                            provider,
+                            mode,
+                            f"{p50:.4f}",
+                            f"{p20:.4f}",
+                            f"{p80:.4f}",
+                            nbytes or "",
+                            f"{gbps:.1f}",
+                            f"{gbps * 1e9 / copy_bw:.3f}",
+                            compile_s,
+                            name,
+                            torch.__version__,
+                            triton.__version__,
+                            _git_sha(),
+                        ]
+                    )
     print(f"appended rows to {path}")
 
 

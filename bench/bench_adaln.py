@@ -21,10 +21,20 @@ def _make(n_big: int, n_mod: int):
     return make
 
 
-ADALN = Case("adaln_modulate", "adaln_modulate", _make(1, 2), adaln_modulate_ref,
-             lambda x, sh, sc: adaln_modulate(x, sh, sc, impl="triton"))  # fmt: skip
-GATED = Case("gated_residual_adaln", "gated_residual_adaln", _make(2, 3), gated_residual_adaln_ref,
-             lambda x, br, g, sh, sc: gated_residual_adaln(x, br, g, sh, sc, impl="triton"))  # fmt: skip
+ADALN = Case(
+    "adaln_modulate",
+    "adaln_modulate",
+    _make(1, 2),
+    adaln_modulate_ref,
+    lambda x, sh, sc: adaln_modulate(x, sh, sc, impl="triton"),
+)
+GATED = Case(
+    "gated_residual_adaln",
+    "gated_residual_adaln",
+    _make(2, 3),
+    gated_residual_adaln_ref,
+    lambda x, br, g, sh, sc: gated_residual_adaln(x, br, g, sh, sc, impl="triton"),
+)
 
 if __name__ == "__main__":
     main(ADALN, GATED)

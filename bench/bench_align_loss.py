@@ -16,8 +16,13 @@ def make(model, batch, dtype, device):
     return [p, torch.randn(batch, TOKENS, Z_DIM, dtype=dtype, device=device)]
 
 
-ALIGN = Case("alignment_loss", "alignment_loss", make, lambda p, z: alignment_loss_ref([p], [z]),
-             lambda p, z: alignment_loss([p], [z], impl="triton"))  # fmt: skip
+ALIGN = Case(
+    "alignment_loss",
+    "alignment_loss",
+    make,
+    lambda p, z: alignment_loss_ref([p], [z]),
+    lambda p, z: alignment_loss([p], [z], impl="triton"),
+)
 
 if __name__ == "__main__":
     main(ALIGN)

@@ -32,7 +32,8 @@ def write_ref_layout(root: str, n: int, resolution: int) -> None:
         for sub, name in (("images", img), ("vae-sd", feat)):
             os.makedirs(os.path.join(root, sub, os.path.dirname(name)), exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(
-            os.path.join(root, "images", img))
+            os.path.join(root, "images", img)
+        )
         lat = resolution // 8
         np.save(os.path.join(root, "vae-sd", feat), rng.standard_normal((8, lat, lat)).astype(np.float32))
         labels.append([feat, int(rng.integers(0, 1000))])

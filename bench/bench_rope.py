@@ -24,10 +24,16 @@ def _make(norm: bool):
     return make
 
 
-ROPE = Case("rope_2d", "rope_2d", _make(False), apply_rope_2d_ref,
-            lambda x, c, s: apply_rope_2d(x, c, s, impl="triton"))  # fmt: skip
-QK_NORM_ROPE = Case("qk_norm_rope", "qk_norm_rope", _make(True), qk_norm_rope_ref,
-                    lambda x, w, b, c, s: qk_norm_rope(x, w, b, c, s, impl="triton"))  # fmt: skip
+ROPE = Case(
+    "rope_2d", "rope_2d", _make(False), apply_rope_2d_ref, lambda x, c, s: apply_rope_2d(x, c, s, impl="triton")
+)
+QK_NORM_ROPE = Case(
+    "qk_norm_rope",
+    "qk_norm_rope",
+    _make(True),
+    qk_norm_rope_ref,
+    lambda x, w, b, c, s: qk_norm_rope(x, w, b, c, s, impl="triton"),
+)
 
 if __name__ == "__main__":
     main(ROPE, QK_NORM_ROPE)

@@ -29,8 +29,10 @@ def sit_saved_bytes(step, batch) -> int:
     with torch.no_grad():
         targets = [enc(image) for enc in step.encoders]
     x0 = moments[:, :4] * 0.18215
-    return saved_bytes(lambda: training_loss(model, x0, labels, targets, kernels=step.cfg.model.kernels),
-                       exclude=list(model.parameters()))
+    return saved_bytes(
+        lambda: training_loss(model, x0, labels, targets, kernels=step.cfg.model.kernels),
+        exclude=list(model.parameters()),
+    )
 
 
 def main(argv=None):
@@ -39,9 +41,11 @@ def main(argv=None):
     torch.manual_seed(0)
     batch = synthetic_batch(args, device)
     rows = []
-    providers = [("reference", lambda: ReferenceStep(args, device)),
-                 ("repa_fast, kernels=ref", lambda: RepaFastStep(args, device, "ref")),
-                 ("repa_fast, kernels=triton", lambda: RepaFastStep(args, device, "triton"))]
+    providers = [
+        ("reference", lambda: ReferenceStep(args, device)),
+        ("repa_fast, kernels=ref", lambda: RepaFastStep(args, device, "ref")),
+        ("repa_fast, kernels=triton", lambda: RepaFastStep(args, device, "triton")),
+    ]
     for name, make in providers:
         step = make()
         step(batch)  # warm-up: lazy state (optimizer moments) is created on the first step
@@ -50,8 +54,10 @@ def main(argv=None):
         counts = count_ops(step, batch, host_tensors=host)
         act = sit_saved_bytes(step, batch) if hasattr(step, "state") else None
         rows.append((name, sum(counts.values()), host_syncs(counts), act))
-        print(f"{name}: {sum(counts.values())} ops/step, {host_syncs(counts)} host syncs/step"
-              + (f", {act / args.batch_size / 2**20:.1f} MiB saved for backward per image" if act else ""))
+        print(
+            f"{name}: {sum(counts.values())} ops/step, {host_syncs(counts)} host syncs/step"
+            + (f", {act / args.batch_size / 2**20:.1f} MiB saved for backward per image" if act else "")
+        )
     lines = [
         f"# One training step, device-independent counts ({args.model} + {args.enc_type}, batch {args.batch_size}, "
         f"{args.mixed_precision})",
@@ -64,8 +70,11 @@ def main(argv=None):
         "|---|---|---|---|",
     ]
     for name, ops, syncs, act in rows:
-        lines.append(f"| {name} | {ops} | {syncs} | {act / args.batch_size / 2**20:.1f} |" if act is not None
-                     else f"| {name} | {ops} | {syncs} | (same model code as kernels=ref) |")
+        lines.append(
+            f"| {name} | {ops} | {syncs} | {act / args.batch_size / 2**20:.1f} |"
+            if act is not None
+            else f"| {name} | {ops} | {syncs} | (same model code as kernels=ref) |"
+        )
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "step_counts.md")
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

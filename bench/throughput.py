@@ -53,16 +53,36 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5 if cuda else 1)
     p.add_argument("--providers", default="reference,repa_fast")
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT blocks (repa_fast provider)")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "throughput.csv"))
+    p.add_argument(
+        "--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.csv")
+    )
     return p.parse_args(argv)
 
 
 def make_cfg(args, kernels: str):
-    cfg, _ = resolve_config([
-        "--model", args.model, "--enc-type", args.enc_type, "--no-encoder-pretrained", "--data-dir", "synthetic",
-        "--resolution", str(args.resolution), "--encoder-depth", str(args.encoder_depth), "--batch-size",
-        str(args.batch_size), "--mixed-precision", args.mixed_precision, "--kernels", kernels, "--exp-name", "bench"])
+    cfg, _ = resolve_config(
+        [
+            "--model",
+            args.model,
+            "--enc-type",
+            args.enc_type,
+            "--no-encoder-pretrained",
+            "--data-dir",
+            "synthetic",
+            "--resolution",
+            str(args.resolution),
+            "--encoder-depth",
+            str(args.encoder_depth),
+            "--batch-size",
+            str(args.batch_size),
+            "--mixed-precision",
+            args.mixed_precision,
+            "--kernels",
+            kernels,
+            "--exp-name",
+            "bench",
+        ]
+    )
     return cfg
 
 
@@ -76,10 +96,17 @@ def synthetic_batch(args, device):
 
 def build(args, device, kernels: str, encoder_attn: str):
     cfg = make_cfg(args, kernels)
-    encoders = load_encoders(args.enc_type, args.resolution, pretrained=False, attn_backend=encoder_attn,
-                             kernels=kernels, device=device)
-    model = build_sit(args.model, input_size=args.resolution // 8, num_classes=1000, kernels=kernels,
-                      z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth).to(device)
+    encoders = load_encoders(
+        args.enc_type, args.resolution, pretrained=False, attn_backend=encoder_attn, kernels=kernels, device=device
+    )
+    model = build_sit(
+        args.model,
+        input_size=args.resolution // 8,
+        num_classes=1000,
+        kernels=kernels,
+        z_dims=[e.embed_dim for e in encoders],
+        encoder_depth=args.encoder_depth,
+    ).to(device)
     return cfg, model, encoders
 
 
@@ -108,8 +135,11 @@ class ReferenceStep:
         proj = 0.0
         for z, z_tilde in zip(zs, zs_tilde):  # loss.py:83-88, a Python loop over the batch
             for z_j, zt_j in zip(z, z_tilde):
-                proj += (-(torch.nn.functional.normalize(z_j, dim=-1) *
-                           torch.nn.functional.normalize(zt_j.float(), dim=-1)).sum(-1)).mean()
+                proj += (
+                    -(
+                        torch.nn.functional.normalize(z_j, dim=-1) * torch.nn.functional.normalize(zt_j.float(), dim=-1)
+                    ).sum(-1)
+                ).mean()
         proj = proj / (len(zs) * x0.shape[0])
         loss = den.mean() + 0.5 * proj
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -181,8 +211,9 @@ def step_flops_per_image(args) -> float:
     tokens = (args.resolution // 8 // patch) ** 2
     encs = [parse_encoder_name(n)[0] for n in args.enc_type.split(",")]
     zdim = {"s": 384, "b": 768, "l": 1024, "g": 1536, "t": 192}
-    return repa_step_flops(depth, dim, tokens, patch, z_dims=[zdim[e] for e in encs], encoders=encs,
-                           encoder_grid=args.resolution // 16).train_step
+    return repa_step_flops(
+        depth, dim, tokens, patch, z_dims=[zdim[e] for e in encs], encoders=encs, encoder_grid=args.resolution // 16
+    ).train_step
 
 
 def device_peak(device) -> float:
@@ -194,8 +225,9 @@ def device_peak(device) -> float:
 
 def git_sha() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -210,23 +242,39 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak = device_peak(device)
     rows, base = [], None
-    print(f"{args.model} + {args.enc_type}, batch {args.batch_size}, {args.mixed_precision}, {dev_name}; "
-          f"{flops / args.batch_size / 1e9:.1f} GFLOP per image per step")
+    print(
+        f"{args.model} + {args.enc_type}, batch {args.batch_size}, {args.mixed_precision}, {dev_name}; "
+        f"{flops / args.batch_size / 1e9:.1f} GFLOP per image per step"
+    )
     for name in args.providers.split(","):
         step = {"reference": ReferenceStep, "repa_fast": RepaFastStep}[name](args, device)
         sec, first = time_provider(step, batch, args, device)
         tflops = flops / sec / 1e12
         base = base or sec
-        row = {"provider": name, "ms_per_step": round(sec * 1e3, 2), "img_per_s": round(args.batch_size / sec, 2),
-               "tflops": round(tflops, 3), "mfu": round(tflops / peak, 4) if peak else "",
-               "speedup_vs_first": round(base / sec, 3), "compile": args.compile,
-               "first_step_s": round(first, 2),  # includes torch.compile's compile time with --compile
-               "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else ""}
+        row = {
+            "provider": name,
+            "ms_per_step": round(sec * 1e3, 2),
+            "img_per_s": round(args.batch_size / sec, 2),
+            "tflops": round(tflops, 3),
+            "mfu": round(tflops / peak, 4) if peak else "",
+            "speedup_vs_first": round(base / sec, 3),
+            "compile": args.compile,
+            "first_step_s": round(first, 2),  # includes torch.compile's compile time with --compile
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else "",
+        }
         rows.append(row)
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
         del step
-    meta = {"device": dev_name, "model": args.model, "enc_type": args.enc_type, "batch": args.batch_size,
-            "precision": args.mixed_precision, "torch": torch.__version__, "git": git_sha(), "time": int(time.time())}
+    meta = {
+        "device": dev_name,
+        "model": args.model,
+        "enc_type": args.enc_type,
+        "batch": args.batch_size,
+        "precision": args.mixed_precision,
+        "torch": torch.__version__,
+        "git": git_sha(),
+        "time": int(time.time()),
+    }
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:

@@ -29,13 +29,15 @@ def _arg_type(f):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train SiT with REPA (repa_fast). Flags keep the reference train.py names.",
+        prog="train.py",
+        description="Train SiT with REPA (repa_fast). Flags keep the reference train.py names.",
         allow_abbrev=False,  # an unknown or misspelt flag is an error, never a silent prefix match
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help='JSON file: {"trainer": {flat options}, "deepspeed": {...}}')
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe (default: demo when no data "
-                   "is given)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="start from a named recipe (default: demo when no data is given)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same information.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -73,8 +75,7 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
         from repa_fast.engine.parallel_dsconfig import resolve_deepspeed_config
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
-        cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args),
-                                                 where=where)
+        cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)
     return cfg, dry_run
 
 
@@ -95,16 +96,24 @@ def validate(cfg: TrainConfig) -> None:
                 parse_encoder_name(name.strip())
             except (ValueError, NotImplementedError) as e:
                 raise ConfigError(f"--enc-type: {e}") from e
-    for flag, value, low in [("--batch-size", o.batch_size, 1), ("--gradient-accumulation-steps",
-                             o.gradient_accumulation_steps, 1), ("--max-train-steps", r.max_train_steps, 1),
-                             ("--checkpointing-steps", r.checkpointing_steps, 1), ("--log-every", r.log_every, 1),
-                             ("--sampling-steps", r.sampling_steps, 0), ("--num-workers", cfg.data.num_workers, 0),
-                             ("--resolution", cfg.data.resolution, 1), ("--num-classes", cfg.data.num_classes, 1)]:
+    for flag, value, low in [
+        ("--batch-size", o.batch_size, 1),
+        ("--gradient-accumulation-steps", o.gradient_accumulation_steps, 1),
+        ("--max-train-steps", r.max_train_steps, 1),
+        ("--checkpointing-steps", r.checkpointing_steps, 1),
+        ("--log-every", r.log_every, 1),
+        ("--sampling-steps", r.sampling_steps, 0),
+        ("--num-workers", cfg.data.num_workers, 0),
+        ("--resolution", cfg.data.resolution, 1),
+        ("--num-classes", cfg.data.num_classes, 1),
+    ]:
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     if r.preview_num_steps < 1 or r.preview_cfg_scale < 1:
-        raise ConfigError(f"--preview-num-steps must be >= 1 and --preview-cfg-scale >= 1 (1 = no guidance), got "
-                          f"{r.preview_num_steps} and {r.preview_cfg_scale}")
+        raise ConfigError(
+            f"--preview-num-steps must be >= 1 and --preview-cfg-scale >= 1 (1 = no guidance), got "
+            f"{r.preview_num_steps} and {r.preview_cfg_scale}"
+        )
     if not 0 <= o.ema_decay <= 1:
         raise ConfigError(f"--ema-decay must be in [0, 1], got {o.ema_decay}")
     if not 0 <= m.cfg_prob < 1:
@@ -112,8 +121,10 @@ def validate(cfg: TrainConfig) -> None:
     if r.resume and r.resume_step:
         raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
     if cfg.data.dataset == "auto" and not cfg.data.data_dir:
-        raise ConfigError("no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
-                          "demo with `python train.py` (or --preset demo)")
+        raise ConfigError(
+            "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
+            "demo with `python train.py` (or --preset demo)"
+        )
     micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 

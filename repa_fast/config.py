@@ -39,15 +39,17 @@ class TargetConfig:
     enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b,dinov2-vit-l")
     encoder_checkpoint_dir: str | None = _f(None, "directory with the encoder weight files (default: torch hub cache)")
     encoder_pretrained: bool = _f(True, "load encoder weights; off = random init (demo and tests only)")
-    encoder_grid: int | None = _f(None, "encoder token grid (default resolution // 16 as the reference; the demo "
-                                     "sets it to the SiT grid)")
+    encoder_grid: int | None = _f(
+        None, "encoder token grid (default resolution // 16 as the reference; the demo sets it to the SiT grid)"
+    )
 
 
 @dataclass
 class DataConfig:
     data_dir: str | None = _f(None, "dataset: reference layout (images/ + vae-sd/) or packed; none = demo data")
-    dataset: str = _f("auto", "auto (from data_dir), digits (scikit-learn digits, the embedded demo)",
-                      choices=("auto", "digits"))
+    dataset: str = _f(
+        "auto", "auto (from data_dir), digits (scikit-learn digits, the embedded demo)", choices=("auto", "digits")
+    )
     resolution: int = _f(256, "image resolution (256 or 512 in the reference)")
     num_classes: int = _f(1000, "number of classes (the null class is num_classes)")
     num_workers: int = _f(4, "DataLoader workers per process")
@@ -93,12 +95,18 @@ class RunConfig:
     resume: bool = _f(False, "resume from the latest checkpoint in the run directory")
     mixed_precision: str = _f("bf16", "autocast dtype (reference default fp16)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere+")
-    report_to: str = _f("tensorboard", "logging sinks besides log.jsonl: tensorboard, wandb, none (reference: wandb)",
-                        choices=("tensorboard", "wandb", "none"))
+    report_to: str = _f(
+        "tensorboard",
+        "logging sinks besides log.jsonl: tensorboard, wandb, none (reference: wandb)",
+        choices=("tensorboard", "wandb", "none"),
+    )
     logging_dir: str = _f("tensorboard", "TensorBoard/wandb directory, relative to <output_dir>/<exp_name>")
     on_nan: str = _f("skip", "non-finite loss: skip the step (counted) or stop", choices=("skip", "stop"))
-    parallel: str = _f("auto", "process backend: auto, none, ddp, fsdp, deepspeed",
-                       choices=("auto", "none", "ddp", "fsdp", "deepspeed"))
+    parallel: str = _f(
+        "auto",
+        "process backend: auto, none, ddp, fsdp, deepspeed",
+        choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
+    )
     device: str = _f("auto", "auto (cuda if available), cpu, cuda")
 
 
@@ -156,8 +164,11 @@ def _checked(section, key: str, value, source: str):
 
 def field_specs():
     """(name, field) pairs of every flat option, for the CLI."""
-    return [(f.name, f) for cls in (ModelConfig, TargetConfig, DataConfig, LossConfig, OptimConfig, RunConfig)
-            for f in dataclasses.fields(cls)]
+    return [
+        (f.name, f)
+        for cls in (ModelConfig, TargetConfig, DataConfig, LossConfig, OptimConfig, RunConfig)
+        for f in dataclasses.fields(cls)
+    ]
 
 
 # Presets by public name: flat overrides on top of the defaults.
@@ -168,11 +179,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sit-b-repa": {"model": "SiT-B/2", "encoder_depth": 4},
     # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), tiny random DINOv2-architecture target.
     "demo": {
-        "model": "SiT-T/2", "encoder_depth": 2, "projector_dim": 256, "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False, "encoder_grid": 8, "dataset": "digits", "resolution": 16, "num_classes": 10,
-        "num_workers": 0, "latent_scale": 1.0, "batch_size": 64, "learning_rate": 1e-3, "ema_decay": 0.99,
-        "max_train_steps": 400, "checkpointing_steps": 200, "sampling_steps": 200, "log_every": 20, "exp_name": "demo",
-        "output_dir": "demo_out", "report_to": "tensorboard",
+        "model": "SiT-T/2",
+        "encoder_depth": 2,
+        "projector_dim": 256,
+        "enc_type": "dinov2-vit-t",
+        "encoder_pretrained": False,
+        "encoder_grid": 8,
+        "dataset": "digits",
+        "resolution": 16,
+        "num_classes": 10,
+        "num_workers": 0,
+        "latent_scale": 1.0,
+        "batch_size": 64,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.99,
+        "max_train_steps": 400,
+        "checkpointing_steps": 200,
+        "sampling_steps": 200,
+        "log_every": 20,
+        "exp_name": "demo",
+        "output_dir": "demo_out",
+        "report_to": "tensorboard",
     },
 }
 

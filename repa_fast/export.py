@@ -23,8 +23,10 @@ def find_checkpoint_dir(path: str, step: int = 0) -> str:
         return path
     steps = list_checkpoints(path)
     if not steps:
-        raise CheckpointError(f"{path}: neither a checkpoint directory (no ema.safetensors) nor a run directory "
-                              "with checkpoints/<step>/; pass <output-dir>/<exp-name>")
+        raise CheckpointError(
+            f"{path}: neither a checkpoint directory (no ema.safetensors) nor a run directory "
+            "with checkpoints/<step>/; pass <output-dir>/<exp-name>"
+        )
     if step and step not in steps:
         raise CheckpointError(f"{path}: no checkpoint for step {step}; available: {steps}")
     return step_dir(path, step or steps[-1])
@@ -40,12 +42,17 @@ def export_ref_layout(src: str, out: str, *, step: int = 0, weights: str = "ema"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m repa_fast.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m repa_fast.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", help="run directory (<output-dir>/<exp-name>) or one checkpoint directory")
     p.add_argument("out", help="output .pt file")
-    p.add_argument("--ref-layout", action="store_true", required=True,
-                   help="write the reference {'ema': state_dict} layout (the only layout so far)")
+    p.add_argument(
+        "--ref-layout",
+        action="store_true",
+        required=True,
+        help="write the reference {'ema': state_dict} layout (the only layout so far)",
+    )
     p.add_argument("--step", type=int, default=0, help="checkpoint step (default: latest)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to export")
     args = p.parse_args(argv)

@@ -28,8 +28,9 @@ def vit_block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
     return linear + attention
 
 
-def sit_forward_flops(depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4,
-                      mlp_ratio: float = 4.0, freq_dim: int = 256) -> float:
+def sit_forward_flops(
+    depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4, mlp_ratio: float = 4.0, freq_dim: int = 256
+) -> float:
     """SiT forward per image, projectors excluded."""
     blocks = depth * vit_block_flops(tokens, dim, int(dim * mlp_ratio))
     patch_in = 2 * tokens * (in_channels * patch * patch) * dim
@@ -55,9 +56,24 @@ def dinov2_forward_flops(depth: int, dim: int, grid: int, registers: int = 0, sw
 DINOV2_ARCH = {"s": (12, 384, 0), "b": (12, 768, 0), "l": (24, 1024, 0), "g": (40, 1536, 4096), "t": (4, 192, 0)}
 
 
-def repa_step_flops(depth: int, dim: int, tokens: int, patch: int, z_dims=(768,), projector_dim: int = 2048,
-                    encoders=("b",), encoder_grid: int = 16, in_channels: int = 4, registers: int = 0) -> StepFlops:
-    enc = sum(dinov2_forward_flops(DINOV2_ARCH[e][0], DINOV2_ARCH[e][1], encoder_grid, registers, DINOV2_ARCH[e][2])
-              for e in encoders)
-    return StepFlops(sit_forward_flops(depth, dim, tokens, patch, in_channels),
-                     projector_flops(tokens, dim, projector_dim, z_dims), enc)
+def repa_step_flops(
+    depth: int,
+    dim: int,
+    tokens: int,
+    patch: int,
+    z_dims=(768,),
+    projector_dim: int = 2048,
+    encoders=("b",),
+    encoder_grid: int = 16,
+    in_channels: int = 4,
+    registers: int = 0,
+) -> StepFlops:
+    enc = sum(
+        dinov2_forward_flops(DINOV2_ARCH[e][0], DINOV2_ARCH[e][1], encoder_grid, registers, DINOV2_ARCH[e][2])
+        for e in encoders
+    )
+    return StepFlops(
+        sit_forward_flops(depth, dim, tokens, patch, in_channels),
+        projector_flops(tokens, dim, projector_dim, z_dims),
+        enc,
+    )

@@ -35,8 +35,12 @@ PRESETS = {"paper": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.8, "guidanc
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m repa_fast.generate", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m repa_fast.generate",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint dir, or a reference {'ema': ...} .pt file")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a repa_fast checkpoint")
     p.add_argument("--model", default=None, help="SiT_models name (default: from the run's config.json)")
@@ -60,8 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", choices=("balanced", "random"), default="balanced")
     p.add_argument("--rounding", choices=("round", "truncate"), default="round")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
-                   help="SDPA/FlashAttention (generate.py defaults to explicit fp32 softmax; same function)")
+    p.add_argument(
+        "--fused-attn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SDPA/FlashAttention (generate.py defaults to explicit fp32 softmax; same function)",
+    )
     # Accepted for command-line compatibility with generate.py; read from the checkpoint's keys instead.
     for flag in ("--encoder-depth", "--projector-embed-dims", "--qk-norm", "--legacy"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
@@ -80,8 +88,10 @@ def load_weights(args) -> tuple[dict, dict]:
         try:
             sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"--ckpt {args.ckpt}: cannot load with weights_only=True ({e}); convert it with "
-                                  "python -m repa_fast.export or pass a repa_fast run directory") from e
+            raise CheckpointError(
+                f"--ckpt {args.ckpt}: cannot load with weights_only=True ({e}); convert it with "
+                "python -m repa_fast.export or pass a repa_fast run directory"
+            ) from e
         if not isinstance(sd, dict) or "ema" not in sd:
             raise CheckpointError(f"--ckpt {args.ckpt}: expected the reference layout {{'ema': state_dict}}")
         return sd["ema"], {}
@@ -110,12 +120,19 @@ def build_model(args, sd: dict, config: dict) -> torch.nn.Module:
     in_channels = sd["x_embedder.proj.weight"].shape[1]
     num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
     depth = 1 + max(int(key.split(".")[1]) for key in sd if key.startswith("blocks."))
-    model = build_sit(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, z_dims=z_dims,
-                      depth=depth,
-                      encoder_depth=int(args.encoder_depth or config.get("encoder_depth", 1)) if z_dims else 1,
-                      projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
-                      qk_norm="blocks.0.attn.q_norm.weight" in sd, fused_attn=args.fused_attn,
-                      use_rope=bool(config.get("use_rope", False)))
+    model = build_sit(
+        name,
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        z_dims=z_dims,
+        depth=depth,
+        encoder_depth=int(args.encoder_depth or config.get("encoder_depth", 1)) if z_dims else 1,
+        projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        fused_attn=args.fused_attn,
+        use_rope=bool(config.get("use_rope", False)),
+    )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -127,9 +144,11 @@ def output_name(args, model_name: str) -> str:
     """Every setting that changes the samples (the reference's name ignores steps and the guidance interval)."""
     tag = os.path.basename(os.path.normpath(args.ckpt)).replace(".pt", "")
     heun = "-heun" if args.heun else ""
-    return (f"{model_name.replace('/', '_')}-{tag}-{args.weights}-{args.mode}{args.num_steps}{heun}"
-            f"-cfg{args.cfg_scale}-g{args.guidance_low}-{args.guidance_high}-{args.labels}-{args.rounding}"
-            f"-seed{args.global_seed}-n{args.num_fid_samples}")
+    return (
+        f"{model_name.replace('/', '_')}-{tag}-{args.weights}-{args.mode}{args.num_steps}{heun}"
+        f"-cfg{args.cfg_scale}-g{args.guidance_low}-{args.guidance_high}-{args.labels}-{args.rounding}"
+        f"-seed{args.global_seed}-n{args.num_fid_samples}"
+    )
 
 
 @torch.no_grad()
@@ -145,10 +164,15 @@ def generate_shard(args, model, vae, rank: int, world: int, device, latent_scale
     sampler = SAMPLERS[args.mode]
     out = []
     for i in range(0, end - start, args.per_proc_batch_size):
-        y = labels[i:i + args.per_proc_batch_size]
+        y = labels[i : i + args.per_proc_batch_size]
         z = torch.randn(len(y), c, size, size, device=device, generator=gen)
-        kw = dict(num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-                  guidance_high=args.guidance_high, path_type=args.path_type)
+        kw = dict(
+            num_steps=args.num_steps,
+            cfg_scale=args.cfg_scale,
+            guidance_low=args.guidance_low,
+            guidance_high=args.guidance_high,
+            path_type=args.path_type,
+        )
         if args.mode == "ode":
             kw["heun"] = args.heun
         else:
@@ -189,8 +213,10 @@ def main(argv=None) -> int:
             parts = [os.path.join(args.sample_dir, f"{name}.part{r}.npz") for r in range(world)]
             arr = np.concatenate([np.load(p)["arr_0"] for p in parts if os.path.exists(p)])
             if len(arr) != args.num_fid_samples:
-                raise CheckpointError(f"only {len(arr)} of {args.num_fid_samples} samples were written (a rank "
-                                      "failed?); the parts are kept in --sample-dir")
+                raise CheckpointError(
+                    f"only {len(arr)} of {args.num_fid_samples} samples were written (a rank "
+                    "failed?); the parts are kept in --sample-dir"
+                )
             path = save_npz(os.path.join(args.sample_dir, f"{name}.npz"), arr)
             for p in parts:
                 if os.path.exists(p):

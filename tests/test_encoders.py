@@ -332,9 +332,19 @@ def test_parity_with_timm_swiglu_registers_tiny():
     assert hub_sd["blocks.0.mlp.w12.weight"].shape == (1024, 192)  # 2 * 512
     assert hub_sd["blocks.0.mlp.w3.weight"].shape == (192, 512)
     tm = VisionTransformer(
-        img_size=112, patch_size=14, embed_dim=192, depth=2, num_heads=3, mlp_ratio=2.66667 * 2, init_values=1e-5,
-        mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, reg_tokens=4, no_embed_class=True, num_classes=0,
-    )  # fmt: skip
+        img_size=112,
+        patch_size=14,
+        embed_dim=192,
+        depth=2,
+        num_heads=3,
+        mlp_ratio=2.66667 * 2,
+        init_values=1e-5,
+        mlp_layer=SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
+        reg_tokens=4,
+        no_embed_class=True,
+        num_classes=0,
+    )
     tm = _timm_from_hub_file(tm, hub_sd)
     ours = load_dinov2_weights(DINOv2ViT(arch, resolution=128, grid=8), hub_sd)
     x = ours.preprocess(_images(3, 128))

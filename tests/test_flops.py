@@ -18,8 +18,9 @@ def _count(fn) -> int:
 
 
 def test_sit_and_projector_flops_match_counter():
-    model = SiT_models["SiT-S/2"](input_size=16, z_dims=[32, 48], encoder_depth=2, depth=3, projector_dim=64,
-                                      fused_attn=False)
+    model = SiT_models["SiT-S/2"](
+        input_size=16, z_dims=[32, 48], encoder_depth=2, depth=3, projector_dim=64, fused_attn=False
+    )
     x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randint(0, 1000, (2,))
     counted = _count(lambda: model(x, t, y))
     expected = 2 * (sit_forward_flops(3, 384, 64, 2) + projector_flops(64, 384, 64, [32, 48]))

@@ -29,8 +29,20 @@ def _npz(sample_dir):
 
 
 def test_pixel_space_run_dir_to_npz_matches_the_sampler(run_dir, tmp_path):
-    argv = ["--ckpt", run_dir, "--sample-dir", str(tmp_path), "--num-fid-samples", "5", "--per-proc-batch-size", "3",
-            "--num-steps", "3", "--cfg-scale", "2.0"]
+    argv = [
+        "--ckpt",
+        run_dir,
+        "--sample-dir",
+        str(tmp_path),
+        "--num-fid-samples",
+        "5",
+        "--per-proc-batch-size",
+        "3",
+        "--num-steps",
+        "3",
+        "--cfg-scale",
+        "2.0",
+    ]
     assert main(argv) == 0
     name, arr = _npz(tmp_path)
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
@@ -46,8 +58,8 @@ def test_pixel_space_run_dir_to_npz_matches_the_sampler(run_dir, tmp_path):
     labels = torch.arange(5) % 10
     expected = []
     for i in range(0, 5, 3):
-        z = torch.randn(len(labels[i:i + 3]), 3, 16, 16, generator=gen)
-        x = euler_sampler(model, z, labels[i:i + 3], num_steps=3, cfg_scale=2.0).float()
+        z = torch.randn(len(labels[i : i + 3]), 3, 16, 16, generator=gen)
+        x = euler_sampler(model, z, labels[i : i + 3], num_steps=3, cfg_scale=2.0).float()
         expected.append(torch.round(torch.clamp(255 * (x + 1) / 2, 0, 255)).to(torch.uint8).permute(0, 2, 3, 1))
     assert np.array_equal(arr, torch.cat(expected).numpy())
 
@@ -71,9 +83,26 @@ def test_reference_pt_with_vae_decode(tmp_path):
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     torch.save({"ema": model.state_dict()}, tmp_path / "ref.pt")
-    argv = ["--ckpt", str(tmp_path / "ref.pt"), "--model", "SiT-S/2", "--vae", str(tmp_path / "vae"),
-            "--sample-dir", str(tmp_path / "out"), "--num-fid-samples", "3", "--preset", "paper", "--num-steps", "4",
-            "--projector-embed-dims", "16", "--encoder-depth", "1"]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "ref.pt"),
+        "--model",
+        "SiT-S/2",
+        "--vae",
+        str(tmp_path / "vae"),
+        "--sample-dir",
+        str(tmp_path / "out"),
+        "--num-fid-samples",
+        "3",
+        "--preset",
+        "paper",
+        "--num-steps",
+        "4",
+        "--projector-embed-dims",
+        "16",
+        "--encoder-depth",
+        "1",
+    ]
     assert main(argv) == 0
     name, arr = _npz(tmp_path / "out")
     assert arr.shape == (3, 32, 32, 3)
@@ -95,7 +124,19 @@ def test_errors(tmp_path, run_dir, capsys):
 
 def test_export_then_generate_from_reference_file(run_dir, tmp_path):
     export_ref_layout(run_dir, str(tmp_path / "ema.pt"))
-    argv = ["--ckpt", str(tmp_path / "ema.pt"), "--model", "SiT-T/4", "--latent-scale", "1.0", "--sample-dir",
-            str(tmp_path / "s"), "--num-fid-samples", "2", "--num-steps", "2"]
+    argv = [
+        "--ckpt",
+        str(tmp_path / "ema.pt"),
+        "--model",
+        "SiT-T/4",
+        "--latent-scale",
+        "1.0",
+        "--sample-dir",
+        str(tmp_path / "s"),
+        "--num-fid-samples",
+        "2",
+        "--num-steps",
+        "2",
+    ]
     assert main(argv) == 0
     assert _npz(tmp_path / "s")[1].shape == (2, 16, 16, 3)

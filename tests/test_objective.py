@@ -86,7 +86,8 @@ def test_alignment_gradients_reach_exactly_projector_early_blocks_and_embedders(
     reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {
-        n for n in trainable
+        n
+        for n in trainable
         if n.startswith(("projectors.", "x_embedder.", "t_embedder.", "y_embedder."))
         or any(n.startswith(f"blocks.{i}.") for i in range(enc_depth))
     }

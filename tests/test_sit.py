@@ -28,23 +28,35 @@ def reference_state_dict_shapes(depth, D, p, C=4, num_classes=1000, z_dims=(768,
     }
     for i in range(depth):
         b = f"blocks.{i}."
-        shapes.update({
-            b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
-            b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
-            b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
-            b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
-            b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,),
-        })
+        shapes.update(
+            {
+                b + "attn.qkv.weight": (3 * D, D),
+                b + "attn.qkv.bias": (3 * D,),
+                b + "attn.proj.weight": (D, D),
+                b + "attn.proj.bias": (D,),
+                b + "mlp.fc1.weight": (4 * D, D),
+                b + "mlp.fc1.bias": (4 * D,),
+                b + "mlp.fc2.weight": (D, 4 * D),
+                b + "mlp.fc2.bias": (D,),
+                b + "adaLN_modulation.1.weight": (6 * D, D),
+                b + "adaLN_modulation.1.bias": (6 * D,),
+            }
+        )
         if qk_norm:
             hd = 64  # head_dim of S, B and L
             for n in ("q_norm", "k_norm"):
                 shapes.update({b + f"attn.{n}.weight": (hd,), b + f"attn.{n}.bias": (hd,)})
     for k, z in enumerate(z_dims):
-        shapes.update({
-            f"projectors.{k}.0.weight": (proj, D), f"projectors.{k}.0.bias": (proj,),
-            f"projectors.{k}.2.weight": (proj, proj), f"projectors.{k}.2.bias": (proj,),
-            f"projectors.{k}.4.weight": (z, proj), f"projectors.{k}.4.bias": (z,),
-        })
+        shapes.update(
+            {
+                f"projectors.{k}.0.weight": (proj, D),
+                f"projectors.{k}.0.bias": (proj,),
+                f"projectors.{k}.2.weight": (proj, proj),
+                f"projectors.{k}.2.bias": (proj,),
+                f"projectors.{k}.4.weight": (z, proj),
+                f"projectors.{k}.4.bias": (z,),
+            }
+        )
     return shapes
 
 
@@ -162,8 +174,16 @@ def test_unpatchify_inverts_patchify_non_square_channel_order():
 
 
 def test_label_dropout_rate_and_null_class():
-    model = SiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
-                class_dropout_prob=0.3, z_dims=[])
+    model = SiT(
+        input_size=8,
+        patch_size=4,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.3,
+        z_dims=[],
+    )
     emb = model.y_embedder
     assert emb.embedding_table.num_embeddings == 11
     labels = torch.randint(0, 10, (20000,))
@@ -211,8 +231,16 @@ def test_qk_norm_and_rope_change_the_function():
 
 
 def test_null_class_row_exists_even_without_label_dropout():
-    model = SiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
-                class_dropout_prob=0.0, z_dims=[]).eval()
+    model = SiT(
+        input_size=8,
+        patch_size=4,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+        class_dropout_prob=0.0,
+        z_dims=[],
+    ).eval()
     assert model.y_embedder.embedding_table.num_embeddings == 11
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
     assert model(x, t, torch.tensor([10, 3]))[0].shape == (2, 4, 8, 8)  # CFG's null label works

@@ -34,9 +34,11 @@ def open_dataset(path, *, num_classes: int = 1000, resolution: int | None = None
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: data directory does not exist; pass --data-dir pointing at a REPA-preprocessed "
-                        "folder (images/ + vae-sd/) or a packed dataset (index.json), made with "
-                        "`python -m repa_fast.data.preprocess`")
+        raise DataError(
+            f"{path}: data directory does not exist; pass --data-dir pointing at a REPA-preprocessed "
+            "folder (images/ + vae-sd/) or a packed dataset (index.json), made with "
+            "`python -m repa_fast.data.preprocess`"
+        )
     if not os.path.isdir(path):
         raise DataError(f"{path}: --data-dir must be a directory, not a file")
     if is_packed_layout(path):
@@ -45,7 +47,11 @@ def open_dataset(path, *, num_classes: int = 1000, resolution: int | None = None
         return RefFolderDataset(path, num_classes=num_classes, resolution=resolution)
     entries = sorted(os.listdir(path))
     if not entries:
-        raise DataError(f"{path}: data directory is empty; create the dataset with "
-                        f"`python -m repa_fast.data.preprocess --source IMAGENET/train --dest {path} ...`")
-    raise DataError(f"{path}: neither a packed dataset (no index.json) nor a REPA folder (no images/ or vae-sd/); "
-                    f"found {entries[:5]}{' ...' if len(entries) > 5 else ''}. Point --data-dir at the dataset root")
+        raise DataError(
+            f"{path}: data directory is empty; create the dataset with "
+            f"`python -m repa_fast.data.preprocess --source IMAGENET/train --dest {path} ...`"
+        )
+    raise DataError(
+        f"{path}: neither a packed dataset (no index.json) nor a REPA folder (no images/ or vae-sd/); "
+        f"found {entries[:5]}{' ...' if len(entries) > 5 else ''}. Point --data-dir at the dataset root"
+    )

@@ -48,8 +48,14 @@ def _atomic_json(path: str, obj: dict) -> None:
 
 def _plan(ds: RefFolderDataset, latent_dtype: str) -> dict:
     names = hashlib.sha256("\n".join(ds.feature_fnames + ds.image_fnames).encode()).hexdigest()
-    return {"source": os.path.abspath(ds.path), "count": len(ds), "resolution": ds.resolution,
-            "latent_shape": list(ds.latent_shape), "latent_dtype": latent_dtype, "file_list_sha256": names}
+    return {
+        "source": os.path.abspath(ds.path),
+        "count": len(ds),
+        "resolution": ds.resolution,
+        "latent_shape": list(ds.latent_shape),
+        "latent_dtype": latent_dtype,
+        "file_list_sha256": names,
+    }
 
 
 def _start_or_resume(tmp: str, plan: dict, specs: dict) -> int:
@@ -59,8 +65,10 @@ def _start_or_resume(tmp: str, plan: dict, specs: dict) -> int:
         with open(progress_path) as f:
             progress = json.load(f)
         if progress.get("plan") != plan:
-            raise DataError(f"{tmp}: left by an interrupted pack of different inputs or options "
-                            f"({progress.get('plan')}); delete {tmp} to start over")
+            raise DataError(
+                f"{tmp}: left by an interrupted pack of different inputs or options "
+                f"({progress.get('plan')}); delete {tmp} to start over"
+            )
         return int(progress["done"])
     if os.path.exists(tmp):
         ours = {spec["file"] for spec in specs.values()} | {PROGRESS_FILE + ".tmp"}
@@ -79,13 +87,24 @@ def _to_latent_dtype(moments: torch.Tensor, dtype: str, first_row: int, ds: RefF
         finite = np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1)
         if not finite.all():
             row = first_row + int(np.flatnonzero(~finite)[0])
-            raise DataError(f"{os.path.join(ds.features_dir, ds.feature_fnames[row])}: moments overflow float16 "
-                            "(|value| > 65504); pack with --latent-dtype fp32")
+            raise DataError(
+                f"{os.path.join(ds.features_dir, ds.feature_fnames[row])}: moments overflow float16 "
+                "(|value| > 65504); pack with --latent-dtype fp32"
+            )
     return out
 
 
-def pack(src: str, dst: str, *, latent_dtype: str = "fp32", num_classes: int = 1000, workers: int = 4,
-         batch_size: int = 64, flush_every: int = 4096, progress: bool = True) -> dict:
+def pack(
+    src: str,
+    dst: str,
+    *,
+    latent_dtype: str = "fp32",
+    num_classes: int = 1000,
+    workers: int = 4,
+    batch_size: int = 64,
+    flush_every: int = 4096,
+    progress: bool = True,
+) -> dict:
     """Convert REPA layout ``src`` into packed ``dst``; returns the written index."""
     if latent_dtype not in LATENT_DTYPES:
         raise DataError(f"--latent-dtype must be one of {sorted(LATENT_DTYPES)}, got {latent_dtype!r}")
@@ -107,9 +126,9 @@ def pack(src: str, dst: str, *, latent_dtype: str = "fp32", num_classes: int = 1
     row, since_flush = done, 0
     for images, moments, labels in loader:
         n = labels.shape[0]
-        arrays["images"][row:row + n] = images.numpy()
-        arrays["moments"][row:row + n] = _to_latent_dtype(moments, dtype, row, ds)
-        arrays["labels"][row:row + n] = labels.numpy()
+        arrays["images"][row : row + n] = images.numpy()
+        arrays["moments"][row : row + n] = _to_latent_dtype(moments, dtype, row, ds)
+        arrays["labels"][row : row + n] = labels.numpy()
         row, since_flush = row + n, since_flush + n
         bar.update(n)
         if since_flush >= flush_every or row == len(ds):
@@ -128,10 +147,18 @@ def pack(src: str, dst: str, *, latent_dtype: str = "fp32", num_classes: int = 1
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST: REPA-layout source, packed destination "
-                   "(with --verify: the packed dataset only)")
-    p.add_argument("--latent-dtype", choices=sorted(LATENT_DTYPES), default="fp32",
-                   help="storage dtype of the moments (fp32 = the reference's bits; fp16 halves the size)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="SRC DST: REPA-layout source, packed destination (with --verify: the packed dataset only)",
+    )
+    p.add_argument(
+        "--latent-dtype",
+        choices=sorted(LATENT_DTYPES),
+        default="fp32",
+        help="storage dtype of the moments (fp32 = the reference's bits; fp16 halves the size)",
+    )
     p.add_argument("--num-classes", type=int, default=1000, help="labels must lie in [0, num_classes)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding the source files")
     p.add_argument("--batch-size", type=int, default=64)
@@ -146,8 +173,13 @@ def main(argv=None) -> int:
             return 0
         if len(args.paths) != 2:
             p.error("expected SRC DST")
-        index = pack(*args.paths, latent_dtype=args.latent_dtype, num_classes=args.num_classes,
-                     workers=args.workers, batch_size=args.batch_size)
+        index = pack(
+            *args.paths,
+            latent_dtype=args.latent_dtype,
+            num_classes=args.num_classes,
+            workers=args.workers,
+            batch_size=args.batch_size,
+        )
         print(f"{args.paths[1]}: packed {index['count']} samples")
         return 0
     except DataError as exc:

@@ -53,8 +53,9 @@ def allocate_fields(root: str, specs: dict) -> None:
     """Create the (sparse) .npy files of every field; rows are then written in place through memmaps."""
     os.makedirs(root, exist_ok=True)
     for spec in specs.values():
-        arr = np.lib.format.open_memmap(os.path.join(root, spec["file"]), mode="w+", dtype=spec["dtype"],
-                                        shape=tuple(spec["shape"]))
+        arr = np.lib.format.open_memmap(
+            os.path.join(root, spec["file"]), mode="w+", dtype=spec["dtype"], shape=tuple(spec["shape"])
+        )
         del arr
 
 
@@ -105,8 +106,11 @@ def write_index(root: str, specs: dict, *, resolution: int, latent_shape, source
         "fields": fields,
         "source": source,
     }
-    index["checksum"] = {"algorithm": "sha256", "rows": sample_rows(index["count"]),
-                         "value": sample_checksum(root, index, arrays)}
+    index["checksum"] = {
+        "algorithm": "sha256",
+        "rows": sample_rows(index["count"]),
+        "value": sample_checksum(root, index, arrays),
+    }
     tmp = os.path.join(root, INDEX_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)
@@ -122,13 +126,16 @@ def read_index(path: str) -> dict:
         with open(index_path) as f:
             index = json.load(f)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{index_path}: cannot read the packed index ({exc}); re-run "
-                        "`python -m repa_fast.data.pack SRC DST`") from exc
+        raise DataError(
+            f"{index_path}: cannot read the packed index ({exc}); re-run `python -m repa_fast.data.pack SRC DST`"
+        ) from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(f"{index_path}: 'format' is not {FORMAT!r}; this is not a repa_fast packed dataset")
     if index.get("version") != VERSION:
-        raise DataError(f"{index_path}: 'version' is {index.get('version')!r}, this repa_fast reads version "
-                        f"{VERSION}; re-pack the dataset with this version")
+        raise DataError(
+            f"{index_path}: 'version' is {index.get('version')!r}, this repa_fast reads version "
+            f"{VERSION}; re-pack the dataset with this version"
+        )
     for key in ("count", "resolution", "latent_shape", "label_min", "label_max", "fields", "checksum"):
         if key not in index:
             raise DataError(f"{index_path}: missing field {key!r}; re-pack the dataset")
@@ -143,12 +150,16 @@ def _check_field(path: str, index: dict, name: str, arr: np.ndarray) -> None:
         raise DataError(f"{where} has dtype {spec['dtype']}, expected one of {_ALLOWED_DTYPES[name]}; re-pack")
     expect = field_specs(index["count"], index["resolution"], index["latent_shape"], spec["dtype"])[name]
     if list(spec["shape"]) != expect["shape"]:
-        raise DataError(f"{where} has shape {spec['shape']}, expected {expect['shape']} from count/resolution/"
-                        "latent_shape; the index is inconsistent: re-pack")
+        raise DataError(
+            f"{where} has shape {spec['shape']}, expected {expect['shape']} from count/resolution/"
+            "latent_shape; the index is inconsistent: re-pack"
+        )
     if str(arr.dtype) != spec["dtype"] or list(arr.shape) != list(spec["shape"]):
-        raise DataError(f"{os.path.join(path, spec['file'])}: holds {arr.dtype} {list(arr.shape)} but "
-                        f"{INDEX_FILE} says {spec['dtype']} {spec['shape']} for field '{name}'; the files do not "
-                        "belong together: re-pack")
+        raise DataError(
+            f"{os.path.join(path, spec['file'])}: holds {arr.dtype} {list(arr.shape)} but "
+            f"{INDEX_FILE} says {spec['dtype']} {spec['shape']} for field '{name}'; the files do not "
+            "belong together: re-pack"
+        )
 
 
 def open_checked(path: str, num_classes: int, resolution: int | None = None) -> tuple[dict, dict]:
@@ -163,23 +174,33 @@ def open_checked(path: str, num_classes: int, resolution: int | None = None) -> 
         try:
             arrays[name] = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
-            raise DataError(f"{fpath}: cannot open field '{name}' ({exc}); the file is missing, truncated or "
-                            "corrupt: re-pack the dataset") from exc
+            raise DataError(
+                f"{fpath}: cannot open field '{name}' ({exc}); the file is missing, truncated or "
+                "corrupt: re-pack the dataset"
+            ) from exc
         _check_field(path, index, name, arrays[name])
     if index["count"] == 0:
-        raise DataError(f"{os.path.join(path, INDEX_FILE)}: count is 0 (dataset is empty); re-pack from a "
-                        "non-empty source")
+        raise DataError(
+            f"{os.path.join(path, INDEX_FILE)}: count is 0 (dataset is empty); re-pack from a non-empty source"
+        )
     if resolution is not None and resolution != index["resolution"]:
-        raise DataError(f"{path}: images are {index['resolution']}x{index['resolution']} but resolution "
-                        f"{resolution} was asked for; pass --resolution {index['resolution']} or re-preprocess")
+        raise DataError(
+            f"{path}: images are {index['resolution']}x{index['resolution']} but resolution "
+            f"{resolution} was asked for; pass --resolution {index['resolution']} or re-preprocess"
+        )
     if index["label_min"] < 0 or index["label_max"] >= num_classes:
-        check_label(index["label_max"] if index["label_min"] >= 0 else index["label_min"], num_classes,
-                    f"{os.path.join(path, INDEX_FILE)}: field 'labels'")
+        check_label(
+            index["label_max"] if index["label_min"] >= 0 else index["label_min"],
+            num_classes,
+            f"{os.path.join(path, INDEX_FILE)}: field 'labels'",
+        )
     value = sample_checksum(path, index, arrays)
     if value != index["checksum"].get("value"):
-        raise DataError(f"{os.path.join(path, INDEX_FILE)}: checksum mismatch (index or sampled rows changed since "
-                        "packing); the dataset is corrupt or its files were mixed up: run "
-                        f"`python -m repa_fast.data.pack --verify {path}` to locate it, then re-pack")
+        raise DataError(
+            f"{os.path.join(path, INDEX_FILE)}: checksum mismatch (index or sampled rows changed since "
+            "packing); the dataset is corrupt or its files were mixed up: run "
+            f"`python -m repa_fast.data.pack --verify {path}` to locate it, then re-pack"
+        )
     for i in sample_rows(index["count"]):
         check_moments(arrays["moments"][i], tuple(index["latent_shape"]), f"{path}: field 'moments', row {i}")
     return index, arrays
@@ -233,11 +254,12 @@ def verify_packed(path: str, *, num_classes: int | None = None, chunk: int = 102
         spec = index["fields"][name]
         fpath = os.path.join(path, spec["file"])
         if file_sha256(fpath) != spec.get("sha256"):
-            raise DataError(f"{fpath}: SHA-256 differs from {INDEX_FILE} (field '{name}'); the file is corrupt: "
-                            "re-pack the dataset")
+            raise DataError(
+                f"{fpath}: SHA-256 differs from {INDEX_FILE} (field '{name}'); the file is corrupt: re-pack the dataset"
+            )
     moments = arrays["moments"]
     for start in range(0, index["count"], chunk):
-        block = np.asarray(moments[start:start + chunk], dtype=np.float32)
+        block = np.asarray(moments[start : start + chunk], dtype=np.float32)
         finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
         if not finite.all():
             row = start + int(np.flatnonzero(~finite)[0])

@@ -65,18 +65,26 @@ def scan_image_folder(source: str, max_images: int | None = None) -> tuple[list[
     from .ref_layout import supported_extensions
 
     if not os.path.isdir(source):
-        raise DataError(f"{source}: --source does not exist or is not a directory; point it at the ImageNet train "
-                        "folder (one subfolder per class, e.g. ILSVRC/Data/CLS-LOC/train)")
+        raise DataError(
+            f"{source}: --source does not exist or is not a directory; point it at the ImageNet train "
+            "folder (one subfolder per class, e.g. ILSVRC/Data/CLS-LOC/train)"
+        )
     classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
     if not classes:
-        raise DataError(f"{source}: no class subfolders; --source must hold one folder per class (ImageFolder "
-                        "layout), labels are the sorted folder index")
+        raise DataError(
+            f"{source}: no class subfolders; --source must hold one folder per class (ImageFolder "
+            "layout), labels are the sorted folder index"
+        )
     exts = supported_extensions() - {".npy"}
     files, labels = [], []
     for label, cls in enumerate(classes):
         root = os.path.join(source, cls)
-        found = sorted(os.path.relpath(os.path.join(d, f), source).replace(os.sep, "/")
-                       for d, _, fs in os.walk(root) for f in fs if os.path.splitext(f)[1].lower() in exts)
+        found = sorted(
+            os.path.relpath(os.path.join(d, f), source).replace(os.sep, "/")
+            for d, _, fs in os.walk(root)
+            for f in fs
+            if os.path.splitext(f)[1].lower() in exts
+        )
         files += found
         labels += [label] * len(found)
     if not files:
@@ -165,9 +173,16 @@ class Job:
         self.progress = os.path.join(self.work, PROGRESS_DIR)
         self.num_shards = -(-len(self.files) // cfg.shard_size)
         listing = "\n".join(f"{f}\t{lab}" for f, lab in zip(self.files, self.labels))
-        self.plan = {"source": os.path.abspath(cfg.source), "count": len(self.files), "layout": cfg.layout,
-                     "resolution": cfg.resolution, "latent_shape": list(self.latent_shape), "latent_dtype": self.dtype,
-                     "shard_size": cfg.shard_size, "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        self.plan = {
+            "source": os.path.abspath(cfg.source),
+            "count": len(self.files),
+            "layout": cfg.layout,
+            "resolution": cfg.resolution,
+            "latent_shape": list(self.latent_shape),
+            "latent_dtype": self.dtype,
+            "shard_size": cfg.shard_size,
+            "files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        }
 
     # ---- work area -------------------------------------------------------------------------------------------
     def _finished_plan(self) -> dict | None:
@@ -191,8 +206,11 @@ class Job:
         if plan is None:
             return False
         if plan != self.plan:
-            what = ("with different " + ", ".join(sorted(k for k in self.plan if plan.get(k) != self.plan[k]))
-                    if plan else "by another tool")
+            what = (
+                "with different " + ", ".join(sorted(k for k in self.plan if plan.get(k) != self.plan[k]))
+                if plan
+                else "by another tool"
+            )
             raise DataError(f"{self.cfg.dest}: already holds a finished dataset made {what}; choose another --dest")
         return True
 
@@ -201,8 +219,10 @@ class Job:
             old = json.load(f)
         if old != self.plan:
             diff = sorted(k for k in self.plan if old.get(k) != self.plan[k])
-            raise DataError(f"{self.work}: holds an unfinished run with different {', '.join(diff)}; rerun with the "
-                            f"same arguments to resume, or delete {self.work} to start over")
+            raise DataError(
+                f"{self.work}: holds an unfinished run with different {', '.join(diff)}; rerun with the "
+                f"same arguments to resume, or delete {self.work} to start over"
+            )
 
     def prepare(self) -> None:
         """Rank 0: create the work area (or check that an unfinished one is for this plan)."""
@@ -214,8 +234,9 @@ class Job:
         if os.path.isdir(self.work) and os.listdir(self.work):
             ours = {PROGRESS_DIR} | {s["file"] for s in self.specs.values()}
             if self.cfg.layout == "ref" or not set(os.listdir(self.work)) <= ours:
-                raise DataError(f"{self.work}: not empty and not an unfinished preprocessing run; use an empty "
-                                "or new destination")
+                raise DataError(
+                    f"{self.work}: not empty and not an unfinished preprocessing run; use an empty or new destination"
+                )
         os.makedirs(self.progress, exist_ok=True)
         if self.cfg.layout == "packed":
             allocate_fields(self.work, self.specs)
@@ -259,15 +280,18 @@ class Job:
         if not shards:
             return 0
         vae = load_vae(self.cfg.vae, self._device(rank))
-        writer = (_RefWriter(self.work) if self.cfg.layout == "ref"
-                  else _PackedWriter(self.work, self.specs, self.dtype))
-        loader = DataLoader(_CropDataset(self.cfg.source, self.files, self.cfg.resolution),
-                            batch_sampler=self._batches(shards), num_workers=self.cfg.loader_workers)
+        writer = _RefWriter(self.work) if self.cfg.layout == "ref" else _PackedWriter(self.work, self.specs, self.dtype)
+        loader = DataLoader(
+            _CropDataset(self.cfg.source, self.files, self.cfg.resolution),
+            batch_sampler=self._batches(shards),
+            num_workers=self.cfg.loader_workers,
+        )
         left = {s: min(self.cfg.shard_size, len(self.files) - s * self.cfg.shard_size) for s in shards}
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(left.values()), unit="img", desc=f"rank {rank}", position=rank,
-                   disable=not self.cfg.progress)
+        bar = tqdm(
+            total=sum(left.values()), unit="img", desc=f"rank {rank}", position=rank, disable=not self.cfg.progress
+        )
         for idx, images in loader:
             moments = encode_moments(vae, images).cpu().numpy()  # (B, 2C, h, w)
             self._write_batch(writer, idx.tolist(), images.numpy(), moments)
@@ -284,8 +308,10 @@ class Job:
         finite = np.isfinite(moments.reshape(len(idx), -1)).all(axis=1)
         if not finite.all():
             bad = idx[int(np.flatnonzero(~finite)[0])]
-            raise DataError(f"{os.path.join(self.cfg.source, self.files[bad])}: the VAE produced NaN/inf moments; "
-                            "check the VAE weights (--vae) and this image")
+            raise DataError(
+                f"{os.path.join(self.cfg.source, self.files[bad])}: the VAE produced NaN/inf moments; "
+                "check the VAE weights (--vae) and this image"
+            )
         for k, i in enumerate(idx):
             writer.write(i, images[k], moments[k], self.labels[i])
 
@@ -300,8 +326,10 @@ class Job:
             if len(now) < len(pending):
                 deadline = time.monotonic() + self.cfg.wait_timeout_s
             elif time.monotonic() > deadline:
-                raise DataError(f"{self.progress}: shards {now[:8]} are still unfinished; check the other ranks, "
-                                "then rerun the same command to resume")
+                raise DataError(
+                    f"{self.progress}: shards {now[:8]} are still unfinished; check the other ranks, "
+                    "then rerun the same command to resume"
+                )
             pending = now
 
     def finalize(self) -> str:
@@ -313,10 +341,16 @@ class Job:
             shutil.rmtree(self.progress)  # last: from here on the dataset counts as finished
             RefFolderDataset(self.work, num_classes=len(self.classes), resolution=self.cfg.resolution)  # self-check
             return self.work
-        source = {"layout": "imagefolder", "path": os.path.abspath(self.cfg.source), "classes": self.classes,
-                  "order": "class-major, files sorted within a class", "plan": self.plan}
-        write_index(self.work, self.specs, resolution=self.cfg.resolution, latent_shape=self.latent_shape,
-                    source=source)
+        source = {
+            "layout": "imagefolder",
+            "path": os.path.abspath(self.cfg.source),
+            "classes": self.classes,
+            "order": "class-major, files sorted within a class",
+            "plan": self.plan,
+        }
+        write_index(
+            self.work, self.specs, resolution=self.cfg.resolution, latent_shape=self.latent_shape, source=source
+        )
         shutil.rmtree(self.progress)
         os.replace(self.work, self.cfg.dest)
         return self.cfg.dest
@@ -384,8 +418,13 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(PreprocessConfig):
         if f.name in _FLAG_HELP:
             choices = sorted(LATENT_DTYPES) if f.name == "latent_dtype" else None
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, choices=choices,
-                           help=f"{_FLAG_HELP[f.name]} (default {f.default})")
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=type(f.default),
+                default=f.default,
+                choices=choices,
+                help=f"{_FLAG_HELP[f.name]} (default {f.default})",
+            )
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (for a quick subset)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)

@@ -74,13 +74,17 @@ def _read_labels(features_dir: str, feature_names: list[str]) -> np.ndarray:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a JSON object with a 'labels' list ({exc!r}); re-create it") from exc
     if entries is None:
-        raise DataError(f"{path}: 'labels' is null (the source had no class folders); class-conditional training "
-                        "needs labels: re-run preprocessing from an ImageNet-style folder with one folder per class")
+        raise DataError(
+            f"{path}: 'labels' is null (the source had no class folders); class-conditional training "
+            "needs labels: re-run preprocessing from an ImageNet-style folder with one folder per class"
+        )
     table = {str(name).replace("\\", "/"): lab for name, lab in entries}
     missing = [name for name in feature_names if name not in table]
     if missing:
-        raise DataError(f"{path}: no label for {len(missing)} feature files, e.g. {missing[0]}; the labels must be "
-                        f"keyed by the file names under {FEATURES_DIR}/ (re-run the encode step)")
+        raise DataError(
+            f"{path}: no label for {len(missing)} feature files, e.g. {missing[0]}; the labels must be "
+            f"keyed by the file names under {FEATURES_DIR}/ (re-run the encode step)"
+        )
     labels = np.array([table[name] for name in feature_names])
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: labels must be one integer per file (got dtype {labels.dtype}, ndim {labels.ndim})")
@@ -122,24 +126,29 @@ def load_image_file(path: str) -> np.ndarray:
                 image = np.array(im)
         return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or corrupt: delete the "
-                        "sample's files and re-run preprocessing") from exc
+        raise DataError(
+            f"{path}: cannot decode image ({exc}); the file is truncated or corrupt: delete the "
+            "sample's files and re-run preprocessing"
+        ) from exc
 
 
 def load_moments_file(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read moments .npy ({exc}); the file is truncated or corrupt: re-encode "
-                        "the sample (re-run preprocessing)") from exc
+        raise DataError(
+            f"{path}: cannot read moments .npy ({exc}); the file is truncated or corrupt: re-encode "
+            "the sample (re-run preprocessing)"
+        ) from exc
 
 
 def _peek_moments(path: str) -> tuple[tuple, np.dtype]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read moments .npy header ({exc}); the file is truncated or corrupt: "
-                        "re-encode it") from exc
+        raise DataError(
+            f"{path}: cannot read moments .npy header ({exc}); the file is truncated or corrupt: re-encode it"
+        ) from exc
     return tuple(arr.shape), arr.dtype
 
 
@@ -152,8 +161,10 @@ class RefFolderDataset(LatentDataset):
         self.features_dir = os.path.join(self.path, FEATURES_DIR)
         for d, what in ((self.images_dir, "PNG images"), (self.features_dir, "VAE moment .npy files")):
             if not os.path.isdir(d):
-                raise DataError(f"{d}: missing; the REPA layout needs {IMAGES_DIR}/ and {FEATURES_DIR}/ ({what} "
-                                "here); create them with `python -m repa_fast.data.preprocess --layout ref`")
+                raise DataError(
+                    f"{d}: missing; the REPA layout needs {IMAGES_DIR}/ and {FEATURES_DIR}/ ({what} "
+                    "here); create them with `python -m repa_fast.data.preprocess --layout ref`"
+                )
         self.image_fnames = list_data_files(self.images_dir)
         self.feature_fnames = list_data_files(self.features_dir)
         self._check_counts()
@@ -163,16 +174,22 @@ class RefFolderDataset(LatentDataset):
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
         if bad.size:
             i = int(bad[0])
-            check_label(self.labels[i], self.num_classes, f"{os.path.join(self.features_dir, LABELS_FILE)} "
-                        f"(entry {self.feature_fnames[i]}, {bad.size} bad labels in all)")
+            check_label(
+                self.labels[i],
+                self.num_classes,
+                f"{os.path.join(self.features_dir, LABELS_FILE)} "
+                f"(entry {self.feature_fnames[i]}, {bad.size} bad labels in all)",
+            )
         self._infer_shapes(resolution)
 
     def _check_counts(self) -> None:
         ni, nf = len(self.image_fnames), len(self.feature_fnames)
         if ni == 0 or nf == 0:
             empty = self.images_dir if ni == 0 else self.features_dir
-            raise DataError(f"{empty}: no data files found (dataset is empty); run "
-                            "`python -m repa_fast.data.preprocess` to create the dataset")
+            raise DataError(
+                f"{empty}: no data files found (dataset is empty); run "
+                "`python -m repa_fast.data.preprocess` to create the dataset"
+            )
         if ni != nf:
             raise DataError(
                 f"{self.path}: {ni} images in {IMAGES_DIR}/ but {nf} moment files in {FEATURES_DIR}/; every image "
@@ -183,23 +200,31 @@ class RefFolderDataset(LatentDataset):
         """Resolution from the first image, latent shape from the first .npy header; the last pair must agree."""
         first = check_image_header(os.path.join(self.images_dir, self.image_fnames[0]))
         if resolution is not None and first != resolution:
-            raise DataError(f"{os.path.join(self.images_dir, self.image_fnames[0])}: images are {first}x{first} "
-                            f"but resolution {resolution} was asked for; pass --resolution {first} or re-run "
-                            f"preprocessing at {resolution}")
+            raise DataError(
+                f"{os.path.join(self.images_dir, self.image_fnames[0])}: images are {first}x{first} "
+                f"but resolution {resolution} was asked for; pass --resolution {first} or re-run "
+                f"preprocessing at {resolution}"
+            )
         self.resolution = first
         shape, dtype = _peek_moments(os.path.join(self.features_dir, self.feature_fnames[0]))
         if len(shape) != 3 or shape[0] % 2 or dtype not in (np.float32, np.float16):
-            raise DataError(f"{os.path.join(self.features_dir, self.feature_fnames[0])}: moments have shape {shape} "
-                            f"and dtype {dtype}, expected float32 (2C, h, w) = [mean, std]; re-encode the dataset")
+            raise DataError(
+                f"{os.path.join(self.features_dir, self.feature_fnames[0])}: moments have shape {shape} "
+                f"and dtype {dtype}, expected float32 (2C, h, w) = [mean, std]; re-encode the dataset"
+            )
         self.latent_shape = shape
         last = len(self) - 1
         if check_image_header(os.path.join(self.images_dir, self.image_fnames[last])) != self.resolution:
-            raise DataError(f"{os.path.join(self.images_dir, self.image_fnames[last])}: its size differs from "
-                            f"the first image ({self.resolution}px); all images must share one resolution")
+            raise DataError(
+                f"{os.path.join(self.images_dir, self.image_fnames[last])}: its size differs from "
+                f"the first image ({self.resolution}px); all images must share one resolution"
+            )
         last_shape, _ = _peek_moments(os.path.join(self.features_dir, self.feature_fnames[last]))
         if last_shape != shape:
-            raise DataError(f"{os.path.join(self.features_dir, self.feature_fnames[last])}: moments shape "
-                            f"{last_shape} differs from the first file's {shape}; re-encode the dataset")
+            raise DataError(
+                f"{os.path.join(self.features_dir, self.feature_fnames[last])}: moments shape "
+                f"{last_shape} differs from the first file's {shape}; re-encode the dataset"
+            )
 
     def __len__(self) -> int:
         return len(self.feature_fnames)
@@ -225,8 +250,9 @@ def check_image_header(path: str) -> int:
             with PIL.Image.open(path) as im:
                 w, h = im.size
         except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read the image header ({exc}); the file is truncated or corrupt, "
-                            "re-create it") from exc
+            raise DataError(
+                f"{path}: cannot read the image header ({exc}); the file is truncated or corrupt, re-create it"
+            ) from exc
     if w != h:
         raise DataError(f"{path}: image is {w}x{h}; training images must be square (ADM center crop)")
     return int(w)

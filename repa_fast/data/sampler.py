@@ -29,16 +29,19 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 class ResumableDistributedSampler(Sampler[int]):
     """Yields this rank's sample indices from the current position to the end of the epoch."""
 
-    def __init__(self, num_samples: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+    def __init__(self, num_samples: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of processes "
-                             f"{world_size}; pass a --batch-size that is a multiple of {world_size}")
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by the number of processes "
+                f"{world_size}; pass a --batch-size that is a multiple of {world_size}"
+            )
         if num_samples < global_batch_size:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of "
-                             f"{global_batch_size}; lower --batch-size")
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of "
+                f"{global_batch_size}; lower --batch-size"
+            )
         self.num_samples = int(num_samples)
         self.global_batch_size = int(global_batch_size)
         self.local_batch_size = self.global_batch_size // world_size
@@ -53,8 +56,8 @@ class ResumableDistributedSampler(Sampler[int]):
         """(batches * L,) this rank's indices from the current position to the end of the epoch."""
         perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
         nb, g, lb = self._remaining_batches(), self.global_batch_size, self.local_batch_size
-        batches = perm[self.consumed:self.consumed + nb * g].reshape(nb, g)  # (nb, G)
-        return batches[:, self.rank * lb:(self.rank + 1) * lb].reshape(-1)  # (nb * L,)
+        batches = perm[self.consumed : self.consumed + nb * g].reshape(nb, g)  # (nb, G)
+        return batches[:, self.rank * lb : (self.rank + 1) * lb].reshape(-1)  # (nb * L,)
 
     def __iter__(self):
         # Materialised now, so advance() during this iteration cannot change what it yields.
@@ -79,16 +82,25 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch, self.consumed = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples,
-                "global_batch_size": self.global_batch_size}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"sampler state is for a dataset of {state['num_samples']} samples, this one has "
-                             f"{self.num_samples}; resume with the same dataset")
+            raise ValueError(
+                f"sampler state is for a dataset of {state['num_samples']} samples, this one has "
+                f"{self.num_samples}; resume with the same dataset"
+            )
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}; resume "
-                             "with the same --seed")
+            raise ValueError(
+                f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}; resume "
+                "with the same --seed"
+            )
         consumed = int(state["consumed"])
         if not 0 <= consumed <= self.num_samples:
             raise ValueError(f"sampler state has consumed={consumed}, outside [0, {self.num_samples}]")

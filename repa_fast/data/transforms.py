@@ -20,4 +20,4 @@ def adm_center_crop(image, size: int) -> np.ndarray:
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=PIL.Image.Resampling.BICUBIC)
     arr = np.asarray(image)  # (H, W, 3)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.array(arr[top:top + size, left:left + size], copy=True)  # writable, contiguous
+    return np.array(arr[top : top + size, left : left + size], copy=True)  # writable, contiguous

@@ -31,8 +31,9 @@ def load_vae(path: str, device: torch.device | str = "cpu"):
         from diffusers import AutoencoderKL
     except ImportError as exc:
         raise ImportError("VAE encoding needs diffusers: pip install 'repa_fast[vae]'") from exc
-    vae = AutoencoderKL.from_pretrained(_resolve_vae_dir(str(path)), local_files_only=True, torch_dtype=torch.float32,
-                                        low_cpu_mem_usage=False)  # plain load; no `accelerate` needed
+    vae = AutoencoderKL.from_pretrained(
+        _resolve_vae_dir(str(path)), local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+    )  # plain load; no `accelerate` needed
     return vae.eval().requires_grad_(False).to(device)
 
 

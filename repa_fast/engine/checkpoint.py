@@ -68,8 +68,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -95,8 +99,16 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, state: dict,
-                     rng: dict[int, dict] | None = None, keep: int = 0) -> str:
+def write_checkpoint(
+    run_dir: str,
+    step: int,
+    *,
+    model_sd: dict,
+    ema_sd: dict,
+    state: dict,
+    rng: dict[int, dict] | None = None,
+    keep: int = 0,
+) -> str:
     """Write checkpoint ``step`` atomically (rank 0 calls this with everything gathered). Returns its path."""
     root = checkpoint_root(run_dir)
     final = step_dir(run_dir, step)
@@ -121,8 +133,11 @@ def write_checkpoint(run_dir: str, step: int, *, model_sd: dict, ema_sd: dict, s
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [s for s in list_checkpoints(run_dir) if s != step]
-        kept = (f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact" if previous
-                else "no earlier checkpoint exists")
+        kept = (
+            f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
         raise CheckpointError(
             f"could not write checkpoint {final}: {e}; {kept}. Free disk space (or choose another --output-dir) "
             "and continue with --resume."
@@ -145,13 +160,17 @@ def clean_stale_tmp(run_dir: str) -> None:
 
 def _load_file(path: str, loader):
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another "
-                              "step with --resume-step or delete this directory")
+        raise CheckpointError(
+            f"checkpoint file {path} is missing; the checkpoint is incomplete, resume from another "
+            "step with --resume-step or delete this directory"
+        )
     try:
         return loader(path)
     except Exception as e:  # truncated or corrupt file
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e}. Resume from an earlier step "
-                              "(--resume-step) or delete this checkpoint.") from e
+        raise CheckpointError(
+            f"cannot read checkpoint file {path}: {e}. Resume from an earlier step "
+            "(--resume-step) or delete this checkpoint."
+        ) from e
 
 
 def read_checkpoint(path: str, rank: int | None = None) -> dict:
@@ -162,8 +181,10 @@ def read_checkpoint(path: str, rank: int | None = None) -> dict:
         "state": _load_file(os.path.join(path, "state.pt"), lambda p: torch.load(p, weights_only=True)),
     }
     if out["state"].get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}/state.pt has format_version {out['state'].get('format_version')}, "
-                              f"this repa_fast reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}/state.pt has format_version {out['state'].get('format_version')}, "
+            f"this repa_fast reads {FORMAT_VERSION}"
+        )
     rng_path = os.path.join(path, "rng", f"rank{rank}.pt")
     if rank is not None and os.path.isfile(rng_path):
         out["rng"] = _load_file(rng_path, lambda p: torch.load(p, weights_only=True))
@@ -176,8 +197,9 @@ def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> str | None:
         path = step_dir(run_dir, resume_step)
         if not os.path.isdir(path):
             have = list_checkpoints(run_dir)
-            raise CheckpointError(f"--resume-step {resume_step}: {path} does not exist; "
-                                  f"available steps: {have or 'none'}")
+            raise CheckpointError(
+                f"--resume-step {resume_step}: {path} does not exist; available steps: {have or 'none'}"
+            )
         return path
     if resume:
         steps = list_checkpoints(run_dir)
@@ -188,13 +210,23 @@ def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> str | None:
 
 
 # Options that change the model's weights or function: a checkpoint only continues a run that agrees on all of them.
-ARCH_OPTIONS = ("model", "enc_type", "projector_dim", "qk_norm", "use_rope", "num_classes", "resolution",
-                "encoder_depth", "encoder_grid")
+ARCH_OPTIONS = (
+    "model",
+    "enc_type",
+    "projector_dim",
+    "qk_norm",
+    "use_rope",
+    "num_classes",
+    "resolution",
+    "encoder_depth",
+    "encoder_grid",
+)
 
 
 def check_compatible(path: str, saved_config: dict, config: dict) -> None:
     diff = [k for k in ARCH_OPTIONS if k in saved_config and saved_config[k] != config.get(k)]
     if diff:
         pairs = ", ".join(f"--{k.replace('_', '-')} {saved_config[k]} (this run: {config.get(k)})" for k in diff)
-        raise CheckpointError(f"{path} was trained with {pairs}; resume with the same options, or start a new run "
-                              "with another --exp-name")
+        raise CheckpointError(
+            f"{path} was trained with {pairs}; resume with the same options, or start a new run with another --exp-name"
+        )

@@ -17,8 +17,9 @@ _CHUNK = 64
 
 
 @torch.no_grad()
-def ema_update_(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float,
-                skip: torch.Tensor | None = None) -> None:
+def ema_update_(
+    ema: list[torch.Tensor], params: list[torch.Tensor], decay: float, skip: torch.Tensor | None = None
+) -> None:
     """ema <- ema + w (param - ema), w = 1 - decay, or w = 0 where ``skip`` (a device bool) is set; no host sync.
 
     With a device-side weight, ``_foreach_lerp_`` would read it as a Python scalar (``.item()``: a sync) or, given a
@@ -31,7 +32,7 @@ def ema_update_(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
         return
     weight = torch.where(skip.to(ema[0].device), 0.0, 1.0 - decay).to(torch.float32)  # 0-dim, on device
     for i in range(0, len(ema), _CHUNK):
-        e, p = ema[i:i + _CHUNK], params[i:i + _CHUNK]
+        e, p = ema[i : i + _CHUNK], params[i : i + _CHUNK]
         delta = torch._foreach_sub(p, e)
         torch._foreach_mul_(delta, weight)
         torch._foreach_add_(e, delta)

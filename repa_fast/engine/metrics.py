@@ -40,7 +40,7 @@ class LossMeter:
     def read(self, backend) -> dict:
         """Mean over the interval across ranks, and the interval's non-finite / skipped counts. Resets."""
         packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()  # the one sync
-        sums, counts = packed[: len(_KEYS)], packed[len(_KEYS):]
+        sums, counts = packed[: len(_KEYS)], packed[len(_KEYS) :]
         out = {k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:3])}  # ratio of rank means = global mean
         out["grad_norm"] = sums[3] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
         out["nonfinite_losses"] = round(counts[1] * backend.world_size)
@@ -63,17 +63,21 @@ class LogSinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--report-to tensorboard needs the tensorboard package: "
-                                   "pip install 'repa_fast[logging]' (or --report-to none)") from e
+                raise RuntimeError(
+                    "--report-to tensorboard needs the tensorboard package: "
+                    "pip install 'repa_fast[logging]' (or --report-to none)"
+                ) from e
             self.tb = SummaryWriter(os.path.join(run_dir, config.get("logging_dir") or "tensorboard"))
         elif report_to == "wandb":
             try:
                 import wandb
             except ImportError as e:
-                raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb "
-                                   "(or --report-to tensorboard / none)") from e
-            self.wandb = wandb.init(project="repa_fast", name=config.get("exp_name"), config=config,
-                                    dir=run_dir, resume="allow")
+                raise RuntimeError(
+                    "--report-to wandb needs the wandb package: pip install wandb (or --report-to tensorboard / none)"
+                ) from e
+            self.wandb = wandb.init(
+                project="repa_fast", name=config.get("exp_name"), config=config, dir=run_dir, resume="allow"
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -199,8 +199,10 @@ def check_optimizer_names(model: nn.Module, saved: dict) -> dict:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved["state"]]
     if saved["state"] and missing:
-        raise RuntimeError(f"optimizer state has no entry for {missing[:3]}...; was the checkpoint made with "
-                           "another model configuration?")
+        raise RuntimeError(
+            f"optimizer state has no entry for {missing[:3]}...; was the checkpoint made with "
+            "another model configuration?"
+        )
     unknown = [n for n in saved["state"] if n not in params]
     if unknown:
         raise RuntimeError(f"optimizer state names parameters this model does not have: {unknown[:3]}...")
@@ -212,8 +214,18 @@ def check_optimizer_names(model: nn.Module, saved: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Messages of collectives that failed because a peer vanished (gloo, NCCL, the TCP store) or timed out.
-_PEER_SIGNS = ("connection closed", "connection reset", "connection refused", "broken pipe", "timed out", "nccl",
-               "gloo", "socket", "tcpstore", "by peer")
+_PEER_SIGNS = (
+    "connection closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "timed out",
+    "nccl",
+    "gloo",
+    "socket",
+    "tcpstore",
+    "by peer",
+)
 
 
 class DistributedBackend(Backend):
@@ -247,7 +259,8 @@ class DistributedBackend(Backend):
             return exc
         text = f"{type(exc).__name__}: {exc}"
         is_dist = isinstance(exc, getattr(dist, "DistError", ())) or (
-            isinstance(exc, RuntimeError) and any(s in text.lower() for s in _PEER_SIGNS))
+            isinstance(exc, RuntimeError) and any(s in text.lower() for s in _PEER_SIGNS)
+        )
         if self.world_size == 1 or not is_dist:
             return None
         first = text.strip().splitlines()[0][:300]
@@ -255,7 +268,8 @@ class DistributedBackend(Backend):
         return PeerFailure(
             f"rank {self.rank}/{self.world_size} ({self.name}): a collective failed because another process died or "
             f"stopped answering (timeout REPA_FAST_DIST_TIMEOUT={dist_timeout_s()} s): {first}. This process "
-            f"stopped; {where}. Relaunch with --resume to continue from it (any number of processes, any backend).")
+            f"stopped; {where}. Relaunch with --resume to continue from it (any number of processes, any backend)."
+        )
 
     def shutdown(self, clean=True):
         shutdown_process_group(clean)
@@ -345,8 +359,9 @@ class FullReplica:
     def __init__(self, model: nn.Module):
         self.trainable = [n for n, _ in trainable(model)]
         keep = set(self.trainable)
-        self.fixed = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
-                      if n not in keep}
+        self.fixed = {
+            n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in keep
+        }
         self.keys = list(model.state_dict())
         memo = {}  # deepcopy the structure, but map every tensor to an empty meta tensor (no memory)
         for p in model.parameters():
@@ -377,9 +392,14 @@ class ShardedEMA:
     ``local_views()`` returns the current fp32 shards of the trainable parameters, in ``names`` order.
     """
 
-    def __init__(self, names: list[str], local_views: Callable[[], list[torch.Tensor]],
-                 gather: Callable[[str, torch.Tensor], torch.Tensor],
-                 local_slice: Callable[[str, torch.Tensor], torch.Tensor], replica: FullReplica):
+    def __init__(
+        self,
+        names: list[str],
+        local_views: Callable[[], list[torch.Tensor]],
+        gather: Callable[[str, torch.Tensor], torch.Tensor],
+        local_slice: Callable[[str, torch.Tensor], torch.Tensor],
+        replica: FullReplica,
+    ):
         self.names, self._views, self.replica = names, local_views, replica
         self._gather, self._slice = gather, local_slice
         self.shadow = [v.detach().float().clone() for v in local_views()]
@@ -425,8 +445,9 @@ def make_backend(kind: str = "auto", device: str = "auto", cfg=None) -> Backend:
         kind = "ddp" if world > 1 else "none"
     if kind == "none":
         if world > 1:
-            raise RuntimeError(f"--parallel none with WORLD_SIZE={world}: launch one process or use --parallel "
-                               "ddp/fsdp/deepspeed")
+            raise RuntimeError(
+                f"--parallel none with WORLD_SIZE={world}: launch one process or use --parallel ddp/fsdp/deepspeed"
+            )
         return Backend(device)
     if kind == "ddp":
         return DDPBackend(device)

@@ -43,8 +43,10 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ConfigError("--parallel deepspeed needs the DeepSpeed package: pip install 'repa_fast[deepspeed]' "
-                          "(or use --parallel ddp / fsdp under torchrun)") from e
+        raise ConfigError(
+            "--parallel deepspeed needs the DeepSpeed package: pip install 'repa_fast[deepspeed]' "
+            "(or use --parallel ddp / fsdp under torchrun)"
+        ) from e
     return deepspeed
 
 
@@ -69,11 +71,14 @@ class DeepSpeedBackend(ShardingBackend):
         self.engine, self.optimizer = engine, ds_opt
         self.base = ds_opt.optimizer  # the torch AdamW over DeepSpeed's flat fp32 partitions
         bound_process_groups()  # ZeRO reduces over a clone of the world group, created with torch's 30 min default
-        logger.info("deepspeed: ZeRO stage %d, micro batch %d x accumulation %d x %d process(es), autocast %s",
-                    self.stage, self.ds_config["train_micro_batch_size_per_gpu"],
-                    self.ds_config["gradient_accumulation_steps"], self.world_size,
-                    self.ds_config["torch_autocast"].get("dtype") if self.ds_config["torch_autocast"]["enabled"]
-                    else "off")
+        logger.info(
+            "deepspeed: ZeRO stage %d, micro batch %d x accumulation %d x %d process(es), autocast %s",
+            self.stage,
+            self.ds_config["train_micro_batch_size_per_gpu"],
+            self.ds_config["gradient_accumulation_steps"],
+            self.world_size,
+            self.ds_config["torch_autocast"].get("dtype") if self.ds_config["torch_autocast"]["enabled"] else "off",
+        )
         return engine
 
     def backward(self, loss, scaler=None):
@@ -95,8 +100,13 @@ class DeepSpeedBackend(ShardingBackend):
 
         self._params = dict(model.named_parameters())
         names = [n for n, _ in trainable(model)]
-        return ShardedEMA(names, lambda: [safe_get_local_fp32_param(self._params[n]) for n in names],
-                          self._gather_partitions, self._my_partition, self.replica)
+        return ShardedEMA(
+            names,
+            lambda: [safe_get_local_fp32_param(self._params[n]) for n in names],
+            self._gather_partitions,
+            self._my_partition,
+            self.replica,
+        )
 
     def _partition_numel(self, name: str) -> int:
         return -(-self._params[name].ds_numel // self.world_size)  # ceil: the last rank's partition is padded
@@ -105,8 +115,10 @@ class DeepSpeedBackend(ShardingBackend):
         """Full tensor from every rank's contiguous, equally sized partition (rank order), padding dropped."""
         p, n = self._params[name], self._partition_numel(name)
         if local.numel() != n:
-            raise RuntimeError(f"ZeRO-3 partition of {name} has {local.numel()} elements, expected {n}; this "
-                               "DeepSpeed version lays partitions out differently (please report)")
+            raise RuntimeError(
+                f"ZeRO-3 partition of {name} has {local.numel()} elements, expected {n}; this "
+                "DeepSpeed version lays partitions out differently (please report)"
+            )
         out = torch.empty(n * self.world_size, dtype=torch.float32, device=local.device)
         dist.all_gather_into_tensor(out, local.detach().float().contiguous().reshape(-1))
         return out[: p.ds_numel].view(p.ds_shape).cpu()
@@ -114,7 +126,7 @@ class DeepSpeedBackend(ShardingBackend):
     def _my_partition(self, name, full):
         """This rank's partition of a full tensor, zero-padded to the partition size."""
         n = self._partition_numel(name)
-        part = full.reshape(-1)[self.rank * n:(self.rank + 1) * n]
+        part = full.reshape(-1)[self.rank * n : (self.rank + 1) * n]
         return torch.cat([part, part.new_zeros(n - part.numel())]) if part.numel() < n else part.clone()
 
     # -- state -----------------------------------------------------------------------------------------------------
@@ -165,8 +177,10 @@ class DeepSpeedBackend(ShardingBackend):
         keys = [k for k, v in first.items() if v.dim() > 0]
         for flat, state in self._flat_states():
             if not state:  # AdamW creates its state lazily: create it now in its own format, then fill it
-                self.base.state[flat] = {**{k: v.to(flat.device).clone() for k, v in first.items() if k not in keys},
-                                         **{k: torch.zeros_like(flat) for k in keys}}
+                self.base.state[flat] = {
+                    **{k: v.to(flat.device).clone() for k, v in first.items() if k not in keys},
+                    **{k: torch.zeros_like(flat) for k in keys},
+                }
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # stages 1/2: map fragments
         if link is not None:
             link()
@@ -185,4 +199,3 @@ def _timeout():
     from repa_fast.engine.parallel import dist_timeout_s
 
     return datetime.timedelta(seconds=dist_timeout_s())
-

@@ -27,11 +27,22 @@ import copy
 from repa_fast.config import ConfigError
 
 # Trainer option -> the DeepSpeed key it owns (for the "set on the command line" rule).
-OWNED = {"batch_size": "train_batch_size", "gradient_accumulation_steps": "gradient_accumulation_steps",
-         "max_grad_norm": "gradient_clipping", "mixed_precision": "torch_autocast"}
+OWNED = {
+    "batch_size": "train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "max_grad_norm": "gradient_clipping",
+    "mixed_precision": "torch_autocast",
+}
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-_DTYPE_ALIASES = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16", "float16": "fp16", "fp16": "fp16",
-                  "half": "fp16", "torch.float16": "fp16"}
+_DTYPE_ALIASES = {
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "torch.bfloat16": "bf16",
+    "float16": "fp16",
+    "fp16": "fp16",
+    "half": "fp16",
+    "torch.float16": "fp16",
+}
 
 
 def _given(ds: dict, key: str, cli: set, option: str):
@@ -45,7 +56,7 @@ def _given(ds: dict, key: str, cli: set, option: str):
 def _int(ds: dict, key: str, where: str) -> int:
     v = ds[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{where}: deepspeed.{key} must be a positive integer or \"auto\", got {v!r}")
+        raise ConfigError(f'{where}: deepspeed.{key} must be a positive integer or "auto", got {v!r}')
     return v
 
 
@@ -57,25 +68,34 @@ def resolve_batch(ds: dict, cfg, world: int, cli: set, where: str) -> None:
     mb = _given(ds, "train_micro_batch_size_per_gpu", cli, "batch_size")
     if "gradient_accumulation_steps" in cli or "batch_size" in cli:
         mb = None  # the CLI changed the batch arithmetic: the micro batch follows
-    for key, v in (("train_batch_size", tb), ("gradient_accumulation_steps", ga), ("train_micro_batch_size_per_gpu",
-                                                                                    mb)):
+    for key, v in (
+        ("train_batch_size", tb),
+        ("gradient_accumulation_steps", ga),
+        ("train_micro_batch_size_per_gpu", mb),
+    ):
         if v is not None:
             _int(ds, key, where)
     if tb is not None and tb != o.batch_size:
-        raise ConfigError(f"{where}: deepspeed.train_batch_size {tb} != trainer batch_size {o.batch_size} (the global "
-                          "batch); make them equal, set train_batch_size to \"auto\", or pass --batch-size")
+        raise ConfigError(
+            f"{where}: deepspeed.train_batch_size {tb} != trainer batch_size {o.batch_size} (the global "
+            'batch); make them equal, set train_batch_size to "auto", or pass --batch-size'
+        )
     if ga is not None and ga != accum:
-        raise ConfigError(f"{where}: deepspeed.gradient_accumulation_steps {ga} != trainer gradient_accumulation_steps "
-                          f"{accum}; make them equal, use \"auto\", or pass --gradient-accumulation-steps")
+        raise ConfigError(
+            f"{where}: deepspeed.gradient_accumulation_steps {ga} != trainer gradient_accumulation_steps "
+            f'{accum}; make them equal, use "auto", or pass --gradient-accumulation-steps'
+        )
     if mb is not None and mb * accum * world != o.batch_size:
         raise ConfigError(
             f"{where}: train_micro_batch_size_per_gpu {mb} x gradient_accumulation_steps {accum} x {world} "
-            f"process(es) = {mb * accum * world} != train_batch_size {o.batch_size}; set the micro batch to \"auto\" "
-            f"(it becomes {o.batch_size} / ({accum} x {world})) or change --gradient-accumulation-steps / --batch-size")
+            f'process(es) = {mb * accum * world} != train_batch_size {o.batch_size}; set the micro batch to "auto" '
+            f"(it becomes {o.batch_size} / ({accum} x {world})) or change --gradient-accumulation-steps / --batch-size"
+        )
     if o.batch_size % (accum * world):
         raise ConfigError(
             f"{where}: train_batch_size {o.batch_size} is not divisible by gradient_accumulation_steps {accum} x "
-            f"{world} process(es) = {accum * world}; use a multiple of {accum * world}")
+            f"{world} process(es) = {accum * world}; use a multiple of {accum * world}"
+        )
     ds["train_batch_size"] = o.batch_size
     ds["gradient_accumulation_steps"] = accum
     ds["train_micro_batch_size_per_gpu"] = o.batch_size // (accum * world)
@@ -88,8 +108,9 @@ def resolve_precision(ds: dict, cfg, cli: set, where: str) -> None:
             raise ConfigError(
                 f"{where}: deepspeed.{native} stores {native} weights (fp32 master copies in the optimizer), unlike "
                 "every other backend here; repa_fast keeps fp32 weights and autocasts the forward. Remove the "
-                f"\"{native}\" section and use \"torch_autocast\": {{\"enabled\": true, \"dtype\": "
-                f"\"{AUTOCAST_DTYPES[native]}\"}} (or --mixed-precision {native})")
+                f'"{native}" section and use "torch_autocast": {{"enabled": true, "dtype": '
+                f'"{AUTOCAST_DTYPES[native]}"}} (or --mixed-precision {native})'
+            )
         ds.pop(native, None)
     mp = cfg.run.mixed_precision
     ta = dict(ds.get("torch_autocast") or {})
@@ -100,8 +121,10 @@ def resolve_precision(ds: dict, cfg, cli: set, where: str) -> None:
         if enabled and dtype is None:
             raise ConfigError(f"{where}: deepspeed.torch_autocast.dtype {ta.get('dtype')!r}: use bfloat16 or float16")
         if file_mp != mp:
-            raise ConfigError(f"{where}: deepspeed.torch_autocast says {file_mp} but the trainer's mixed_precision is "
-                              f"{mp}; make them agree or pass --mixed-precision")
+            raise ConfigError(
+                f"{where}: deepspeed.torch_autocast says {file_mp} but the trainer's mixed_precision is "
+                f"{mp}; make them agree or pass --mixed-precision"
+            )
     if mp == "no":
         ds["torch_autocast"] = {"enabled": False}
         return
@@ -109,9 +132,11 @@ def resolve_precision(ds: dict, cfg, cli: set, where: str) -> None:
         # Measured with DeepSpeed 0.19.8 (tiny SiT, ZeRO-2/3, CPU): its torch_autocast GradScaler leaves the loss scale
         # in the gradients that ZeRO clips, so clipping acts on a norm 65536x too large (logged 92410 vs 1.41) and the
         # trajectory leaves the one-process fp16 run by 3% at step 2.
-        raise ConfigError(f"{where}: --mixed-precision fp16 is not supported with --parallel deepspeed (DeepSpeed's "
-                          "torch_autocast fp16 clips the loss-scaled gradients); use bf16 (the default) or fp16 with "
-                          "--parallel ddp / fsdp, which use torch's GradScaler")
+        raise ConfigError(
+            f"{where}: --mixed-precision fp16 is not supported with --parallel deepspeed (DeepSpeed's "
+            "torch_autocast fp16 clips the loss-scaled gradients); use bf16 (the default) or fp16 with "
+            "--parallel ddp / fsdp, which use torch's GradScaler"
+        )
     ta.update(enabled=True, dtype=AUTOCAST_DTYPES[mp])
     ta.setdefault("lower_precision_safe_modules", [])  # [] = fp32 gradient reduction, as DDP/FSDP
     ds["torch_autocast"] = ta
@@ -123,36 +148,46 @@ def resolve_deepspeed_config(cfg, world_size: int, cli: set | None = None, where
     where = where or "deepspeed config"
     raw = cfg.deepspeed or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the \"deepspeed\" section must be a JSON object")
+        raise ConfigError(f'{where}: the "deepspeed" section must be a JSON object')
     ds = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ConfigError(f"{where}: deepspeed.{section} is not used: the trainer section owns the optimizer "
-                              "(AdamW: learning_rate, adam_beta1/2, adam_epsilon, adam_weight_decay; constant lr as "
-                              f"the reference). Remove the \"{section}\" section")
+            raise ConfigError(
+                f"{where}: deepspeed.{section} is not used: the trainer section owns the optimizer "
+                "(AdamW: learning_rate, adam_beta1/2, adam_epsilon, adam_weight_decay; constant lr as "
+                f'the reference). Remove the "{section}" section'
+            )
     resolve_batch(ds, cfg, world_size, cli, where)
     clip = _given(ds, "gradient_clipping", cli, "max_grad_norm")
     if clip is not None and float(clip) != float(cfg.optim.max_grad_norm):
-        raise ConfigError(f"{where}: deepspeed.gradient_clipping {clip} != trainer max_grad_norm "
-                          f"{cfg.optim.max_grad_norm}; make them equal, use \"auto\", or pass --max-grad-norm")
+        raise ConfigError(
+            f"{where}: deepspeed.gradient_clipping {clip} != trainer max_grad_norm "
+            f'{cfg.optim.max_grad_norm}; make them equal, use "auto", or pass --max-grad-norm'
+        )
     ds["gradient_clipping"] = float(cfg.optim.max_grad_norm)
     resolve_precision(ds, cfg, cli, where)
     zero = ds.setdefault("zero_optimization", {})
     if not isinstance(zero, dict):
-        raise ConfigError(f"{where}: deepspeed.zero_optimization must be an object like {{\"stage\": 2}}")
+        raise ConfigError(f'{where}: deepspeed.zero_optimization must be an object like {{"stage": 2}}')
     stage = zero.setdefault("stage", 2)
     if stage == 0:
-        raise ConfigError(f"{where}: deepspeed.zero_optimization.stage 0 is plain data parallelism without DeepSpeed's "
-                          "non-finite-gradient skip; use --parallel ddp (same numerics) or ZeRO stage 1, 2 or 3")
+        raise ConfigError(
+            f"{where}: deepspeed.zero_optimization.stage 0 is plain data parallelism without DeepSpeed's "
+            "non-finite-gradient skip; use --parallel ddp (same numerics) or ZeRO stage 1, 2 or 3"
+        )
     if stage not in (1, 2, 3):
         raise ConfigError(f"{where}: deepspeed.zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     if ds.get("managed_gradient_accumulation", False) not in (False, "auto"):
-        raise ConfigError(f"{where}: managed_gradient_accumulation must be false: the training loop owns the "
-                          "accumulation boundary (remove the key)")
+        raise ConfigError(
+            f"{where}: managed_gradient_accumulation must be false: the training loop owns the "
+            "accumulation boundary (remove the key)"
+        )
     ds["managed_gradient_accumulation"] = False
     if stage == 1 and zero.setdefault("overlap_comm", False):
-        raise ConfigError(f"{where}: zero_optimization.overlap_comm needs stage 2 or 3 here (with the loop owning the "
-                          "accumulation, DeepSpeed overlaps reduction only for partitioned gradients); remove it")
+        raise ConfigError(
+            f"{where}: zero_optimization.overlap_comm needs stage 2 or 3 here (with the loop owning the "
+            "accumulation, DeepSpeed overlaps reduction only for partitioned gradients); remove it"
+        )
     ds.setdefault("zero_allow_untested_optimizer", True)  # torch's fused AdamW on the flat fp32 partitions
     ds.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; DeepSpeed's own progress lines off
     ds.setdefault("wall_clock_breakdown", False)

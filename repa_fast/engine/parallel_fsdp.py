@@ -78,8 +78,9 @@ class FSDPBackend(ShardingBackend):
     # -- EMA ---------------------------------------------------------------------------------------------------------
     def make_ema(self, model):
         names = [n for n, _ in trainable(model)]
-        return ShardedEMA(names, lambda: [_local(self._params[n]) for n in names], self._gather_full,
-                          self._local_slice, self.replica)
+        return ShardedEMA(
+            names, lambda: [_local(self._params[n]) for n in names], self._gather_full, self._local_slice, self.replica
+        )
 
     def _gather_full(self, name, local):
         DTensor = _dtensor_api()[1]

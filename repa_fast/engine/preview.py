@@ -22,8 +22,17 @@ logger = logging.getLogger("repa_fast")
 
 
 class Previewer:
-    def __init__(self, latent_shape: tuple, num_classes: int, latent_scale: float, path_type: str,
-                 device: torch.device, seed: int, vae_path: str | None = None, n: int = 32):
+    def __init__(
+        self,
+        latent_shape: tuple,
+        num_classes: int,
+        latent_scale: float,
+        path_type: str,
+        device: torch.device,
+        seed: int,
+        vae_path: str | None = None,
+        n: int = 32,
+    ):
         c, h, w = latent_shape[0] // 2, latent_shape[1], latent_shape[2]
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(n, c, h, w, generator=gen).to(device)  # fixed across previews
@@ -38,8 +47,9 @@ class Previewer:
     def __call__(self, ema_model: torch.nn.Module, path: str, num_steps: int = 50, cfg_scale: float = 4.0) -> str:
         was_training = ema_model.training
         ema_model.eval()
-        x = euler_sampler(ema_model, self.noise, self.labels, num_steps=num_steps, cfg_scale=cfg_scale,
-                          path_type=self.path_type).float()
+        x = euler_sampler(
+            ema_model, self.noise, self.labels, num_steps=num_steps, cfg_scale=cfg_scale, path_type=self.path_type
+        ).float()
         ema_model.train(was_training)
         if self.vae is not None:
             x = self.vae.decode(x / self.latent_scale).sample
@@ -59,7 +69,7 @@ def save_grid(images: np.ndarray, path: str) -> None:
     grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img
     scale = max(1, 256 // max(h, w))  # upscale tiny demo images so the PNG is legible
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -84,8 +84,10 @@ def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
                 f.write("ok")
             os.remove(probe)
         except OSError as e:
-            raise ConfigError(f"--output-dir {cfg.run.output_dir}: cannot write to {out} ({e.strerror}); "
-                              "choose a writable --output-dir") from e
+            raise ConfigError(
+                f"--output-dir {cfg.run.output_dir}: cannot write to {out} ({e.strerror}); "
+                "choose a writable --output-dir"
+            ) from e
         ckpt.clean_stale_tmp(out)
     backend.barrier()
     return out
@@ -107,12 +109,28 @@ def build_models(cfg: TrainConfig, dataset, device: torch.device):
     encoders = []
     if cfg.loss.proj_coeff != 0 and cfg.target.enc_type:
         grid = cfg.target.encoder_grid or None
-        encoders = load_encoders(cfg.target.enc_type, dataset.resolution, cfg.target.encoder_checkpoint_dir,
-                                 grid=grid, pretrained=cfg.target.encoder_pretrained, kernels=m.kernels, device=device)
+        encoders = load_encoders(
+            cfg.target.enc_type,
+            dataset.resolution,
+            cfg.target.encoder_checkpoint_dir,
+            grid=grid,
+            pretrained=cfg.target.encoder_pretrained,
+            kernels=m.kernels,
+            device=device,
+        )
     model = build_sit(
-        m.model, input_size=h, in_channels=two_c // 2, num_classes=dataset.num_classes, class_dropout_prob=m.cfg_prob,
-        z_dims=[e.embed_dim for e in encoders], encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
-        qk_norm=m.qk_norm, fused_attn=m.fused_attn, kernels=m.kernels, use_rope=m.use_rope,
+        m.model,
+        input_size=h,
+        in_channels=two_c // 2,
+        num_classes=dataset.num_classes,
+        class_dropout_prob=m.cfg_prob,
+        z_dims=[e.embed_dim for e in encoders],
+        encoder_depth=m.encoder_depth,
+        projector_dim=m.projector_dim,
+        qk_norm=m.qk_norm,
+        fused_attn=m.fused_attn,
+        kernels=m.kernels,
+        use_rope=m.use_rope,
     ).to(device)
     for e in encoders:
         if e.grid != model.x_embedder.grid_size:
@@ -129,8 +147,14 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     # fused=True on CPU and CUDA: one kernel per step, and the found_inf input lets a bad step be skipped on device.
-    return torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                             weight_decay=o.adam_weight_decay, fused=True)
+    return torch.optim.AdamW(
+        params,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+        weight_decay=o.adam_weight_decay,
+        fused=True,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -165,17 +189,25 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
     use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size, rank=backend.rank,
-                                          world_size=backend.world_size, seed=cfg.run.seed)
+    sampler = ResumableDistributedSampler(
+        len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
+    )
     state = State(model, train_model, ema, optimizer, scaler, sampler)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
     if cfg.model.compile:
         for block in model.blocks:
             block.compile(backend=cfg.model.compile_backend)  # in place: state-dict keys unchanged
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.run.seed + backend.rank))
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.run.seed + backend.rank),
+    )
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
     previewer = _make_previewer(cfg, dataset, device) if backend.is_main and cfg.run.sampling_steps else None
     try:
@@ -188,17 +220,40 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
 
 
 def _make_previewer(cfg: TrainConfig, dataset, device):
-    return Previewer(dataset.latent_shape, dataset.num_classes, cfg.data.latent_scale, cfg.loss.path_type, device,
-                     seed=cfg.run.seed, vae_path=cfg.data.vae, n=min(32, max(dataset.num_classes, 16)))
+    return Previewer(
+        dataset.latent_shape,
+        dataset.num_classes,
+        cfg.data.latent_scale,
+        cfg.loss.path_type,
+        device,
+        seed=cfg.run.seed,
+        vae_path=cfg.data.vae,
+        n=min(32, max(dataset.num_classes, 16)),
+    )
 
 
 def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
     n = sum(p.numel() for p in model.parameters())
-    logger.info("run %s: %s (%.2fM params), %d process(es) [%s] on %s, global batch %d = %d x %d x %d",
-                cfg.run.exp_name, cfg.model.model, n / 1e6, backend.world_size, backend.name, backend.device,
-                cfg.optim.batch_size, backend.world_size, cfg.optim.gradient_accumulation_steps, micro)
-    logger.info("data: %s (%d samples, %s, latents %s)", type(dataset).__name__, len(dataset),
-                f"{dataset.resolution}px", tuple(dataset.latent_shape))
+    logger.info(
+        "run %s: %s (%.2fM params), %d process(es) [%s] on %s, global batch %d = %d x %d x %d",
+        cfg.run.exp_name,
+        cfg.model.model,
+        n / 1e6,
+        backend.world_size,
+        backend.name,
+        backend.device,
+        cfg.optim.batch_size,
+        backend.world_size,
+        cfg.optim.gradient_accumulation_steps,
+        micro,
+    )
+    logger.info(
+        "data: %s (%d samples, %s, latents %s)",
+        type(dataset).__name__,
+        len(dataset),
+        f"{dataset.resolution}px",
+        tuple(dataset.latent_shape),
+    )
     for e in encoders:
         kind = "pretrained weights" if cfg.target.encoder_pretrained else "RANDOM weights (demo/test only)"
         logger.info("target encoder %s: %s, %d tokens x %d", e.enc_name, kind, e.grid**2, e.embed_dim)
@@ -239,9 +294,18 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
     with backend.no_sync(state.train_model, last):
-        losses = training_loss(state.train_model, x0, labels, targets, path_type=cfg.loss.path_type,
-                               prediction=cfg.loss.prediction, weighting=cfg.loss.weighting,
-                               proj_coeff=cfg.loss.proj_coeff, autocast_dtype=amp_dtype, kernels=cfg.model.kernels)
+        losses = training_loss(
+            state.train_model,
+            x0,
+            labels,
+            targets,
+            path_type=cfg.loss.path_type,
+            prediction=cfg.loss.prediction,
+            weighting=cfg.loss.weighting,
+            proj_coeff=cfg.loss.proj_coeff,
+            autocast_dtype=amp_dtype,
+            kernels=cfg.model.kernels,
+        )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
 
@@ -293,8 +357,12 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
         if preview_due:
             ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
             if previewer is not None:
-                path = previewer(ema_model, os.path.join(out, "samples", f"{step:07d}.png"),
-                                 num_steps=cfg.run.preview_num_steps, cfg_scale=cfg.run.preview_cfg_scale)
+                path = previewer(
+                    ema_model,
+                    os.path.join(out, "samples", f"{step:07d}.png"),
+                    num_steps=cfg.run.preview_num_steps,
+                    cfg_scale=cfg.run.preview_cfg_scale,
+                )
                 sinks.add_image("samples", path, step)
         t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
     progress.close()
@@ -314,19 +382,32 @@ def _check_nonfinite(cfg, state: State, metrics: dict, out: str) -> None:
     if n and cfg.run.on_nan == "stop":
         good = ckpt.list_checkpoints(out)
         where = ckpt.step_dir(out, good[-1]) if good else "none was saved yet"
-        raise TrainingStopped(f"{n} non-finite loss value(s) in the steps up to {state.step} (--on-nan stop); "
-                              f"those updates were skipped and nothing was saved after them. Last good checkpoint: "
-                              f"{where}")
+        raise TrainingStopped(
+            f"{n} non-finite loss value(s) in the steps up to {state.step} (--on-nan stop); "
+            f"those updates were skipped and nothing was saved after them. Last good checkpoint: "
+            f"{where}"
+        )
     if n:
-        logger.warning("%d non-finite loss(es) up to step %d: those steps were skipped (%d in total)", n, state.step,
-                       state.nonfinite_total)
+        logger.warning(
+            "%d non-finite loss(es) up to step %d: those steps were skipped (%d in total)",
+            n,
+            state.step,
+            state.nonfinite_total,
+        )
 
 
 def _progress(cfg, state, backend):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.run.max_train_steps, initial=state.step, disable=not backend.is_main, desc="train",
-                unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(
+        total=cfg.run.max_train_steps,
+        initial=state.step,
+        disable=not backend.is_main,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
 
 
 def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> None:
@@ -336,12 +417,22 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
     rngs = backend.gather_objects(ckpt.rng_state())
     if backend.is_main:
         extra = {
-            "optimizer": opt_sd, "scaler": state.scaler.state_dict() if state.scaler else None,
-            "sampler": state.sampler.state_dict(), "config": cfg.flat(), "world_size": backend.world_size,
+            "optimizer": opt_sd,
+            "scaler": state.scaler.state_dict() if state.scaler else None,
+            "sampler": state.sampler.state_dict(),
+            "config": cfg.flat(),
+            "world_size": backend.world_size,
             "nonfinite_total": state.nonfinite_total,
         }
-        path = ckpt.write_checkpoint(out, state.step, model_sd=model_sd, ema_sd=ema_sd, state=extra,
-                                     rng=dict(enumerate(rngs)), keep=cfg.run.checkpoints_total_limit)
+        path = ckpt.write_checkpoint(
+            out,
+            state.step,
+            model_sd=model_sd,
+            ema_sd=ema_sd,
+            state=extra,
+            rng=dict(enumerate(rngs)),
+            keep=cfg.run.checkpoints_total_limit,
+        )
         logger.info("saved checkpoint %s", path)
     backend.barrier()
 
@@ -360,7 +451,15 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
         ckpt.set_rng_state(saved["rng"])
     else:  # a different process count: no per-rank stream to continue, so derive fresh, distinct ones
         seed_everything(int(saved["state"]["config"]["seed"]) + backend.rank + 1_000_003 * state.step)
-        logger.warning("resumed with %d processes from a %s-process checkpoint: data order is exact, random "
-                       "streams are reseeded", backend.world_size, saved["state"].get("world_size"))
-    logger.info("resumed from %s at step %d (epoch %d, %d samples into it)", path, state.step,
-                state.sampler.epoch, state.sampler.consumed)
+        logger.warning(
+            "resumed with %d processes from a %s-process checkpoint: data order is exact, random streams are reseeded",
+            backend.world_size,
+            saved["state"].get("world_size"),
+        )
+    logger.info(
+        "resumed from %s at step %d (epoch %d, %d samples into it)",
+        path,
+        state.step,
+        state.sampler.epoch,
+        state.sampler.consumed,
+    )

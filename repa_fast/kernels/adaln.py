@@ -10,7 +10,6 @@ returns dx, dshift, dscale (and dbranch, dgate, dweight) from that single pass; 
 over tokens are written as per-chunk partial sums, then summed in fp32 (deterministic, no atomics).
 """
 
-
 import torch
 import torch.nn.functional as F
 
@@ -59,13 +58,29 @@ def _row_norm(x, mask, D, eps, RMS: tl.constexpr):
 
 @triton.jit
 def _adaln_fwd_kernel(
-    x_ptr, branch_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, xnew_ptr, y_ptr,
-    n_rows, n_tok, D,
-    stride_x_row, stride_branch_row, stride_gate_b, stride_shift_b, stride_scale_b,
+    x_ptr,
+    branch_ptr,
+    gate_ptr,
+    shift_ptr,
+    scale_ptr,
+    w_ptr,
+    xnew_ptr,
+    y_ptr,
+    n_rows,
+    n_tok,
+    D,
+    stride_x_row,
+    stride_branch_row,
+    stride_gate_b,
+    stride_shift_b,
+    stride_scale_b,
     eps,
-    GATED: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    GATED: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,); int64: offsets may pass 2^31
     cols = tl.arange(0, BLOCK_D)
@@ -91,13 +106,35 @@ def _adaln_fwd_kernel(
 
 @triton.jit
 def _adaln_bwd_kernel(
-    dy_ptr, dres_ptr, h_ptr, branch_ptr, gate_ptr, scale_ptr, w_ptr, dx_ptr, dbranch_ptr, part_ptr,
-    n_tok, D, rows_per_chunk, n_chunks, n_batch,
-    stride_dy_row, stride_dres_row, stride_h_row, stride_branch_row, stride_gate_b, stride_scale_b,
+    dy_ptr,
+    dres_ptr,
+    h_ptr,
+    branch_ptr,
+    gate_ptr,
+    scale_ptr,
+    w_ptr,
+    dx_ptr,
+    dbranch_ptr,
+    part_ptr,
+    n_tok,
+    D,
+    rows_per_chunk,
+    n_chunks,
+    n_batch,
+    stride_dy_row,
+    stride_dres_row,
+    stride_h_row,
+    stride_branch_row,
+    stride_gate_b,
+    stride_scale_b,
     eps,
-    GATED: tl.constexpr, HAS_DRES: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    GATED: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # One program per (sample b, chunk c of its tokens). Partial sums go to part[k, b, c, :]:
     # k=0: sum dy (-> dshift), k=1: sum dy * xhat (-> dscale, dweight), k=2: sum dh * branch (-> dgate).
     b = tl.program_id(0).to(tl.int64)  # int64 offsets: B * N * D may pass 2^31
@@ -187,13 +224,30 @@ def adaln_fwd(x, branch, gate, shift, scale, weight, eps: float, rms: bool, xnew
     block_m, block_d, _, warps = _launch_config(B * N, N, D, x.device)
     dummy = x2
     _adaln_fwd_kernel[(cdiv(B * N, block_m),)](
-        x2, br2 if gated else dummy, gate if gated else dummy, shift, scale,
-        weight if weight is not None else dummy, x_new if gated else dummy, y,
-        B * N, N, D,
-        x2.stride(0), br2.stride(0) if gated else 0, gate.stride(0) if gated else 0, shift.stride(0), scale.stride(0),
+        x2,
+        br2 if gated else dummy,
+        gate if gated else dummy,
+        shift,
+        scale,
+        weight if weight is not None else dummy,
+        x_new if gated else dummy,
+        y,
+        B * N,
+        N,
+        D,
+        x2.stride(0),
+        br2.stride(0) if gated else 0,
+        gate.stride(0) if gated else 0,
+        shift.stride(0),
+        scale.stride(0),
         eps,
-        GATED=gated, RMS=rms, HAS_WEIGHT=weight is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        GATED=gated,
+        RMS=rms,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return x_new, y
 
 
@@ -217,15 +271,36 @@ def adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps: float, rms: bool, d
     part = empty((3 if gated else 2, B, chunks, D), torch.float32, h.device)
     dummy = h2
     _adaln_bwd_kernel[(B, chunks)](
-        dy2, dres2 if dres is not None else dummy, h2, br2 if gated else dummy, gate if gated else dummy, scale,
-        weight if weight is not None else dummy, dx, dbranch if gated else dummy, part,
-        N, D, rows_per_chunk, chunks, B,
-        dy2.stride(0), dres2.stride(0) if dres is not None else 0, h2.stride(0), br2.stride(0) if gated else 0,
-        gate.stride(0) if gated else 0, scale.stride(0),
+        dy2,
+        dres2 if dres is not None else dummy,
+        h2,
+        br2 if gated else dummy,
+        gate if gated else dummy,
+        scale,
+        weight if weight is not None else dummy,
+        dx,
+        dbranch if gated else dummy,
+        part,
+        N,
+        D,
+        rows_per_chunk,
+        chunks,
+        B,
+        dy2.stride(0),
+        dres2.stride(0) if dres is not None else 0,
+        h2.stride(0),
+        br2.stride(0) if gated else 0,
+        gate.stride(0) if gated else 0,
+        scale.stride(0),
         eps,
-        GATED=gated, HAS_DRES=dres is not None, RMS=rms, HAS_WEIGHT=weight is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        GATED=gated,
+        HAS_DRES=dres is not None,
+        RMS=rms,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return dx, dbranch, part
 
 
@@ -235,9 +310,14 @@ def adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps: float, rms: bool, d
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("repa_fast::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool,
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    rms: bool,
     y_dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     return adaln_fwd(x, None, None, shift, scale, weight, eps, rms, None, y_dtype)[1]
 
 
@@ -248,9 +328,17 @@ def _(x, shift, scale, weight, eps, rms, y_dtype):
 
 @torch.library.custom_op("repa_fast::gated_residual_adaln", mutates_args=())
 def _gated_adaln_op(
-    x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    weight: torch.Tensor | None, eps: float, rms: bool, xnew_dtype: torch.dtype, y_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    xnew_dtype: torch.dtype,
+    y_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return adaln_fwd(x, branch, gate, shift, scale, weight, eps, rms, xnew_dtype, y_dtype)
 
 
@@ -261,10 +349,17 @@ def _(x, branch, gate, shift, scale, weight, eps, rms, xnew_dtype, y_dtype):
 
 @torch.library.custom_op("repa_fast::adaln_modulate_bwd", mutates_args=())
 def _adaln_bwd_op(
-    dy: torch.Tensor, dres: torch.Tensor | None, h: torch.Tensor, branch: torch.Tensor | None,
-    gate: torch.Tensor | None, scale: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool,
+    dy: torch.Tensor,
+    dres: torch.Tensor | None,
+    h: torch.Tensor,
+    branch: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    rms: bool,
     dx_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dbranch, part = adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps, rms, dx_dtype)
     return dx, dbranch if dbranch is not None else h.new_empty(0), part
 
@@ -343,8 +438,9 @@ def adaln_modulate(x, shift, scale, eps: float = 1e-6, impl: str = "auto", *, no
     return _adaln_modulate_op(x, shift, scale, weight, float(eps), norm == "rms", y_dtype)
 
 
-def gated_residual_adaln(x, branch, gate, shift, scale, eps: float = 1e-6, impl: str = "auto", *, norm="layer",
-                         weight=None):  # fmt: skip
+def gated_residual_adaln(
+    x, branch, gate, shift, scale, eps: float = 1e-6, impl: str = "auto", *, norm="layer", weight=None
+):
     """(x_new, y) with x_new = x + gate * branch and y = Norm(x_new) * (1 + scale) + shift, in one pass."""
     _check(x, norm, weight, branch=branch, gate=gate, shift=shift, scale=scale)
     if not use_triton("gated_residual_adaln", impl, x):

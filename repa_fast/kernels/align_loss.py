@@ -46,9 +46,17 @@ def alignment_loss_ref(preds: Sequence[torch.Tensor], targets: Sequence[torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cos_rows_fwd_kernel(
-    p_ptr, z_ptr, cos_ptr, n_rows, D, stride_p_row, stride_z_row, eps,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    z_ptr,
+    cos_ptr,
+    n_rows,
+    D,
+    stride_p_row,
+    stride_z_row,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
@@ -62,9 +70,22 @@ def _cos_rows_fwd_kernel(
 
 @triton.jit
 def _cos_rows_bwd_kernel(
-    dcos_ptr, p_ptr, z_ptr, dp_ptr, dz_ptr, n_rows, D, stride_p_row, stride_z_row, stride_dcos, eps,
-    NEED_DP: tl.constexpr, NEED_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    dcos_ptr,
+    p_ptr,
+    z_ptr,
+    dp_ptr,
+    dz_ptr,
+    n_rows,
+    D,
+    stride_p_row,
+    stride_z_row,
+    stride_dcos,
+    eps,
+    NEED_DP: tl.constexpr,
+    NEED_DZ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # d cos / d p = (zn - [|p| >= eps] cos * pn) / max(|p|, eps), with pn, zn the normalised rows (clamp_min's
     # gradient flows where |p| >= eps, as in autograd); symmetric in z.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -127,10 +148,23 @@ def cos_rows_bwd(dcos, p, z, eps: float, need_dp: bool, need_dz: bool):
     dz = empty((M, D), z.dtype, z.device) if need_dz else None
     block_m, block_d, warps = _launch_config(M, D, p.device)
     _cos_rows_bwd_kernel[(cdiv(M, block_m),)](
-        dcos, p2, z2, dp if need_dp else p2, dz if need_dz else z2, M, D, p2.stride(0), z2.stride(0),
-        dcos.stride(0), eps,
-        NEED_DP=need_dp, NEED_DZ=need_dz, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+        dcos,
+        p2,
+        z2,
+        dp if need_dp else p2,
+        dz if need_dz else z2,
+        M,
+        D,
+        p2.stride(0),
+        z2.stride(0),
+        dcos.stride(0),
+        eps,
+        NEED_DP=need_dp,
+        NEED_DZ=need_dz,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return dp, dz
 
 
@@ -197,8 +231,10 @@ def cosine_similarity_rows(p: torch.Tensor, z: torch.Tensor, eps: float = 1e-12,
     if not use_triton("alignment_loss", impl, p) or p.numel() == 0 or (impl == "auto" and p.shape[-1] > MAX_DIM):
         return cosine_similarity_rows_ref(p, z, eps)
     if p.shape[-1] > MAX_DIM:
-        raise ValueError(f"cosine_similarity_rows: the Triton kernel holds a row in one tile, D <= {MAX_DIM}; "
-                         f"got {p.shape[-1]}. Use impl='ref' or 'auto'.")  # fmt: skip
+        raise ValueError(
+            f"cosine_similarity_rows: the Triton kernel holds a row in one tile, D <= {MAX_DIM}; "
+            f"got {p.shape[-1]}. Use impl='ref' or 'auto'."
+        )
     lead = p.shape[:-1]
     return _cos_rows_op(p.reshape(-1, p.shape[-1]), z.reshape(-1, z.shape[-1]), float(eps)).reshape(lead)
 

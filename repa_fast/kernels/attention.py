@@ -108,8 +108,10 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
         return backend
     if backend == "xformers":
         if cuda_capability(q.device) is None or not has_xformers():
-            raise RuntimeError("attention backend 'xformers' needs CUDA tensors and `pip install xformers`; "
-                               "use backend='auto' or 'sdpa'")  # fmt: skip
+            raise RuntimeError(
+                "attention backend 'xformers' needs CUDA tensors and `pip install xformers`; "
+                "use backend='auto' or 'sdpa'"
+            )
         return "xformers"
     variant, reason = _flash_variant(q)
     if backend == "flash":

@@ -11,7 +11,6 @@ It reads q straight out of the qkv GEMM output (a strided (B, N, H, Dh) view, no
 recomputed; dweight/dbias are per-program partial sums, then summed in fp32).
 """
 
-
 import torch
 import torch.nn.functional as F
 
@@ -88,11 +87,28 @@ def _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab):
 
 @triton.jit
 def _norm_rope_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, y_ptr,
-    n_rows, N, H, Dh, stride_xb, stride_xn, stride_xh, stride_tab, eps,
-    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    cos_ptr,
+    sin_ptr,
+    y_ptr,
+    n_rows,
+    N,
+    H,
+    Dh,
+    stride_xb,
+    stride_xn,
+    stride_xh,
+    stride_tab,
+    eps,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # offsets may pass 2^31
     pairs = tl.arange(0, BLOCK_P)
     pmask = pairs < Dh // 2
@@ -124,11 +140,29 @@ def _norm_rope_fwd_kernel(
 
 @triton.jit
 def _norm_rope_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, part_ptr,
-    n_rows, N, H, Dh, rows_per_prog, stride_xb, stride_xn, stride_xh, stride_tab, eps,
-    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    cos_ptr,
+    sin_ptr,
+    dx_ptr,
+    part_ptr,
+    n_rows,
+    N,
+    H,
+    Dh,
+    rows_per_prog,
+    stride_xb,
+    stride_xn,
+    stride_xh,
+    stride_tab,
+    eps,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # dz = R^T dy (the transposed rotation); then the norm's backward. part[0, pid] = sum dz * xhat (dweight),
     # part[1, pid] = sum dz (dbias), over this program's rows_per_prog rows.
     pid = tl.program_id(0)
@@ -222,12 +256,29 @@ def norm_rope_fwd(x, weight, bias, cos, sin, eps: float, norm: int, y_dtype):
     block_r, block_p, _, warps = _launch_config(n_rows, Dh, x.device)
     dummy = x
     _norm_rope_fwd_kernel[(cdiv(n_rows, block_r),)](
-        x, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        cos if cos is not None else dummy, sin if sin is not None else dummy, y,
-        n_rows, N, H, Dh, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0, eps,
-        NORM=norm, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ROPE=cos is not None,
-        BLOCK_R=block_r, BLOCK_P=block_p, num_warps=warps,
-    )  # fmt: skip
+        x,
+        weight if weight is not None else dummy,
+        bias if bias is not None else dummy,
+        cos if cos is not None else dummy,
+        sin if sin is not None else dummy,
+        y,
+        n_rows,
+        N,
+        H,
+        Dh,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        cos.stride(0) if cos is not None else 0,
+        eps,
+        NORM=norm,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ROPE=cos is not None,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        num_warps=warps,
+    )
     return y
 
 
@@ -250,13 +301,30 @@ def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
     part = empty((2, progs, Dh) if norm else (0,), torch.float32, x.device)
     dummy = x
     _norm_rope_bwd_kernel[(progs,)](
-        dy, x, weight if weight is not None else dummy, cos if cos is not None else dummy,
-        sin if sin is not None else dummy, dx, part if norm else dummy,
-        n_rows, N, H, Dh, rows_per_prog, x.stride(0), x.stride(1), x.stride(2),
-        cos.stride(0) if cos is not None else 0, eps,
-        NORM=norm, HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None,
-        BLOCK_R=block_r, BLOCK_P=block_p, num_warps=warps,
-    )  # fmt: skip
+        dy,
+        x,
+        weight if weight is not None else dummy,
+        cos if cos is not None else dummy,
+        sin if sin is not None else dummy,
+        dx,
+        part if norm else dummy,
+        n_rows,
+        N,
+        H,
+        Dh,
+        rows_per_prog,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        cos.stride(0) if cos is not None else 0,
+        eps,
+        NORM=norm,
+        HAS_WEIGHT=weight is not None,
+        HAS_ROPE=cos is not None,
+        BLOCK_R=block_r,
+        BLOCK_P=block_p,
+        num_warps=warps,
+    )
     return dx, part
 
 
@@ -265,9 +333,15 @@ def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("repa_fast::norm_rope", mutates_args=())
 def _norm_rope_op(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, eps: float, norm: int, y_dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    norm: int,
+    y_dtype: torch.dtype,
+) -> torch.Tensor:
     return norm_rope_fwd(x, weight, bias, cos, sin, eps, norm, y_dtype)
 
 
@@ -278,9 +352,15 @@ def _(x, weight, bias, cos, sin, eps, norm, y_dtype):
 
 @torch.library.custom_op("repa_fast::norm_rope_bwd", mutates_args=())
 def _norm_rope_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, eps: float, norm: int, dx_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    norm: int,
+    dx_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return norm_rope_bwd(dy, x, weight, cos, sin, eps, norm, dx_dtype)
 
 
@@ -329,15 +409,18 @@ def _check(x, weight, bias, cos, sin, norm):
         raise ValueError("RoPE needs both the cos and the sin table (or neither)")
     for name, t in (("cos", cos), ("sin", sin)):
         if t is not None and tuple(t.shape) != (N, Dh):
-            raise ValueError(f"RoPE {name} table must be (N, Dh) = {(N, Dh)} for x {tuple(x.shape)}, got "
-                             f"{tuple(t.shape)}; build it with rope_2d_cos_sin(head_dim, grid_h, grid_w)")  # fmt: skip
+            raise ValueError(
+                f"RoPE {name} table must be (N, Dh) = {(N, Dh)} for x {tuple(x.shape)}, got "
+                f"{tuple(t.shape)}; build it with rope_2d_cos_sin(head_dim, grid_h, grid_w)"
+            )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (Dh,):
             raise ValueError(f"qk-norm {name} must have shape ({Dh},), got {tuple(t.shape)}")
 
 
-def qk_norm_rope(x, weight=None, bias=None, cos=None, sin=None, eps: float = 1e-5, norm: str | None = "layer",
-                 impl: str = "auto"):  # fmt: skip
+def qk_norm_rope(
+    x, weight=None, bias=None, cos=None, sin=None, eps: float = 1e-5, norm: str | None = "layer", impl: str = "auto"
+):
     """rope(norm(x)) per head: x (B, N, H, Dh); weight/bias (Dh,); cos/sin (N, Dh) or None (norm only)."""
     _check(x, weight, bias, cos, sin, norm)
     if not use_triton("qk_norm_rope", impl, x) or x.numel() == 0:

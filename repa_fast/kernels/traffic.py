@@ -21,10 +21,32 @@ from torch.utils._pytree import tree_leaves
 
 aten = torch.ops.aten
 
-_FREE_NAMES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "_unsafe_view",
-               "alias", "detach", "_to_copy_meta"}  # fmt: skip
-_WRITE_ONLY_NAMES = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
-                     "new_full", "fill_", "zero_", "scalar_tensor"}  # fmt: skip
+_FREE_NAMES = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "lift_fresh",
+    "_unsafe_view",
+    "alias",
+    "detach",
+    "_to_copy_meta",
+}
+_WRITE_ONLY_NAMES = {
+    "zeros",
+    "ones",
+    "full",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "fill_",
+    "zero_",
+    "scalar_tensor",
+}
 
 
 def unique_bytes(t: torch.Tensor) -> int:
@@ -207,10 +229,20 @@ def report_rows() -> list:
         for model, batch in REPORT_SHAPES:
             for dtype in REPORT_DTYPES:
                 t = op_traffic(op, model, batch, dtype)
-                rows.append(dict(op=op, model=model, batch=batch, dtype=str(dtype).removeprefix("torch."),
-                                 ref_fwd=t["ref"].fwd, ref_bwd=t["ref"].bwd, fused_fwd=t["fused"].fwd,
-                                 fused_bwd=t["fused"].bwd, ratio=t["fused"].full / t["ref"].full,
-                                 bound=MAX_RATIO.get(op)))  # fmt: skip
+                rows.append(
+                    dict(
+                        op=op,
+                        model=model,
+                        batch=batch,
+                        dtype=str(dtype).removeprefix("torch."),
+                        ref_fwd=t["ref"].fwd,
+                        ref_bwd=t["ref"].bwd,
+                        fused_fwd=t["fused"].fwd,
+                        fused_bwd=t["fused"].bwd,
+                        ratio=t["fused"].full / t["ref"].full,
+                        bound=MAX_RATIO.get(op),
+                    )
+                )
     return rows
 
 
@@ -234,9 +266,11 @@ def markdown_report() -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report_rows():
-        lines.append(f"| {r['op']} | {r['model']} | {r['batch']} | {r['dtype']} | {gb(r['ref_fwd'])} "
-                     f"| {gb(r['ref_bwd'])} | {gb(r['fused_fwd'])} | {gb(r['fused_bwd'])} | {r['ratio']:.3f} "
-                     f"| {r['bound'] if r['bound'] else '-'} |")  # fmt: skip
+        lines.append(
+            f"| {r['op']} | {r['model']} | {r['batch']} | {r['dtype']} | {gb(r['ref_fwd'])} "
+            f"| {gb(r['ref_bwd'])} | {gb(r['fused_fwd'])} | {gb(r['fused_bwd'])} | {r['ratio']:.3f} "
+            f"| {r['bound'] if r['bound'] else '-'} |"
+        )
     lines += ["", *_projector_section()]
     return "\n".join(lines) + "\n"
 

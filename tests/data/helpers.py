@@ -15,8 +15,9 @@ def ref_names(i: int) -> tuple[str, str]:
     return f"{s[:5]}/img{s}.png", f"{s[:5]}/img-mean-std-{s}.npy"
 
 
-def make_ref_dataset(root, ids, *, resolution=32, latent_shape=(8, 4, 4), num_classes=5, moments_dtype=np.float32,
-                     seed=0):
+def make_ref_dataset(
+    root, ids, *, resolution=32, latent_shape=(8, 4, 4), num_classes=5, moments_dtype=np.float32, seed=0
+):
     """Write a REPA-layout dataset for sample numbers ``ids``; returns {id: (image, moments, label)}."""
     rng = np.random.default_rng(seed)
     truth = {}

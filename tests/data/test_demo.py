@@ -19,8 +19,9 @@ def bilinear_oracle(img8: np.ndarray, r: int) -> np.ndarray:
             y0, x0 = min(int(sy), n - 1), min(int(sx), n - 1)
             y1, x1 = min(y0 + 1, n - 1), min(x0 + 1, n - 1)
             wy, wx = sy - y0, sx - x0
-            out[y, x] = ((1 - wy) * ((1 - wx) * img8[y0, x0] + wx * img8[y0, x1])
-                         + wy * ((1 - wx) * img8[y1, x0] + wx * img8[y1, x1]))
+            out[y, x] = (1 - wy) * ((1 - wx) * img8[y0, x0] + wx * img8[y0, x1]) + wy * (
+                (1 - wx) * img8[y1, x0] + wx * img8[y1, x1]
+            )
     return out
 
 
@@ -34,8 +35,12 @@ def digits():
 @pytest.mark.parametrize("resolution", [32, 20])
 def test_images_labels_and_moments(digits, resolution):
     ds = DigitsDataset(resolution=resolution)
-    assert (len(ds), ds.num_classes, ds.resolution, ds.latent_shape) == (1797, 10, resolution, (6, resolution,
-                                                                                              resolution))
+    assert (len(ds), ds.num_classes, ds.resolution, ds.latent_shape) == (
+        1797,
+        10,
+        resolution,
+        (6, resolution, resolution),
+    )
     for i in (0, 1, 500, 1796):
         image, moments, label = ds[i]
         assert image.dtype == torch.uint8 and image.shape == (3, resolution, resolution)

@@ -94,8 +94,9 @@ def test_pack_resumes_after_a_crash(ref, tmp_path, monkeypatch):
     pack_mod.pack(ref[0], dst, num_classes=7, workers=0, batch_size=4, progress=False)
     assert len(calls) == 4  # rows 8..20 only: ceil(13 / 4) batches
     for name in ("images", "moments", "labels"):
-        np.testing.assert_array_equal(np.load(os.path.join(dst, f"{name}.npy")),
-                                      np.load(os.path.join(straight, f"{name}.npy")))
+        np.testing.assert_array_equal(
+            np.load(os.path.join(dst, f"{name}.npy")), np.load(os.path.join(straight, f"{name}.npy"))
+        )
 
 
 def test_resume_with_other_options_is_refused(ref, tmp_path, monkeypatch):
@@ -145,16 +146,22 @@ def test_index_with_wrong_shape(packed):
 def test_file_disagrees_with_index(packed):
     dst, _ = packed
     np.save(os.path.join(dst, "labels.npy"), np.zeros(N, np.int32))
-    with pytest.raises(DataError, match=r"labels.npy: holds int32 \[21\] but index.json says int64 \[21\] for "
-                                        r"field 'labels'"):
+    with pytest.raises(
+        DataError,
+        match=r"labels.npy: holds int32 \[21\] but index.json says int64 \[21\] for "
+        r"field 'labels'",
+    ):
         open_dataset(dst, num_classes=7)
 
 
 def test_field_row_count_mismatch(packed):
     dst, _ = packed
     np.save(os.path.join(dst, "images.npy"), np.zeros((N - 1, 3, 32, 32), np.uint8))
-    with pytest.raises(DataError, match=r"images.npy: holds uint8 \[20, 3, 32, 32\] but index.json says uint8 "
-                                        r"\[21, 3, 32, 32\] for field 'images'; the files do not belong together"):
+    with pytest.raises(
+        DataError,
+        match=r"images.npy: holds uint8 \[20, 3, 32, 32\] but index.json says uint8 "
+        r"\[21, 3, 32, 32\] for field 'images'; the files do not belong together",
+    ):
         open_dataset(dst, num_classes=7)
 
 

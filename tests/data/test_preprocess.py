@@ -39,8 +39,16 @@ def env(tmp_path_factory):
 
 
 def cfg(root, name, **kw):
-    base = dict(source=str(root / "src"), dest=str(root / name), vae=str(root / "vae"), resolution=32, batch_size=2,
-                shard_size=3, loader_workers=0, progress=False)
+    base = dict(
+        source=str(root / "src"),
+        dest=str(root / name),
+        vae=str(root / "vae"),
+        resolution=32,
+        batch_size=2,
+        shard_size=3,
+        loader_workers=0,
+        progress=False,
+    )
     return PreprocessConfig(**{**base, **kw})
 
 
@@ -67,11 +75,12 @@ def crop_oracle(img: PIL.Image.Image, s: int, round_fn=round) -> np.ndarray:
     img = img.resize((round_fn(w * k), round_fn(h * k)), PIL.Image.Resampling.BICUBIC)
     a = np.asarray(img)
     t, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
-    return a[t:t + s, left:left + s]
+    return a[t : t + s, left : left + s]
 
 
-@pytest.mark.parametrize("w,h,s", [(600, 400, 32), (50, 40, 32), (31, 90, 32), (256, 256, 256), (513, 300, 128),
-                                   (100, 64, 40)])
+@pytest.mark.parametrize(
+    "w,h,s", [(600, 400, 32), (50, 40, 32), (31, 90, 32), (256, 256, 256), (513, 300, 128), (100, 64, 40)]
+)
 def test_adm_center_crop(w, h, s):
     img = PIL.Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
     out = adm_center_crop(img, s)
@@ -140,8 +149,11 @@ def test_rerun_of_a_finished_job_is_a_no_op(env, ref_out, capsys):
 
 def test_finished_dataset_made_differently_is_not_touched(env, ref_out, packed_out):
     root, _ = env
-    with pytest.raises(DataError, match=r"ref: already holds a finished dataset made with different latent_shape, "
-                                        r"resolution; choose"):
+    with pytest.raises(
+        DataError,
+        match=r"ref: already holds a finished dataset made with different latent_shape, "
+        r"resolution; choose",
+    ):
         preprocess(cfg(root, "ref", resolution=16))
     with pytest.raises(DataError, match=r"packed: already holds a finished dataset made with different latent_dtype"):
         preprocess(cfg(root, "packed", layout="packed", latent_dtype="fp16"))
@@ -189,9 +201,27 @@ def test_resume_with_other_arguments_is_refused(env, monkeypatch):
 
 def test_cli(env, capsys):
     root, _ = env
-    code = pp.main(["--source", str(root / "src"), "--dest", str(root / "cli"), "--vae", str(root / "vae"),
-                    "--resolution", "32", "--batch-size", "4", "--layout", "packed", "--latent-dtype", "fp16",
-                    "--loader-workers", "1", "--no-progress"])
+    code = pp.main(
+        [
+            "--source",
+            str(root / "src"),
+            "--dest",
+            str(root / "cli"),
+            "--vae",
+            str(root / "vae"),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "4",
+            "--layout",
+            "packed",
+            "--latent-dtype",
+            "fp16",
+            "--loader-workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and f"{root / 'cli'}: done" in capsys.readouterr().out
     ds = open_dataset(root / "cli", num_classes=3)
     assert ds.latent_dtype == "float16" and len(ds) == 7
@@ -211,12 +241,33 @@ def test_worker_processes_give_the_same_dataset(env, ref_out):
 def test_torchrun_style_ranks_give_the_same_dataset(env, packed_out):
     """WORLD_SIZE=2: rank 1 waits for rank 0's work area, ranks split the shards, rank 0 finalises."""
     root, _ = env
-    args = [sys.executable, "-m", "repa_fast.data.preprocess", "--source", str(root / "src"), "--dest",
-            str(root / "ranks"), "--vae", str(root / "vae"), "--resolution", "32", "--batch-size", "2",
-            "--shard-size", "3", "--layout", "packed", "--loader-workers", "0", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "repa_fast.data.preprocess",
+        "--source",
+        str(root / "src"),
+        "--dest",
+        str(root / "ranks"),
+        "--vae",
+        str(root / "vae"),
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "3",
+        "--layout",
+        "packed",
+        "--loader-workers",
+        "0",
+        "--no-progress",
+    ]
     base = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    procs = [subprocess.Popen(args, env=dict(base, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in (1, 0)]
+    procs = [
+        subprocess.Popen(args, env=dict(base, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r in (1, 0)
+    ]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     a, b = open_dataset(packed_out, num_classes=3), open_dataset(root / "ranks", num_classes=3)

@@ -95,8 +95,11 @@ def test_pairing_mismatch(ref):
     root, _ = ref
     os.remove(feature_path(root, 998))  # one missing feature, one extra: counts agree, positions do not
     np.save(feature_path(root, 1003), np.zeros((8, 4, 4), np.float32))
-    with pytest.raises(DataError, match=r"images/00000/img00000998.png is paired with "
-                                        r"vae-sd/00000/img-mean-std-00000999.npy"):
+    with pytest.raises(
+        DataError,
+        match=r"images/00000/img00000998.png is paired with "
+        r"vae-sd/00000/img-mean-std-00000999.npy",
+    ):
         open_dataset(root)
 
 
@@ -208,8 +211,11 @@ def test_moments_of_wrong_shape(ref):
     root, _ = ref
     np.save(feature_path(root, 999), np.ones((8, 8, 8), np.float32))
     ds = open_dataset(root, num_classes=5)
-    with pytest.raises(DataError, match=r"img-mean-std-00000999.npy: moments have shape \(8, 8, 8\), "
-                                        r"expected \(8, 4, 4\)"):
+    with pytest.raises(
+        DataError,
+        match=r"img-mean-std-00000999.npy: moments have shape \(8, 8, 8\), "
+        r"expected \(8, 4, 4\)",
+    ):
         ds[2]
 
 

@@ -47,7 +47,7 @@ def test_rank_slices_are_contiguous_parts_of_the_global_batch():
     perm = epoch_permutation(n, 0, 0)
     for r in range(world):
         idx = S(n, g, rank=r, world_size=world).local_indices().reshape(-1, 4)
-        np.testing.assert_array_equal(idx, perm.reshape(-1, g)[:, 4 * r: 4 * r + 4])
+        np.testing.assert_array_equal(idx, perm.reshape(-1, g)[:, 4 * r : 4 * r + 4])
 
 
 def test_permutation_depends_on_seed_and_epoch_only():
@@ -110,12 +110,18 @@ def test_len_is_the_remaining_local_count():
     assert len(s) == 5 * 4 and len(list(s)) == 20
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(num_samples=100, global_batch_size=10, world_size=3), r"global batch size 10 is not divisible by the "
-                                                                r"number of processes 3"),
-    (dict(num_samples=5, global_batch_size=8), r"5 samples, fewer than one global batch of 8; lower --batch-size"),
-    (dict(num_samples=10, global_batch_size=2, rank=2, world_size=2), r"rank 2 is not in \[0, world_size=2\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (
+            dict(num_samples=100, global_batch_size=10, world_size=3),
+            r"global batch size 10 is not divisible by the "
+            r"number of processes 3",
+        ),
+        (dict(num_samples=5, global_batch_size=8), r"5 samples, fewer than one global batch of 8; lower --batch-size"),
+        (dict(num_samples=10, global_batch_size=2, rank=2, world_size=2), r"rank 2 is not in \[0, world_size=2\)"),
+    ],
+)
 def test_bad_construction(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         S(**kwargs)

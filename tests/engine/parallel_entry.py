@@ -49,8 +49,8 @@ def _loss(model, x0, y, targets, **kw):
     gen = torch.Generator().manual_seed(1_000_003 * cfg.run.seed + _ctx["step"])
     t_all = sample_time(g, cfg.loss.weighting, cfg.loss.path_type, generator=gen)
     noise_all = torch.randn((g, *x0.shape[1:]), generator=gen)
-    kw["t"] = t_all[offset:offset + b].to(x0.device)
-    kw["noise"] = noise_all[offset:offset + b].to(x0.device, x0.dtype)
+    kw["t"] = t_all[offset : offset + b].to(x0.device)
+    kw["noise"] = noise_all[offset : offset + b].to(x0.device, x0.dtype)
     out = _real_loss(model, x0, y, targets, **kw)
     if offset == 0 and _ctx["step"] + 1 == int(os.environ.get("REPA_FAST_TEST_NAN_STEP", -1)):
         out = {k: v * float("nan") for k, v in out.items()}
@@ -61,8 +61,11 @@ def _load_state(state, path, saved, backend):
     _real_load(state, path, saved, backend)
     dump = os.environ.get("REPA_FAST_TEST_DUMP_LOADED")
     if dump:
-        loaded = {"model": backend.full_state_dict(state.model), "ema": backend.full_ema_state_dict(state.ema),
-                  "optimizer": backend.optimizer_state_dict(state.model)}  # collectives: every rank
+        loaded = {
+            "model": backend.full_state_dict(state.model),
+            "ema": backend.full_ema_state_dict(state.ema),
+            "optimizer": backend.optimizer_state_dict(state.model),
+        }  # collectives: every rank
         if backend.is_main:
             torch.save(loaded, dump)
 

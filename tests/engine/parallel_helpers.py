@@ -19,18 +19,37 @@ from .helpers import REPO, TINY_DEMO
 ENTRY = os.path.join(REPO, "tests", "engine", "parallel_entry.py")
 BIN = os.path.dirname(sys.executable)
 # One JIT cache for DeepSpeed's C++ ops (~30-70 s to build) shared by every test and run of the suite.
-EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(tempfile.gettempdir(),
-                                                                       "repa_fast-torch-extensions")
+EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+    tempfile.gettempdir(), "repa_fast-torch-extensions"
+)
 STEPS, CKPT_EVERY, NAN_STEP = 6, 3, 5
 
 # fp32, label dropout off (drawn inside the model), process-count-invariant t/noise (parallel_entry), log every step.
-TRAJECTORY = [*TINY_DEMO, "--cfg-prob", "0", "--mixed-precision", "no", "--device", "cpu",
-              "--max-train-steps", str(STEPS), "--checkpointing-steps", str(CKPT_EVERY)]
+TRAJECTORY = [
+    *TINY_DEMO,
+    "--cfg-prob",
+    "0",
+    "--mixed-precision",
+    "no",
+    "--device",
+    "cpu",
+    "--max-train-steps",
+    str(STEPS),
+    "--checkpointing-steps",
+    str(CKPT_EVERY),
+]
 
 
 def env(extra=None) -> dict:
-    e = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR,
-         "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "REPA_FAST_TEST_NAN_STEP": str(NAN_STEP)}
+    e = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "REPA_FAST_TEST_NAN_STEP": str(NAN_STEP),
+    }
     e.pop("TRITON_INTERPRET", None)  # set by conftest for in-process kernel tests; the runs use the torch paths
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
@@ -68,8 +87,10 @@ def torchrun(args, extra_env=None, script=ENTRY):
 
 
 def _pair(cmds, extra_env=None, timeout=300):
-    procs = [subprocess.Popen(c, cwd=REPO, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c in cmds]
+    procs = [
+        subprocess.Popen(c, cwd=REPO, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in cmds
+    ]
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
@@ -77,8 +98,21 @@ def _pair(cmds, extra_env=None, timeout=300):
 def torchrun_two_nodes(args, extra_env=None):
     """Two torchrun agents, one worker each, meeting through the c10d rendezvous: what two nodes run."""
     port = free_port()
-    cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"repa-fast-{port}", ENTRY, *args]
+    cmd = [
+        os.path.join(BIN, "torchrun"),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"repa-fast-{port}",
+        ENTRY,
+        *args,
+    ]
     return _pair([cmd, cmd], extra_env)
 
 
@@ -87,8 +121,21 @@ def deepspeed_hostfile(tmp, args, extra_env=None, script=ENTRY):
     hostfile = os.path.join(tmp, "hostfile")
     with open(hostfile, "w") as f:
         f.write("localhost slots=2\n")
-    return _run([os.path.join(BIN, "deepspeed"), "--hostfile", hostfile, "--no_ssh_check", "--master_addr",
-                 "127.0.0.1", "--master_port", str(free_port()), script, *args], extra_env)
+    return _run(
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--hostfile",
+            hostfile,
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            script,
+            *args,
+        ],
+        extra_env,
+    )
 
 
 def deepspeed_two_nodes(tmp, args, extra_env=None):
@@ -98,8 +145,23 @@ def deepspeed_two_nodes(tmp, args, extra_env=None):
     with open(hostfile, "w") as f:
         f.write("localhost slots=1\n127.0.0.1 slots=1\n")
     port = free_port()
-    cmds = [[os.path.join(BIN, "deepspeed"), "--hostfile", hostfile, "--no_ssh", "--node_rank", str(k),
-             "--master_addr", "127.0.0.1", "--master_port", str(port), ENTRY, *args] for k in (0, 1)]
+    cmds = [
+        [
+            os.path.join(BIN, "deepspeed"),
+            "--hostfile",
+            hostfile,
+            "--no_ssh",
+            "--node_rank",
+            str(k),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            ENTRY,
+            *args,
+        ]
+        for k in (0, 1)
+    ]
     return _pair(cmds, extra_env)
 
 
@@ -109,11 +171,22 @@ def spawn(args, log_dir, rank_env=None, extra_env=None):
     port = free_port()
     procs = []
     for r in range(2):
-        e = env({"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {}),
-                 **((rank_env or {}).get(r, {}))})
-        with open(os.path.join(log_dir, f"rank{r}.out"), "w") as out, open(os.path.join(log_dir, f"rank{r}.err"),
-                                                                           "w") as err:
+        e = env(
+            {
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                **(extra_env or {}),
+                **((rank_env or {}).get(r, {})),
+            }
+        )
+        with (
+            open(os.path.join(log_dir, f"rank{r}.out"), "w") as out,
+            open(os.path.join(log_dir, f"rank{r}.err"), "w") as err,
+        ):
             p = subprocess.Popen([sys.executable, ENTRY, *args], cwd=REPO, env=e, stdout=out, stderr=err, text=True)
         p.log_dir, p.rank = log_dir, r
         procs.append(p)
@@ -125,8 +198,10 @@ def finish(procs, timeout=300):
     out = []
     for p in procs:
         p.wait(timeout=timeout)
-        with open(os.path.join(p.log_dir, f"rank{p.rank}.out")) as f, open(os.path.join(p.log_dir,
-                                                                                       f"rank{p.rank}.err")) as g:
+        with (
+            open(os.path.join(p.log_dir, f"rank{p.rank}.out")) as f,
+            open(os.path.join(p.log_dir, f"rank{p.rank}.err")) as g,
+        ):
             out.append(subprocess.CompletedProcess(p.args, p.returncode, f.read(), g.read()))
     return out
 
@@ -178,8 +253,9 @@ def assert_close_states(a, b, what, atol=1e-5, rtol=1e-4):
     ta, tb = tensors(a), tensors(b)
     assert ta.keys() == tb.keys(), f"{what}: different entries {sorted(set(ta) ^ set(tb))[:5]}"
     for k in ta:
-        torch.testing.assert_close(ta[k].double(), tb[k].double(), atol=atol, rtol=rtol, msg=lambda m, k=k: f"{what} "
-                                   f"{k}: {m}")
+        torch.testing.assert_close(
+            ta[k].double(), tb[k].double(), atol=atol, rtol=rtol, msg=lambda m, k=k: f"{what} {k}: {m}"
+        )
 
 
 def assert_same_trajectory(run, reference, steps, rel=1e-5):

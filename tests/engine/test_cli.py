@@ -11,28 +11,87 @@ from repa_fast.cli import main, resolve_config
 from .helpers import REPO, run_train, tiny_args
 
 REFERENCE_FLAGS = [
-    "--model", "--enc-type", "--encoder-depth", "--proj-coeff", "--path-type", "--prediction", "--weighting",
-    "--batch-size", "--learning-rate", "--adam-beta1", "--adam-beta2", "--adam-weight-decay", "--adam-epsilon",
-    "--max-grad-norm", "--mixed-precision", "--allow-tf32", "--seed", "--max-train-steps", "--checkpointing-steps",
-    "--sampling-steps", "--resume-step", "--data-dir", "--resolution", "--output-dir", "--exp-name", "--report-to",
-    "--num-workers", "--cfg-prob", "--legacy", "--qk-norm", "--fused-attn", "--no-fused-attn", "--no-qk-norm",
-    "--gradient-accumulation-steps", "--epochs", "--num-classes", "--logging-dir",
+    "--model",
+    "--enc-type",
+    "--encoder-depth",
+    "--proj-coeff",
+    "--path-type",
+    "--prediction",
+    "--weighting",
+    "--batch-size",
+    "--learning-rate",
+    "--adam-beta1",
+    "--adam-beta2",
+    "--adam-weight-decay",
+    "--adam-epsilon",
+    "--max-grad-norm",
+    "--mixed-precision",
+    "--allow-tf32",
+    "--seed",
+    "--max-train-steps",
+    "--checkpointing-steps",
+    "--sampling-steps",
+    "--resume-step",
+    "--data-dir",
+    "--resolution",
+    "--output-dir",
+    "--exp-name",
+    "--report-to",
+    "--num-workers",
+    "--cfg-prob",
+    "--legacy",
+    "--qk-norm",
+    "--fused-attn",
+    "--no-fused-attn",
+    "--no-qk-norm",
+    "--gradient-accumulation-steps",
+    "--epochs",
+    "--num-classes",
+    "--logging-dir",
 ]
 
 
 def test_reference_command_line_parses_with_reference_defaults(tmp_path):
-    readme_cmd = ["--allow-tf32", "--mixed-precision=fp16", "--seed=0", "--path-type=linear", "--prediction=v",
-                  "--weighting=uniform", "--model=SiT-XL/2", "--enc-type=dinov2-vit-b", "--proj-coeff=0.5",
-                  "--encoder-depth=8", "--output-dir=exps", "--exp-name=linear-dinov2-b-enc8",
-                  "--data-dir=../data/imagenet256"]
+    readme_cmd = [
+        "--allow-tf32",
+        "--mixed-precision=fp16",
+        "--seed=0",
+        "--path-type=linear",
+        "--prediction=v",
+        "--weighting=uniform",
+        "--model=SiT-XL/2",
+        "--enc-type=dinov2-vit-b",
+        "--proj-coeff=0.5",
+        "--encoder-depth=8",
+        "--output-dir=exps",
+        "--exp-name=linear-dinov2-b-enc8",
+        "--data-dir=../data/imagenet256",
+    ]
     cfg, dry = resolve_config(readme_cmd)
     flat = cfg.flat()
     assert not dry and flat["model"] == "SiT-XL/2" and flat["mixed_precision"] == "fp16" and flat["allow_tf32"]
-    ref_defaults = {"batch_size": 256, "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
-                    "adam_weight_decay": 0.0, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "max_train_steps": 400000,
-                    "checkpointing_steps": 50000, "sampling_steps": 10000, "num_workers": 4, "cfg_prob": 0.1,
-                    "fused_attn": True, "qk_norm": False, "legacy": False, "resolution": 256, "num_classes": 1000,
-                    "epochs": 1400, "gradient_accumulation_steps": 1, "ema_decay": 0.9999}
+    ref_defaults = {
+        "batch_size": 256,
+        "learning_rate": 1e-4,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "max_train_steps": 400000,
+        "checkpointing_steps": 50000,
+        "sampling_steps": 10000,
+        "num_workers": 4,
+        "cfg_prob": 0.1,
+        "fused_attn": True,
+        "qk_norm": False,
+        "legacy": False,
+        "resolution": 256,
+        "num_classes": 1000,
+        "epochs": 1400,
+        "gradient_accumulation_steps": 1,
+        "ema_decay": 0.9999,
+    }
     assert {k: flat[k] for k in ref_defaults} == ref_defaults
 
 
@@ -46,8 +105,14 @@ def test_every_reference_flag_exists(capsys):
 
 def test_precedence_preset_config_cli_and_dry_run(tmp_path, capsys):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"trainer": {"model": "SiT-B/2", "encoder_depth": 4, "batch_size": 128,
-                                            "data_dir": "/data"}, "deepspeed": {"zero_optimization": {"stage": 2}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "trainer": {"model": "SiT-B/2", "encoder_depth": 4, "batch_size": 128, "data_dir": "/data"},
+                "deepspeed": {"zero_optimization": {"stage": 2}},
+            }
+        )
+    )
     assert main(["--config", str(path), "--batch-size", "64", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
     t = out["trainer"]
@@ -72,15 +137,18 @@ def test_written_config_round_trips(tmp_path):
         assert os.path.isfile(tmp_path / "run" / name), name
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "SiT-XXL/2", "--dry-run"], "--model 'SiT-XXL/2' is unknown; choose one of"),
-    (["--enc-type", "dinov3-vit-b", "--dry-run"], "--enc-type: .*dinov3-vit-b"),
-    (["--enc-type", "mocov3-vit-b", "--dry-run"], "--enc-type: .*not implemented"),
-    (["--encoder-depth", "13", "--model", "SiT-B/2", "--data-dir", "x", "--dry-run"], "outside 1..12 for SiT-B/2"),
-    (["--batch-size", "0", "--dry-run"], "--batch-size must be >= 1"),
-    (["--resume", "--resume-step", "5", "--dry-run"], "--resume and --resume-step both given"),
-    (["--preset", "sit-xl-repa", "--dry-run"], "no --data-dir"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "SiT-XXL/2", "--dry-run"], "--model 'SiT-XXL/2' is unknown; choose one of"),
+        (["--enc-type", "dinov3-vit-b", "--dry-run"], "--enc-type: .*dinov3-vit-b"),
+        (["--enc-type", "mocov3-vit-b", "--dry-run"], "--enc-type: .*not implemented"),
+        (["--encoder-depth", "13", "--model", "SiT-B/2", "--data-dir", "x", "--dry-run"], "outside 1..12 for SiT-B/2"),
+        (["--batch-size", "0", "--dry-run"], "--batch-size must be >= 1"),
+        (["--resume", "--resume-step", "5", "--dry-run"], "--resume and --resume-step both given"),
+        (["--preset", "sit-xl-repa", "--dry-run"], "no --data-dir"),
+    ],
+)
 def test_bad_options_are_clear_errors(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -135,13 +203,16 @@ def test_train_py_is_thin():
     assert len(code) < 15  # the loop lives in the package
 
 
-@pytest.mark.parametrize("trainer,message", [
-    ({"mixed_precision": "fp32"}, r"'mixed_precision' must be one of \['no', 'fp16', 'bf16'\], got 'fp32'"),
-    ({"path_type": "edm"}, r"'path_type' must be one of"),
-    ({"batch_size": "64"}, r"'batch_size' takes a int, got '64'"),
-    ({"qk_norm": 1}, r"'qk_norm' takes a bool, got 1"),
-    ({"preview_cfg_scale": 0.5}, r"--preview-cfg-scale >= 1"),
-])
+@pytest.mark.parametrize(
+    "trainer,message",
+    [
+        ({"mixed_precision": "fp32"}, r"'mixed_precision' must be one of \['no', 'fp16', 'bf16'\], got 'fp32'"),
+        ({"path_type": "edm"}, r"'path_type' must be one of"),
+        ({"batch_size": "64"}, r"'batch_size' takes a int, got '64'"),
+        ({"qk_norm": 1}, r"'qk_norm' takes a bool, got 1"),
+        ({"preview_cfg_scale": 0.5}, r"--preview-cfg-scale >= 1"),
+    ],
+)
 def test_config_file_values_are_type_and_choice_checked(tmp_path, capsys, trainer, message):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"trainer": trainer}))

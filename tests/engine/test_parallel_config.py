@@ -23,11 +23,25 @@ from repa_fast.models.sit import build_sit
 from .helpers import REPO, tiny_args
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "ds_sit_*.json")))
-RECIPE = {"enc_type": "dinov2-vit-b", "proj_coeff": 0.5, "path_type": "linear", "prediction": "v",
-          "weighting": "uniform", "batch_size": 256, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
-          "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "adam_weight_decay": 0.0,
-          "max_grad_norm": 1.0, "ema_decay": 0.9999, "mixed_precision": "bf16", "cfg_prob": 0.1,
-          "parallel": "deepspeed"}
+RECIPE = {
+    "enc_type": "dinov2-vit-b",
+    "proj_coeff": 0.5,
+    "path_type": "linear",
+    "prediction": "v",
+    "weighting": "uniform",
+    "batch_size": 256,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "adam_weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "ema_decay": 0.9999,
+    "mixed_precision": "bf16",
+    "cfg_prob": 0.1,
+    "parallel": "deepspeed",
+}
 
 
 def _cfg(batch=256, accum=1, clip=1.0, mp="bf16", ds=None):
@@ -65,34 +79,62 @@ def test_shipped_config_resolves_to_the_reference_recipe(path, world, monkeypatc
 def test_cli_flags_override_the_files_numbers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     xl = os.path.join(REPO, "configs", "ds_sit_xl.json")
-    cfg, _ = resolve_config(["--config", xl, "--batch-size", "512", "--gradient-accumulation-steps", "2",
-                             "--max-grad-norm", "0.5", "--mixed-precision", "no"])
+    cfg, _ = resolve_config(
+        [
+            "--config",
+            xl,
+            "--batch-size",
+            "512",
+            "--gradient-accumulation-steps",
+            "2",
+            "--max-grad-norm",
+            "0.5",
+            "--mixed-precision",
+            "no",
+        ]
+    )
     ds = cfg.deepspeed
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (
-        512, 2, 32)
+        512,
+        2,
+        32,
+    )
     assert ds["gradient_clipping"] == 0.5 and ds["torch_autocast"] == {"enabled": False}
     assert cfg.optim.batch_size == 512 and cfg.run.mixed_precision == "no"
 
 
-@pytest.mark.parametrize("ds,world,message", [
-    ({"train_micro_batch_size_per_gpu": 32}, 4,
-     "train_micro_batch_size_per_gpu 32 x gradient_accumulation_steps 1 x 4 process(es) = 128 != train_batch_size 256"),
-    ({"train_batch_size": 128}, 1, "train_batch_size 128 != trainer batch_size 256"),
-    ({"gradient_accumulation_steps": 2}, 1, "gradient_accumulation_steps 2 != trainer gradient_accumulation_steps 1"),
-    ({}, 3, "train_batch_size 256 is not divisible by gradient_accumulation_steps 1 x 3 process(es) = 3"),
-    ({"train_micro_batch_size_per_gpu": 0}, 1, "must be a positive integer"),
-    ({"gradient_clipping": 2.0}, 1, "gradient_clipping 2.0 != trainer max_grad_norm 1.0"),
-    ({"bf16": {"enabled": True}}, 1, "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"}"),
-    ({"fp16": {"enabled": True}}, 1, "deepspeed.fp16 stores fp16 weights"),
-    ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, 1, "torch_autocast says fp16 but the trainer's "
-     "mixed_precision is bf16"),
-    ({"optimizer": {"type": "AdamW"}}, 1, "the trainer section owns the optimizer"),
-    ({"scheduler": {"type": "WarmupLR"}}, 1, "Remove the \"scheduler\" section"),
-    ({"zero_optimization": {"stage": 0}}, 1, "use --parallel ddp"),
-    ({"zero_optimization": {"stage": 4}}, 1, "stage must be 1, 2 or 3"),
-    ({"managed_gradient_accumulation": True}, 1, "the training loop owns the accumulation boundary"),
-    ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, 1, "overlap_comm needs stage 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "ds,world,message",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 32},
+            4,
+            "train_micro_batch_size_per_gpu 32 x gradient_accumulation_steps 1 x 4 process(es) = 128 != train_batch_size 256",
+        ),
+        ({"train_batch_size": 128}, 1, "train_batch_size 128 != trainer batch_size 256"),
+        (
+            {"gradient_accumulation_steps": 2},
+            1,
+            "gradient_accumulation_steps 2 != trainer gradient_accumulation_steps 1",
+        ),
+        ({}, 3, "train_batch_size 256 is not divisible by gradient_accumulation_steps 1 x 3 process(es) = 3"),
+        ({"train_micro_batch_size_per_gpu": 0}, 1, "must be a positive integer"),
+        ({"gradient_clipping": 2.0}, 1, "gradient_clipping 2.0 != trainer max_grad_norm 1.0"),
+        ({"bf16": {"enabled": True}}, 1, '"torch_autocast": {"enabled": true, "dtype": "bfloat16"}'),
+        ({"fp16": {"enabled": True}}, 1, "deepspeed.fp16 stores fp16 weights"),
+        (
+            {"torch_autocast": {"enabled": True, "dtype": "float16"}},
+            1,
+            "torch_autocast says fp16 but the trainer's mixed_precision is bf16",
+        ),
+        ({"optimizer": {"type": "AdamW"}}, 1, "the trainer section owns the optimizer"),
+        ({"scheduler": {"type": "WarmupLR"}}, 1, 'Remove the "scheduler" section'),
+        ({"zero_optimization": {"stage": 0}}, 1, "use --parallel ddp"),
+        ({"zero_optimization": {"stage": 4}}, 1, "stage must be 1, 2 or 3"),
+        ({"managed_gradient_accumulation": True}, 1, "the training loop owns the accumulation boundary"),
+        ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, 1, "overlap_comm needs stage 2 or 3"),
+    ],
+)
 def test_inconsistent_deepspeed_section_is_an_error_that_shows_why(ds, world, message):
     with pytest.raises(ConfigError) as e:
         resolve_deepspeed_config(_cfg(ds=ds), world, where="--config x.json")
@@ -105,9 +147,14 @@ def test_fp16_is_refused_with_the_measured_reason():
 
 
 def test_consistent_numbers_pass_and_resolution_is_idempotent():
-    ds = {"train_batch_size": 256, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1000},
-          "torch_autocast": {"enabled": True, "dtype": "bf16"}}
+    ds = {
+        "train_batch_size": 256,
+        "train_micro_batch_size_per_gpu": 16,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1000},
+        "torch_autocast": {"enabled": True, "dtype": "bf16"},
+    }
     out = resolve_deepspeed_config(_cfg(accum=2, ds=copy.deepcopy(ds)), 8)
     assert out["train_micro_batch_size_per_gpu"] == 16 and out["gradient_accumulation_steps"] == 2
     assert out["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1000}  # user keys kept
@@ -123,7 +170,10 @@ def test_dry_run_without_deepspeed_section_derives_everything(monkeypatch, capsy
 
     ds = json.loads(capsys.readouterr().out)["deepspeed"]
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["zero_optimization"]) == (
-        8, 4, {"stage": 2})
+        8,
+        4,
+        {"stage": 2},
+    )
 
 
 def test_dry_run_prints_once_under_a_launcher(monkeypatch, capsys):
@@ -149,8 +199,16 @@ def test_make_backend_errors(monkeypatch):
 
 def _tiny_sit():
     torch.manual_seed(0)
-    return build_sit("SiT-T/4", input_size=16, in_channels=3, num_classes=10, z_dims=[32], encoder_depth=2,
-                     projector_dim=64, use_rope=True)  # rope: non-persistent buffers too
+    return build_sit(
+        "SiT-T/4",
+        input_size=16,
+        in_channels=3,
+        num_classes=10,
+        z_dims=[32],
+        encoder_depth=2,
+        projector_dim=64,
+        use_rope=True,
+    )  # rope: non-persistent buffers too
 
 
 def test_full_replica_rebuilds_the_model_without_holding_its_weights():
@@ -186,7 +244,7 @@ def test_sharded_ema_of_two_fake_ranks_equals_the_full_ema_bitwise():
         return torch.cat([e.shadow[names.index(name)] for e in emas]).view(params[name].shape)
 
     for r in range(2):
-        views = (lambda r=r: [params[n].detach().view(-1).chunk(2)[r] for n in names])
+        views = lambda r=r: [params[n].detach().view(-1).chunk(2)[r] for n in names]
         emas.append(P.ShardedEMA(names, views, gather, lambda n, full, r=r: full.reshape(-1).chunk(2)[r], replica))
     full = EMA(model)
     for skip in [False, True, False]:
@@ -212,13 +270,16 @@ def _ddp_backend(rank=1, world=2):
     return b
 
 
-@pytest.mark.parametrize("exc,is_peer", [
-    (RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:903: Connection reset by peer"), True),
-    (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation"), True),
-    (dist.DistBackendError("NCCL communicator was aborted"), True),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"), False),
-    (ValueError("Connection reset by peer"), False),  # not raised by a collective
-])
+@pytest.mark.parametrize(
+    "exc,is_peer",
+    [
+        (RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:903: Connection reset by peer"), True),
+        (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation"), True),
+        (dist.DistBackendError("NCCL communicator was aborted"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"), False),
+        (ValueError("Connection reset by peer"), False),  # not raised by a collective
+    ],
+)
 def test_peer_failures_are_told_apart_from_bugs(exc, is_peer):
     got = _ddp_backend().peer_failure(exc, "/runs/x/checkpoints/0000003")
     assert (got is not None) == is_peer

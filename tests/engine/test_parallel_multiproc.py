@@ -83,15 +83,17 @@ def zero1(work):
 def zero2(work):
     logs = work / "zero2-logs"
     logs.mkdir()
-    H.check_ok(*H.finish(H.spawn(H.run_args(work, "zero2", "--parallel", "deepspeed", "--config", _ds(work, 2),
-                                            *ACCUM), logs)))
+    H.check_ok(
+        *H.finish(H.spawn(H.run_args(work, "zero2", "--parallel", "deepspeed", "--config", _ds(work, 2), *ACCUM), logs))
+    )
     return work / "zero2"
 
 
 @pytest.fixture(scope="module")
 def zero3(work):
-    launchers = H.deepspeed_two_nodes(work, H.run_args(work, "zero3", "--parallel", "deepspeed", "--config",
-                                                       _ds(work, 3), *ACCUM))
+    launchers = H.deepspeed_two_nodes(
+        work, H.run_args(work, "zero3", "--parallel", "deepspeed", "--config", _ds(work, 3), *ACCUM)
+    )
     H.check_ok(*launchers)
     for k, r in enumerate(launchers):
         text = r.stdout + r.stderr
@@ -123,8 +125,9 @@ def test_two_processes_follow_the_one_process_trajectory(backend, request, refer
 def test_killed_rank_stops_the_other_within_60s_and_the_run_resumes_bitwise(work, ddp):
     logs = work / "killed-logs"
     logs.mkdir()
-    procs = H.spawn(H.run_args(work, "killed", "--parallel", "ddp", *ACCUM), logs,
-                    rank_env={1: {"REPA_FAST_FAULT": "after_step:4"}})
+    procs = H.spawn(
+        H.run_args(work, "killed", "--parallel", "ddp", *ACCUM), logs, rank_env={1: {"REPA_FAST_FAULT": "after_step:4"}}
+    )
     procs[1].wait(timeout=300)
     died = time.perf_counter()
     survivor, victim = H.finish(procs, timeout=120)
@@ -138,8 +141,9 @@ def test_killed_rank_stops_the_other_within_60s_and_the_run_resumes_bitwise(work
     H.assert_bitwise(H.load(run, 3), H.load(ddp, 3), "checkpoint 3 of the killed run")
 
     dump = work / "killed-loaded.pt"
-    r = H.torchrun(H.run_args(work, "killed", "--parallel", "ddp", *ACCUM, "--resume"),
-                   {"REPA_FAST_TEST_DUMP_LOADED": str(dump)})
+    r = H.torchrun(
+        H.run_args(work, "killed", "--parallel", "ddp", *ACCUM, "--resume"), {"REPA_FAST_TEST_DUMP_LOADED": str(dump)}
+    )
     H.check_ok(r)
     assert "resumed from" in r.stderr and "at step 3" in r.stderr
     H.assert_bitwise(torch.load(dump, weights_only=True), H.load(run, 3), "state loaded on resume")
@@ -151,8 +155,9 @@ def test_save_with_two_processes_resume_with_one(work, zero3, reference):
     run = work / "zero3-to-one"
     H.copy_until(zero3, run, 3)
     dump = work / "zero3-to-one-loaded.pt"
-    r = H.one_process(H.run_args(work, "zero3-to-one", "--parallel", "none", "--resume"),
-                      {"REPA_FAST_TEST_DUMP_LOADED": str(dump)})
+    r = H.one_process(
+        H.run_args(work, "zero3-to-one", "--parallel", "none", "--resume"), {"REPA_FAST_TEST_DUMP_LOADED": str(dump)}
+    )
     H.check_ok(r)
     assert "resumed with 1 processes from a 2-process checkpoint" in r.stderr
     H.assert_bitwise(torch.load(dump, weights_only=True), H.load(run, 3), "ZeRO-3 checkpoint loaded by 1 process")
@@ -167,8 +172,11 @@ def test_resume_on_another_backend(src, dst, work, request, reference):
     source = request.getfixturevalue(src)
     name = f"{src}-to-{dst}"
     H.copy_until(source, work / name, 3)
-    parallel = ["--parallel", dst] if dst in ("ddp", "fsdp") else ["--parallel", "deepspeed", "--config",
-                                                                 _ds(work, int(dst[-1]))]
+    parallel = (
+        ["--parallel", dst]
+        if dst in ("ddp", "fsdp")
+        else ["--parallel", "deepspeed", "--config", _ds(work, int(dst[-1]))]
+    )
     dump = work / f"{name}-loaded.pt"
     r = H.torchrun(H.run_args(work, name, *parallel, "--resume"), {"REPA_FAST_TEST_DUMP_LOADED": str(dump)})
     H.check_ok(r)
@@ -204,26 +212,54 @@ def test_hung_rank_is_bounded_by_the_process_group_timeout(work):
 def _json_docs(text):
     dec, docs, i = json.JSONDecoder(), [], 0
     while (i := text.find("\n{", i)) >= 0:
-        doc, end = dec.raw_decode(text[i + 1:])
+        doc, end = dec.raw_decode(text[i + 1 :])
         docs.append(doc)
         i += end
     return docs
 
 
 def test_deepspeed_dry_run_prints_the_resolved_xl_recipe():
-    r = subprocess.run([os.path.join(H.BIN, "deepspeed"), "--master_port", str(H.free_port()), "train.py", "--config",
-                        "configs/ds_sit_xl.json", "--dry-run"], cwd=REPO, env=H.env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            os.path.join(H.BIN, "deepspeed"),
+            "--master_port",
+            str(H.free_port()),
+            "train.py",
+            "--config",
+            "configs/ds_sit_xl.json",
+            "--dry-run",
+        ],
+        cwd=REPO,
+        env=H.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     H.check_ok(r)
     docs = _json_docs("\n" + r.stdout)
     assert len(docs) == 1, r.stdout[-3000:]  # printed by rank 0 only, whatever the launcher started
     world = int(r.stdout.split("dist_world_size=")[1].split()[0])
     t, ds = docs[0]["trainer"], docs[0]["deepspeed"]
-    recipe = {"model": "SiT-XL/2", "enc_type": "dinov2-vit-b", "encoder_depth": 8, "proj_coeff": 0.5,
-              "path_type": "linear", "prediction": "v", "weighting": "uniform", "batch_size": 256,
-              "learning_rate": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-              "adam_weight_decay": 0.0, "max_grad_norm": 1.0, "ema_decay": 0.9999, "mixed_precision": "bf16",
-              "parallel": "deepspeed", "resolution": 256}
+    recipe = {
+        "model": "SiT-XL/2",
+        "enc_type": "dinov2-vit-b",
+        "encoder_depth": 8,
+        "proj_coeff": 0.5,
+        "path_type": "linear",
+        "prediction": "v",
+        "weighting": "uniform",
+        "batch_size": 256,
+        "learning_rate": 1e-4,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "adam_weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "ema_decay": 0.9999,
+        "mixed_precision": "bf16",
+        "parallel": "deepspeed",
+        "resolution": 256,
+    }
     assert {k: t[k] for k in recipe} == recipe
     assert ds["train_batch_size"] == 256 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_micro_batch_size_per_gpu"] * world == 256 and ds["gradient_clipping"] == 1.0
@@ -235,11 +271,35 @@ def test_deepspeed_launch_of_the_demo_preset(work):
     """`deepspeed --num_gpus 2 train.py` on the demo preset (shrunk), ZeRO-3 in bf16 with a preview grid from the
     gathered EMA shards: the product path end to end, outputs included."""
     cfg = H.ds_config(work / "demo-zero3.json", 3)
-    args = [*TINY_DEMO, "--parallel", "deepspeed", "--config", cfg, "--device", "cpu", "--max-train-steps", "4",
-            "--checkpointing-steps", "2", "--sampling-steps", "4", "--preview-num-steps", "2",
-            "--output-dir", str(work), "--exp-name", "demo"]
-    r = subprocess.run([os.path.join(H.BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(H.free_port()),
-                        "train.py", *args], cwd=REPO, env=H.env(), capture_output=True, text=True, timeout=300)
+    args = [
+        *TINY_DEMO,
+        "--parallel",
+        "deepspeed",
+        "--config",
+        cfg,
+        "--device",
+        "cpu",
+        "--max-train-steps",
+        "4",
+        "--checkpointing-steps",
+        "2",
+        "--sampling-steps",
+        "4",
+        "--preview-num-steps",
+        "2",
+        "--output-dir",
+        str(work),
+        "--exp-name",
+        "demo",
+    ]
+    r = subprocess.run(
+        [os.path.join(H.BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(H.free_port()), "train.py", *args],
+        cwd=REPO,
+        env=H.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     H.check_ok(r)
     run = work / "demo"
     assert "dist_world_size=2" in r.stdout + r.stderr

@@ -55,8 +55,11 @@ def test_pixel_space_preview_shows_pixels(tmp_path):
 
 def test_loss_curve_png(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "denoising": 1.2 / s, "alignment": -0.5})
-                             for s in range(1, 6)))
+    log.write_text(
+        "\n".join(
+            json.dumps({"step": s, "loss": 1.0 / s, "denoising": 1.2 / s, "alignment": -0.5}) for s in range(1, 6)
+        )
+    )
     out = plot_loss_curve(str(log), str(tmp_path / "curve.png"))
     assert out and _read(out).std() > 0
 

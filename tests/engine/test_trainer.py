@@ -28,9 +28,26 @@ def _log(run_dir):
 
 def _latent_args(data_dir, out):
     # 64px images, 8x8x8 moments, SiT-S/2 -> 4x4 tokens; the encoder's default grid is 64 // 16 = 4.
-    return ["--data-dir", str(data_dir), "--dataset", "auto", "--resolution", "64", "--num-classes", "5",
-            "--model", "SiT-S/2", "--encoder-depth", "2", "--projector-dim", "64", "--latent-scale", "0.18215",
-            "--encoder-grid", "4"]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--dataset",
+        "auto",
+        "--resolution",
+        "64",
+        "--num-classes",
+        "5",
+        "--model",
+        "SiT-S/2",
+        "--encoder-depth",
+        "2",
+        "--projector-dim",
+        "64",
+        "--latent-scale",
+        "0.18215",
+        "--encoder-grid",
+        "4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +157,9 @@ def test_export_ref_layout_loads_strictly_into_sit(tmp_path, capsys):
     sd = torch.load(out, weights_only=True)["ema"]
     ema = load_file(os.path.join(ckpt.step_dir(run, 2), "ema.safetensors"))
     assert sd.keys() == ema.keys() and all(torch.equal(sd[k], ema[k]) for k in sd)
-    model = SiT_models["SiT-T/4"](input_size=16, in_channels=3, num_classes=10, z_dims=[192], encoder_depth=2,
-                                  projector_dim=256)
+    model = SiT_models["SiT-T/4"](
+        input_size=16, in_channels=3, num_classes=10, z_dims=[192], encoder_depth=2, projector_dim=256
+    )
     model.load_state_dict(sd, strict=True)
     assert export_main([str(tmp_path / "nope"), str(out), "--ref-layout"]) == 2
     assert "neither a checkpoint directory" in capsys.readouterr().err
@@ -195,8 +213,9 @@ def test_fp16_scaler_overflow_skips_step_and_ema(tmp_path):
 
 def test_compile_per_block_matches_eager(tmp_path):
     eager = train(tiny_cfg(tmp_path / "eager", steps=3, ckpt_every=3))
-    compiled = train(tiny_cfg(tmp_path / "compiled", "--compile", "--compile-backend", "aot_eager", steps=3,
-                              ckpt_every=3))
+    compiled = train(
+        tiny_cfg(tmp_path / "compiled", "--compile", "--compile-backend", "aot_eager", steps=3, ckpt_every=3)
+    )
     logs = _log(eager["run_dir"]), _log(compiled["run_dir"])
     assert len(logs[0]) == len(logs[1]) == 3
     for a, b in zip(*logs):

@@ -34,26 +34,40 @@ def _gated(impl, norm="layer", weighted=False):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_adaln_modulate_fp32(shape):
-    check_against_fp64(_plain("triton"), _plain("ref"), _inputs(*shape),
-                       ["elementwise"], ["elementwise", "reduction", "reduction"])  # fmt: skip
+    check_against_fp64(
+        _plain("triton"), _plain("ref"), _inputs(*shape), ["elementwise"], ["elementwise", "reduction", "reduction"]
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gated_residual_adaln_fp32(shape):
-    check_against_fp64(_gated("triton"), _gated("ref"), _inputs(*shape, gated=True),
-                       ["elementwise", "elementwise"],
-                       ["elementwise", "elementwise", "reduction", "reduction", "reduction"])  # fmt: skip
+    check_against_fp64(
+        _gated("triton"),
+        _gated("ref"),
+        _inputs(*shape, gated=True),
+        ["elementwise", "elementwise"],
+        ["elementwise", "elementwise", "reduction", "reduction", "reduction"],
+    )
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("shape", [(2, 5, 1152), (1, 3, 130)])
 def test_weighted_norm_variants(norm, shape):
     """RMSNorm with a learnable weight (LightningDiT) and LayerNorm with a weight: dweight reduced over all rows."""
-    check_against_fp64(_plain("triton", norm, True), _plain("ref", norm, True), _inputs(*shape, weight=True),
-                       ["elementwise"], ["elementwise", "reduction", "reduction", "reduction"])  # fmt: skip
-    check_against_fp64(_gated("triton", norm, True), _gated("ref", norm, True), _inputs(*shape,
-                       gated=True, weight=True), ["elementwise"] * 2,
-                       ["elementwise", "elementwise"] + ["reduction"] * 4)  # fmt: skip
+    check_against_fp64(
+        _plain("triton", norm, True),
+        _plain("ref", norm, True),
+        _inputs(*shape, weight=True),
+        ["elementwise"],
+        ["elementwise", "reduction", "reduction", "reduction"],
+    )
+    check_against_fp64(
+        _gated("triton", norm, True),
+        _gated("ref", norm, True),
+        _inputs(*shape, gated=True, weight=True),
+        ["elementwise"] * 2,
+        ["elementwise", "elementwise"] + ["reduction"] * 4,
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 768), (1, 3, 130)])
@@ -67,25 +81,39 @@ def test_bf16(shape):
     x_new, y = gated_residual_adaln(x, br, g, sh, sc, impl="triton")
     assert_close(x_new, x.double() + g.double()[:, None] * br.double())
     assert_close(y, adaln_modulate_ref(x_new.double(), sh.double(), sc.double()))
-    check_against_fp64(lambda br, g, sh, sc: gated_residual_adaln(x_new.detach(), br, g, sh, sc, impl="triton")[1],
-                       lambda br, g, sh, sc: gated_residual_adaln_ref(x_new.detach().double(), br, g, sh, sc)[1],
-                       [br, g, sh, sc], ["elementwise"], ["elementwise"] + ["reduction"] * 3)  # fmt: skip
+    check_against_fp64(
+        lambda br, g, sh, sc: gated_residual_adaln(x_new.detach(), br, g, sh, sc, impl="triton")[1],
+        lambda br, g, sh, sc: gated_residual_adaln_ref(x_new.detach().double(), br, g, sh, sc)[1],
+        [br, g, sh, sc],
+        ["elementwise"],
+        ["elementwise"] + ["reduction"] * 3,
+    )
 
 
 def test_mixed_dtypes_as_in_sit_autocast():
     """SiT under bf16 autocast: fp32 residual stream x, bf16 branch (a GEMM output) and bf16 adaLN vectors.
     Outputs promote to fp32 (as eager), each gradient comes back in its input's dtype."""
     ins = _inputs(2, 5, 768, dtype=torch.float32, mod_dtype=torch.bfloat16, gated=True)
-    outs, _ = check_against_fp64(_gated("triton"), _gated("ref"), ins, ["elementwise"] * 2,
-                                 ["elementwise", "elementwise", "reduction", "reduction", "reduction"])  # fmt: skip
+    outs, _ = check_against_fp64(
+        _gated("triton"),
+        _gated("ref"),
+        ins,
+        ["elementwise"] * 2,
+        ["elementwise", "elementwise", "reduction", "reduction", "reduction"],
+    )
     assert [o.dtype for o in outs] == [torch.float32, torch.float32]
 
 
 def test_small_tiles_many_programs_and_chunks(monkeypatch):
     """Force 2-row tiles and 4-token chunks: masked tail tiles, several partial-sum chunks, an overhanging chunk."""
     monkeypatch.setattr(adaln, "_launch_config", lambda n_rows, n_tok, D, dev: (2, 256, 4, 4))
-    check_against_fp64(_gated("triton"), _gated("ref"), _inputs(2, 9, 130, gated=True), ["elementwise"] * 2,
-                       ["elementwise", "elementwise", "reduction", "reduction", "reduction"])  # fmt: skip
+    check_against_fp64(
+        _gated("triton"),
+        _gated("ref"),
+        _inputs(2, 9, 130, gated=True),
+        ["elementwise"] * 2,
+        ["elementwise", "elementwise", "reduction", "reduction", "reduction"],
+    )
 
 
 def test_strided_views_from_sit_layout():

@@ -29,8 +29,13 @@ def test_alignment_loss_fp32(shapes):
     """K = len(shapes) encoders; the gradient reaches the projector outputs only (targets are frozen)."""
     preds = [torch.randn(s, requires_grad=True) for s in shapes]
     targets = [torch.randn(s) for s in shapes]
-    check_against_fp64(_loss("triton", len(shapes)), _loss("ref", len(shapes)), preds + targets,
-                       ["reduction"], ["elementwise"] * len(shapes))  # fmt: skip
+    check_against_fp64(
+        _loss("triton", len(shapes)),
+        _loss("ref", len(shapes)),
+        preds + targets,
+        ["reduction"],
+        ["elementwise"] * len(shapes),
+    )
 
 
 def test_reference_equals_repa_per_sample_loop():
@@ -38,16 +43,21 @@ def test_reference_equals_repa_per_sample_loop():
     targets = [torch.randn_like(p) for p in preds]
     expected = _repa_loop(targets, preds)
     assert_close(alignment_loss_ref(preds, targets), expected)
-    assert_close(alignment_loss([p.float() for p in preds], [z.float() for z in targets], impl="triton"),
-                 expected, "reduction")  # fmt: skip
+    assert_close(
+        alignment_loss([p.float() for p in preds], [z.float() for z in targets], impl="triton"), expected, "reduction"
+    )
 
 
 def test_cosine_rows_both_gradients():
     """The per-row op is differentiable in the target too (dz path), for callers that train both sides."""
     p, z = torch.randn(2, 5, 130, requires_grad=True), torch.randn(2, 5, 130, requires_grad=True)
-    check_against_fp64(lambda p, z: cosine_similarity_rows(p, z, impl="triton"),
-                       lambda p, z: align_loss.cosine_similarity_rows_ref(p, z), [p, z],
-                       ["elementwise"], ["elementwise", "elementwise"])  # fmt: skip
+    check_against_fp64(
+        lambda p, z: cosine_similarity_rows(p, z, impl="triton"),
+        lambda p, z: align_loss.cosine_similarity_rows_ref(p, z),
+        [p, z],
+        ["elementwise"],
+        ["elementwise", "elementwise"],
+    )
 
 
 @pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float32])
@@ -68,8 +78,13 @@ def test_zero_rows_follow_normalize_eps_semantics():
     p[0, 2] *= 1e-14
     z[0, 4] = 0.0
     p.requires_grad_()
-    check_against_fp64(_loss("triton", 1), _loss("ref", 1), [p.float().detach().requires_grad_(), z.float()],
-                       ["reduction"], ["elementwise"])  # fmt: skip
+    check_against_fp64(
+        _loss("triton", 1),
+        _loss("ref", 1),
+        [p.float().detach().requires_grad_(), z.float()],
+        ["reduction"],
+        ["elementwise"],
+    )
 
 
 def test_small_tiles_many_programs(monkeypatch):

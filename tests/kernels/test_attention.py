@@ -32,8 +32,9 @@ def _qkv(B=2, N=9, H=3, Dh=72, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
 def test_cpu_backends_match_fp64(backend):
-    check_against_fp64(lambda q, k, v: attention(q, k, v, backend=backend), attention_ref, _qkv(),
-                       ["elementwise"], ["elementwise"] * 3)  # fmt: skip
+    check_against_fp64(
+        lambda q, k, v: attention(q, k, v, backend=backend), attention_ref, _qkv(), ["elementwise"], ["elementwise"] * 3
+    )
 
 
 def test_custom_scale():

@@ -81,15 +81,20 @@ def test_registered_ops_pass_opcheck():
     x, br, sh, sc, g, w = rg(2, 5, 130), rg(2, 5, 130), rg(2, 130), rg(2, 130), rg(2, 130), rg(130)
     _opcheck(adaln._adaln_modulate_op, (x, sh, sc, w, 1e-6, True, torch.float32))
     _opcheck(adaln._gated_adaln_op, (x, br, g, sh, sc, None, 1e-6, False, torch.float32, torch.float32))
-    _opcheck(adaln._adaln_bwd_op, (x.detach(), br.detach(), x.detach(), br.detach(), g.detach(), sc.detach(), None,
-                                   1e-6, False, torch.float32))  # fmt: skip
+    _opcheck(
+        adaln._adaln_bwd_op,
+        (x.detach(), br.detach(), x.detach(), br.detach(), g.detach(), sc.detach(), None, 1e-6, False, torch.float32),
+    )
     _opcheck(align_loss._cos_rows_op, (rg(10, 130), torch.randn(10, 130), 1e-12))
-    _opcheck(align_loss._cos_rows_bwd_op, (torch.randn(10), torch.randn(10, 130), torch.randn(10, 130), 1e-12,
-                                           True, False))  # fmt: skip
+    _opcheck(
+        align_loss._cos_rows_bwd_op, (torch.randn(10), torch.randn(10, 130), torch.randn(10, 130), 1e-12, True, False)
+    )
     cos, sin = rope_2d_cos_sin(8, 2, 2)
     _opcheck(rope._norm_rope_op, (rg(2, 4, 3, 8), rg(8), rg(8), cos, sin, 1e-5, 1, torch.float32))
-    _opcheck(rope._norm_rope_bwd_op, (torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), None, cos, sin, 1e-5, 2,
-                                      torch.float32))  # fmt: skip
+    _opcheck(
+        rope._norm_rope_bwd_op,
+        (torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), None, cos, sin, 1e-5, 2, torch.float32),
+    )
 
 
 def _all_ops(impl):
@@ -109,8 +114,10 @@ def _all_ops(impl):
 def test_every_op_traces_under_torch_compile_fullgraph():
     """torch.compile(backend="aot_eager", fullgraph=True) over all ops with Triton kernels equals eager."""
     torch._dynamo.reset()
-    inputs = [torch.randn(*s, requires_grad=True) for s in
-              [(2, 5, 130), (2, 5, 130), (2, 130), (2, 130), (2, 130), (2, 4, 3, 3, 8), (8,), (8,), (2, 5, 64)]]
+    inputs = [
+        torch.randn(*s, requires_grad=True)
+        for s in [(2, 5, 130), (2, 5, 130), (2, 130), (2, 130), (2, 130), (2, 4, 3, 3, 8), (8,), (8,), (2, 5, 64)]
+    ]
     inputs.append(torch.randn(2, 5, 64))
     eager = _all_ops("triton")(*inputs)
     eager_grads = torch.autograd.grad(eager, [t for t in inputs if t.requires_grad])

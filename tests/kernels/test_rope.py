@@ -34,9 +34,13 @@ def test_tables_follow_eva02_axial_layout():
 def test_rope_fp32(B, grid, H, Dh):
     qkv = _qkv_view(B, grid, H, Dh)
     cos, sin = rope_2d_cos_sin(Dh, grid, grid)
-    check_against_fp64(lambda t: apply_rope_2d(t[:, :, 0], cos, sin, impl="triton"),
-                       lambda t: rope.apply_rope_2d_ref(t[:, :, 0], cos.double(), sin.double()), [qkv],
-                       ["elementwise"], ["elementwise"])  # fmt: skip
+    check_against_fp64(
+        lambda t: apply_rope_2d(t[:, :, 0], cos, sin, impl="triton"),
+        lambda t: rope.apply_rope_2d_ref(t[:, :, 0], cos.double(), sin.double()),
+        [qkv],
+        ["elementwise"],
+        ["elementwise"],
+    )
 
 
 def test_rope_is_a_rotation():
@@ -56,9 +60,13 @@ def test_qk_norm_rope_fp32(norm, with_rope):
     b = (0.2 * torch.randn(Dh)).requires_grad_()
     cos, sin = rope_2d_cos_sin(Dh, grid, grid) if with_rope else (None, None)
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
-    check_against_fp64(lambda t, w, b: qk_norm_rope(t[:, :, 1], w, b, cos, sin, norm=norm, impl="triton"),
-                       lambda t, w, b: qk_norm_rope_ref(t[:, :, 1], w, b, dbl(cos), dbl(sin), norm=norm),
-                       [qkv, w, b], ["elementwise"], ["elementwise", "reduction", "reduction"])  # fmt: skip
+    check_against_fp64(
+        lambda t, w, b: qk_norm_rope(t[:, :, 1], w, b, cos, sin, norm=norm, impl="triton"),
+        lambda t, w, b: qk_norm_rope_ref(t[:, :, 1], w, b, dbl(cos), dbl(sin), norm=norm),
+        [qkv, w, b],
+        ["elementwise"],
+        ["elementwise", "reduction", "reduction"],
+    )
 
 
 def test_qk_norm_equals_nn_layernorm_module():
@@ -79,13 +87,21 @@ def test_bf16(norm):
     b = (0.2 * torch.randn(Dh)).to(torch.bfloat16).requires_grad_()
     cos, sin = rope_2d_cos_sin(Dh, grid, grid)
     if norm is None:
-        check_against_fp64(lambda t: apply_rope_2d(t[:, :, 0], cos, sin, impl="triton"),
-                           lambda t: rope.apply_rope_2d_ref(t[:, :, 0], cos.double(), sin.double()), [qkv],
-                           ["elementwise"], ["elementwise"])  # fmt: skip
+        check_against_fp64(
+            lambda t: apply_rope_2d(t[:, :, 0], cos, sin, impl="triton"),
+            lambda t: rope.apply_rope_2d_ref(t[:, :, 0], cos.double(), sin.double()),
+            [qkv],
+            ["elementwise"],
+            ["elementwise"],
+        )
     else:
-        check_against_fp64(lambda t, w, b: qk_norm_rope(t[:, :, 0], w, b, cos, sin, impl="triton"),
-                           lambda t, w, b: qk_norm_rope_ref(t[:, :, 0], w, b, cos.double(), sin.double()),
-                           [qkv, w, b], ["elementwise"], ["elementwise", "reduction", "reduction"])  # fmt: skip
+        check_against_fp64(
+            lambda t, w, b: qk_norm_rope(t[:, :, 0], w, b, cos, sin, impl="triton"),
+            lambda t, w, b: qk_norm_rope_ref(t[:, :, 0], w, b, cos.double(), sin.double()),
+            [qkv, w, b],
+            ["elementwise"],
+            ["elementwise", "reduction", "reduction"],
+        )
 
 
 def test_small_tiles_many_programs(monkeypatch):
@@ -94,9 +110,13 @@ def test_small_tiles_many_programs(monkeypatch):
     qkv = _qkv_view(1, 3, 3, 72)  # 27 rows
     w, b = (1 + 0.3 * torch.randn(72)).requires_grad_(), (0.2 * torch.randn(72)).requires_grad_()
     cos, sin = rope_2d_cos_sin(72, 3, 3)
-    check_against_fp64(lambda t, w, b: qk_norm_rope(t[:, :, 2], w, b, cos, sin, impl="triton"),
-                       lambda t, w, b: qk_norm_rope_ref(t[:, :, 2], w, b, cos.double(), sin.double()),
-                       [qkv, w, b], ["elementwise"], ["elementwise", "reduction", "reduction"])  # fmt: skip
+    check_against_fp64(
+        lambda t, w, b: qk_norm_rope(t[:, :, 2], w, b, cos, sin, impl="triton"),
+        lambda t, w, b: qk_norm_rope_ref(t[:, :, 2], w, b, cos.double(), sin.double()),
+        [qkv, w, b],
+        ["elementwise"],
+        ["elementwise", "reduction", "reduction"],
+    )
 
 
 def test_bad_inputs_raise_clear_errors():
