@@ -1,6 +1,6 @@
 """Shared harness of bench/bench_<op>.py: providers ref / compile(ref) / triton, modes fwd / bwd / full.
 
-Everywhere: prints the analytic bytes each provider moves (repa_fast.kernels.traffic; compile(ref) is not
+Everywhere: prints the analytic bytes each provider moves (bench/traffic.py; compile(ref) is not
 modelled: what Inductor fuses depends on its version). On a CUDA GPU: also times every provider with
 triton.testing.do_bench (quantiles 0.5, 0.2, 0.8), reports GB/s (the provider's analytic bytes / median time)
 against the device's measured copy bandwidth, times compilation separately, and appends rows to
@@ -20,8 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-
-from repa_fast.kernels import traffic  # noqa: E402
+import traffic  # noqa: E402  (bench/traffic.py)
 
 MODES = ("fwd", "bwd", "full")
 PROVIDERS = ("ref", "compile(ref)", "triton")
@@ -31,7 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 @dataclass
 class Case:
     """One op: ``make(model, batch, dtype, device) -> inputs``; ``ref(*inputs)`` and ``fused(*inputs)`` return
-    a tensor or a tuple of tensors; ``traffic_op`` names its entry in repa_fast.kernels.traffic.CASES."""
+    a tensor or a tuple of tensors; ``traffic_op`` names its entry in bench/traffic.py's CASES."""
 
     name: str
     traffic_op: str

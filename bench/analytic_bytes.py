@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from repa_fast.kernels.traffic import markdown_report  # noqa: E402
+from traffic import markdown_report  # noqa: E402  (bench/traffic.py, beside this script)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "analytic_bytes.md")
 

@@ -6,9 +6,9 @@ timings and GB/s on a CUDA GPU (bench/_common.py).
 
 import torch
 from _common import Case, main
+from traffic import SIT_SHAPES, TOKENS
 
 from repa_fast.kernels.adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
-from repa_fast.kernels.traffic import SIT_SHAPES, TOKENS
 
 
 def _make(n_big: int, n_mod: int):

@@ -6,9 +6,9 @@ analytic bytes everywhere, timings and GB/s on a CUDA GPU (bench/_common.py).
 
 import torch
 from _common import Case, main
+from traffic import TOKENS, Z_DIM
 
 from repa_fast.kernels.align_loss import alignment_loss, alignment_loss_ref
-from repa_fast.kernels.traffic import TOKENS, Z_DIM
 
 
 def make(model, batch, dtype, device):

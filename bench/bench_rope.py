@@ -6,9 +6,9 @@ timings and GB/s on a CUDA GPU (bench/_common.py).
 
 import torch
 from _common import Case, main
+from traffic import SIT_SHAPES, TOKENS
 
 from repa_fast.kernels.rope import apply_rope_2d, apply_rope_2d_ref, qk_norm_rope, qk_norm_rope_ref, rope_2d_cos_sin
-from repa_fast.kernels.traffic import SIT_SHAPES, TOKENS
 
 
 def _make(norm: bool):

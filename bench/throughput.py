@@ -30,7 +30,7 @@ from repa_fast.cli import resolve_config  # noqa: E402
 from repa_fast.engine import trainer as T  # noqa: E402
 from repa_fast.engine.ema import EMA  # noqa: E402
 from repa_fast.engine.metrics import LossMeter  # noqa: E402
-from repa_fast.engine.parallel import Backend  # noqa: E402
+from repa_fast.engine.parallel import Backend, apply_compile  # noqa: E402
 from repa_fast.flops import repa_step_flops  # noqa: E402
 from repa_fast.models.encoders import load_encoders, parse_encoder_name  # noqa: E402
 from repa_fast.models.sit import SIT_SIZES, build_sit  # noqa: E402
@@ -163,8 +163,7 @@ class RepaFastStep:
     def __init__(self, args, device, kernels: str = "auto"):
         self.cfg, model, encoders = build(args, device, kernels, None)
         if args.compile:
-            for block in model.blocks:
-                block.compile()
+            apply_compile(model)  # the trainer's per-block compile (inductor)
         self.encoders = encoders
         self.backend = Backend(device.type)
         opt = T.build_optimizer(self.cfg, model)

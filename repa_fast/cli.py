@@ -71,8 +71,8 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
     validate(cfg)
-    if cfg.run.parallel == "deepspeed":  # fill/check the DeepSpeed numbers from the trainer's (parallel_dsconfig)
-        from repa_fast.engine.parallel_dsconfig import resolve_deepspeed_config
+    if cfg.run.parallel == "deepspeed":  # the one resolution: the trainer's numbers fill/check DeepSpeed's
+        from repa_fast.engine.parallel.dsconfig import resolve_deepspeed_config
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
         cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)

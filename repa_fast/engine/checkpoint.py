@@ -21,8 +21,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from repa_fast.engine.faults import maybe_kill
-
 logger = logging.getLogger("repa_fast")
 
 FORMAT_VERSION = 1
@@ -116,7 +114,6 @@ def write_checkpoint(
     try:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         save_file(_contiguous(model_sd), os.path.join(tmp, "model.safetensors"))
-        maybe_kill("mid_save", step)
         save_file(_contiguous(ema_sd), os.path.join(tmp, "ema.safetensors"))
         torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, os.path.join(tmp, "state.pt"))
         for rank, r in (rng or {}).items():

@@ -21,9 +21,8 @@ from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine.ema import EMA
-from repa_fast.engine.faults import maybe_kill
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
-from repa_fast.engine.parallel import Backend, make_backend
+from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit
@@ -44,7 +43,7 @@ class State:
 
     model: torch.nn.Module
     train_model: torch.nn.Module
-    ema: EMA  # or parallel.ShardedEMA (same update / state_dict interface)
+    ema: EMA  # or ema.ShardedEMA (same interface)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     sampler: ResumableDistributedSampler
@@ -58,7 +57,7 @@ def train(cfg: TrainConfig) -> dict:
     A collective that fails because another process died or hung (bounded by REPA_FAST_DIST_TIMEOUT) is raised as
     ``PeerFailure``; the process group is destroyed on every exit path.
     """
-    backend = make_backend(cfg.run.parallel, cfg.run.device, cfg)
+    backend = make_backend(cfg.run.parallel, cfg.run.device, cfg.deepspeed)
     clean = False
     try:
         summary = _train(cfg, backend)
@@ -183,7 +182,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
         ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
         backend.load_model_state_dict(model, saved["model"])
-    train_model = backend.wrap(model, build_optimizer(cfg, model))
+    train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
     optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
     ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
     seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
@@ -195,9 +194,6 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     state = State(model, train_model, ema, optimizer, scaler, sampler)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
-    if cfg.model.compile:
-        for block in model.blocks:
-            block.compile(backend=cfg.model.compile_backend)  # in place: state-dict keys unchanged
     loader = DataLoader(
         dataset,
         batch_size=micro,
@@ -334,7 +330,6 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
                 batch = _next_batch(data_iter, backend.device, bool(encoders))
             meter.add_losses(micro_step(cfg, state, backend, batch, encoders, amp_dtype, last=i == accum - 1))
         optimizer_step(cfg, state, backend, meter)
-        maybe_kill("after_step", state.step)
         progress.update(1)
         step = state.step
         if step % cfg.run.log_every == 0 or step == cfg.run.max_train_steps:

@@ -7,6 +7,8 @@ import sys
 from repa_fast.cli import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "train.py")
+FAULT_ENTRY = os.path.join(REPO, "tests", "engine", "faults.py")  # train.py with REPA_FAST_FAULT's kill installed
 
 # The demo preset shrunk to 16x16 digits (4x4 token grid), batch 8: a step takes a few tens of milliseconds.
 TINY_DEMO = [
@@ -51,12 +53,12 @@ def tiny_cfg(out, *extra, **kw):
     return cfg
 
 
-def run_train(args, env_extra=None, timeout=300):
-    """``python train.py ARGS`` in a fresh process; returns the CompletedProcess."""
+def run_train(args, env_extra=None, timeout=300, script=TRAIN):
+    """``python train.py ARGS`` (or ``script``) in a fresh process; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "2", **(env_extra or {})}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), *map(str, args)],
+        [sys.executable, script, *map(str, args)],
         cwd=REPO,
         env=env,
         capture_output=True,

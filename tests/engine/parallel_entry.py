@@ -14,6 +14,8 @@ rank only under several processes): every backend must skip that step (weights, 
 optimizer state back through the running backend (the production gather code) and save them to FILE (rank 0), so a
 test can check that load -> shard -> gather is bit-exact on any backend and process count.
 
+``REPA_FAST_FAULT="<point>:<step>"``: a SIGKILL at that point (tests/engine/faults.py).
+
     python tests/engine/parallel_entry.py <train.py flags>     (also under torchrun / deepspeed)
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from repa_fast.cli import main  # noqa: E402
 from repa_fast.engine import trainer  # noqa: E402
 from repa_fast.objective import sample_time  # noqa: E402
+from tests.engine import faults  # noqa: E402
 
 _ctx = {"step": -1, "micro": 0}
 _real_micro_step, _real_loss, _real_load = trainer.micro_step, trainer.training_loss, trainer.load_state
@@ -71,6 +74,7 @@ def _load_state(state, path, saved, backend):
 
 
 trainer.micro_step, trainer.training_loss, trainer.load_state = _micro_step, _loss, _load_state
+faults.install()  # REPA_FAST_FAULT (tests/engine/faults.py)
 
 if __name__ == "__main__":
     sys.exit(main())

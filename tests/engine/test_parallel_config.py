@@ -16,8 +16,10 @@ import torch.distributed as dist
 from repa_fast.cli import main, resolve_config
 from repa_fast.config import ConfigError, TrainConfig
 from repa_fast.engine import parallel as P
-from repa_fast.engine.ema import EMA
-from repa_fast.engine.parallel_dsconfig import resolve_deepspeed_config
+from repa_fast.engine.ema import EMA, FullReplica, ShardedEMA
+from repa_fast.engine.parallel import process_group as PG
+from repa_fast.engine.parallel.ddp import DDPBackend
+from repa_fast.engine.parallel.dsconfig import resolve_deepspeed_config
 from repa_fast.models.sit import build_sit
 
 from .helpers import REPO, tiny_args
@@ -160,7 +162,7 @@ def test_consistent_numbers_pass_and_resolution_is_idempotent():
     assert out["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1000}  # user keys kept
     assert out["torch_autocast"]["dtype"] == "bfloat16"
     cfg = _cfg(accum=2, ds=out)
-    assert resolve_deepspeed_config(cfg, 8) == out  # the backend re-resolves what the CLI resolved
+    assert resolve_deepspeed_config(cfg, 8) == out  # idempotent: a written config.json resolves to itself
 
 
 def test_dry_run_without_deepspeed_section_derives_everything(monkeypatch, capsys):
@@ -213,7 +215,7 @@ def _tiny_sit():
 
 def test_full_replica_rebuilds_the_model_without_holding_its_weights():
     model = _tiny_sit()
-    replica = P.FullReplica(model)
+    replica = FullReplica(model)
     assert all(p.device.type == "meta" for p in replica.skeleton.parameters())
     assert "pos_embed" in replica.fixed and not any(n in replica.fixed for n in replica.trainable)
     trained = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
@@ -237,7 +239,7 @@ def test_sharded_ema_of_two_fake_ranks_equals_the_full_ema_bitwise():
     model = _tiny_sit()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
-    replica = P.FullReplica(model)
+    replica = FullReplica(model)
     emas = []
 
     def gather(name, _local):
@@ -245,7 +247,7 @@ def test_sharded_ema_of_two_fake_ranks_equals_the_full_ema_bitwise():
 
     for r in range(2):
         views = lambda r=r: [params[n].detach().view(-1).chunk(2)[r] for n in names]
-        emas.append(P.ShardedEMA(names, views, gather, lambda n, full, r=r: full.reshape(-1).chunk(2)[r], replica))
+        emas.append(ShardedEMA(names, views, gather, lambda n, full, r=r: full.reshape(-1).chunk(2)[r], replica))
     full = EMA(model)
     for skip in [False, True, False]:
         with torch.no_grad():
@@ -259,13 +261,13 @@ def test_sharded_ema_of_two_fake_ranks_equals_the_full_ema_bitwise():
     got, want = emas[0].state_dict(), full.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    fresh = P.ShardedEMA(names, emas[1]._views, gather, emas[1]._slice, replica)
+    fresh = ShardedEMA(names, emas[1]._views, gather, emas[1]._slice, replica)
     fresh.load_state_dict(want)
     assert all(torch.equal(a, b) for a, b in zip(fresh.shadow, emas[1].shadow))
 
 
 def _ddp_backend(rank=1, world=2):
-    b = object.__new__(P.DDPBackend)
+    b = object.__new__(DDPBackend)
     b.rank, b.world_size = rank, world
     return b
 
@@ -291,14 +293,14 @@ def test_peer_failures_are_told_apart_from_bugs(exc, is_peer):
 
 def test_every_process_group_gets_the_bounded_timeout(monkeypatch):
     monkeypatch.setenv("REPA_FAST_DIST_TIMEOUT", "7")
-    assert P.bound_process_groups() == 0  # no group yet
+    assert PG.bound_process_groups() == 0  # no group yet
     store = tempfile.NamedTemporaryFile(delete=False).name
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
         extra = dist.new_group([0])  # as DeepSpeed's clone of the world group: torch's 30 min default
         backend = extra._get_backend(torch.device("cpu"))
         assert backend.options._timeout == datetime.timedelta(minutes=30)
-        assert P.bound_process_groups() == 2
+        assert PG.bound_process_groups() == 2
         assert backend.options._timeout == datetime.timedelta(seconds=7)
     finally:
         dist.destroy_process_group()

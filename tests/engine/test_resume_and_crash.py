@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from repa_fast.engine import checkpoint as ckpt
 
-from .helpers import run_train, tiny_args
+from .helpers import FAULT_ENTRY, run_train, tiny_args
 
 
 def _final_state(run_dir, step):
@@ -36,7 +36,9 @@ def test_kill_then_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
     straight = run_train(tiny_args(tmp_path / "a", steps=steps, ckpt_every=3))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = run_train(tiny_args(tmp_path / "b", steps=steps, ckpt_every=3), {"REPA_FAST_FAULT": "after_step:4"})
+    killed = run_train(
+        tiny_args(tmp_path / "b", steps=steps, ckpt_every=3), {"REPA_FAST_FAULT": "after_step:4"}, script=FAULT_ENTRY
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after step 4: checkpoint 3 exists, 6 does not
     assert ckpt.list_checkpoints(str(tmp_path / "b" / "run")) == [3]
 
@@ -54,7 +56,9 @@ def test_kill_then_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
 
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
     run = str(tmp_path / "run")
-    killed = run_train(tiny_args(tmp_path, steps=6, ckpt_every=2), {"REPA_FAST_FAULT": "mid_save:4"})
+    killed = run_train(
+        tiny_args(tmp_path, steps=6, ckpt_every=2), {"REPA_FAST_FAULT": "mid_save:4"}, script=FAULT_ENTRY
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert ckpt.list_checkpoints(run) == [2]
     stale = [d for d in os.listdir(ckpt.checkpoint_root(run)) if d.startswith(".tmp-0000004")]

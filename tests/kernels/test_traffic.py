@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from repa_fast.kernels import traffic
-from repa_fast.kernels.traffic import TrafficCounter, measure, unique_bytes
+from bench import traffic
+from bench.traffic import TrafficCounter, measure, unique_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,55 +1,23 @@
-"""Process backends behind one interface; the model code stays single-device (parallelism is applied from outside).
+"""The Backend interface, and the single-process backend that implements it (its collectives are no-ops).
 
-``make_backend(kind)`` reads the launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), which
-torchrun, the ``deepspeed`` launcher and a manual launch all set the same way, on one node or many: nothing here
-depends on the node count (LOCAL_RANK only picks the GPU).
-
-    kind        module                 model                       optimizer state        EMA (fp32)
-    none        this one               as is                       full                   full copy
-    ddp         this one               DistributedDataParallel     full, replicated       full copy per rank
-    fsdp        parallel_fsdp          FSDP2 ``fully_shard``       DTensor shards         shards (DTensor local)
-    deepspeed   parallel_deepspeed     ZeRO stage 0/1/2/3 engine   ZeRO partitions        full (0-2), shards (3)
-
-"auto" picks ddp when WORLD_SIZE > 1, else none. Every backend exposes the calls the loop makes: wrap, make_ema,
-no_sync, backward, clip_and_step, update_ema, ema_module, full_state_dict, full_ema_state_dict, optimizer_state_dict,
-load_*_state_dict, all_reduce_mean, gather_objects, broadcast_object, barrier, peer_failure, shutdown.
-
-Common semantics (whatever the backend): the global batch is split over ranks, RNG streams are seed + rank, weights
-stay fp32 and bf16/fp16 is torch.autocast around the forward (DeepSpeed gets the same through its torch_autocast
-section), gradients are reduced in fp32, the frozen target encoders are plain replicated modules (never wrapped,
-sharded or optimised), checkpoints hold full fp32 tensors with the optimizer state keyed by parameter NAME, so a run
-saved by any backend with N processes resumes on any backend with M.
+A backend applies the parallelism from outside the single-device model and owns the calls the training loop makes:
+wrap, make_ema, no_sync, backward, clip_and_step, update_ema, ema_module, full_state_dict, full_ema_state_dict,
+optimizer_state_dict, load_*_state_dict, all_reduce_mean, gather_objects, broadcast_object, barrier, peer_failure,
+shutdown. The multi-process backends derive from ``process_group.DistributedBackend``; this module imports none of
+them (``repa_fast.engine.parallel.make_backend`` picks one).
 """
 
 import contextlib
-import copy
-import datetime
-import logging
 import os
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from repa_fast.engine.ema import EMA, ema_update_
-
-logger = logging.getLogger("repa_fast")
-
-# A rank that died or hangs leaves the others waiting in a collective; they give up after this long (bounded, no
-# hang). Read when a process group is created, so tests can lower it through the environment.
-DEFAULT_TIMEOUT_S = 60
-
-
-def dist_timeout_s() -> int:
-    return int(os.environ.get("REPA_FAST_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-
-
-class PeerFailure(RuntimeError):
-    """Another process died or stopped answering; this one stopped cleanly. The message says how to resume."""
+from repa_fast.engine.ema import EMA
 
 
 def env_world() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun, the deepspeed launcher and a manual launch all set them."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -132,7 +100,7 @@ class Backend:
 
     def ema_module(self, ema) -> nn.Module | None:
         """A full EMA module for previews on the main process (None elsewhere). Collective for sharded EMAs."""
-        return ema.module
+        return ema.full_module(self.device, self.is_main)
 
     # -- state -----------------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict:
@@ -178,7 +146,7 @@ class Backend:
     def barrier(self) -> None:
         pass
 
-    def peer_failure(self, exc: BaseException, last_checkpoint: str | None = None) -> PeerFailure | None:
+    def peer_failure(self, exc: BaseException, last_checkpoint: str | None = None) -> Exception | None:
         """A PeerFailure describing ``exc`` when it means another process died or hung; None otherwise."""
         return None
 
@@ -207,256 +175,3 @@ def check_optimizer_names(model: nn.Module, saved: dict) -> dict:
     if unknown:
         raise RuntimeError(f"optimizer state names parameters this model does not have: {unknown[:3]}...")
     return params
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Several processes
-# ---------------------------------------------------------------------------------------------------------------------
-
-# Messages of collectives that failed because a peer vanished (gloo, NCCL, the TCP store) or timed out.
-_PEER_SIGNS = (
-    "connection closed",
-    "connection reset",
-    "connection refused",
-    "broken pipe",
-    "timed out",
-    "nccl",
-    "gloo",
-    "socket",
-    "tcpstore",
-    "by peer",
-)
-
-
-class DistributedBackend(Backend):
-    """Collectives, process-group setup and teardown shared by every multi-process backend."""
-
-    def __init__(self, device: str = "auto"):
-        super().__init__(device)
-        init_process_group(self.device)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    def all_reduce_mean(self, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t / self.world_size
-
-    def gather_objects(self, obj):
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self):
-        dist.barrier()
-
-    def peer_failure(self, exc, last_checkpoint=None):
-        if isinstance(exc, PeerFailure):
-            return exc
-        text = f"{type(exc).__name__}: {exc}"
-        is_dist = isinstance(exc, getattr(dist, "DistError", ())) or (
-            isinstance(exc, RuntimeError) and any(s in text.lower() for s in _PEER_SIGNS)
-        )
-        if self.world_size == 1 or not is_dist:
-            return None
-        first = text.strip().splitlines()[0][:300]
-        where = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-        return PeerFailure(
-            f"rank {self.rank}/{self.world_size} ({self.name}): a collective failed because another process died or "
-            f"stopped answering (timeout REPA_FAST_DIST_TIMEOUT={dist_timeout_s()} s): {first}. This process "
-            f"stopped; {where}. Relaunch with --resume to continue from it (any number of processes, any backend)."
-        )
-
-    def shutdown(self, clean=True):
-        shutdown_process_group(clean)
-
-
-class DDPBackend(DistributedBackend):
-    """torch DistributedDataParallel under torchrun (NCCL on CUDA, gloo on CPU)."""
-
-    name = "ddp"
-
-    def wrap(self, model, optimizer):
-        self.optimizer = optimizer
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-    def no_sync(self, train_model, last_micro_step):
-        return contextlib.nullcontext() if last_micro_step else train_model.no_sync()
-
-
-_PRIVATE_STORES: list[str] = []  # file stores of launcher-less single-process groups, removed at shutdown
-
-
-def init_process_group(device: torch.device) -> None:
-    """One process group for everything, with a bounded timeout: a dead or hung peer makes collectives fail after
-    REPA_FAST_DIST_TIMEOUT seconds (gloo honours it per operation; NCCL's watchdog aborts the communicator)."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=dist_timeout_s())
-    if "MASTER_ADDR" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        # A single process not started by a launcher (e.g. --parallel deepspeed on one GPU): a private file store.
-        import tempfile
-
-        fd, store = tempfile.mkstemp(prefix="repa_fast-pg-")
-        os.close(fd)
-        _PRIVATE_STORES.append(store)
-        os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
-        return
-    dist.init_process_group(backend, timeout=timeout)
-
-
-def bound_process_groups() -> int:
-    """Give every process group this rank belongs to the bounded timeout. Groups that libraries create themselves
-    (DeepSpeed clones the world group for ZeRO's reductions) get torch's default otherwise: 30 min for gloo, which a
-    hung peer would make the survivors wait (measured: a SIGSTOPped rank under ZeRO-2 held the other past 120 s).
-    Returns the number of groups set. The group registry is private (``_world.pg_map``); without it only the default
-    group, which ``init_process_group`` already bounded, is covered."""
-    if not dist.is_initialized():
-        return 0
-    timeout = datetime.timedelta(seconds=dist_timeout_s())
-    registry = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None) or {}
-    n = 0
-    for group in list(registry):
-        if dist.get_rank(group) >= 0:  # -1: this rank is not a member
-            dist.set_timeout(timeout, group)
-            n += 1
-    return n
-
-
-def shutdown_process_group(clean: bool = True) -> None:
-    """Always tear the group down: DeepSpeed/gloo on CPU aborts at exit in ~3/16 runs otherwise. After a failure the
-    barrier is skipped: a dead peer would only make it wait for the timeout once more."""
-    if not dist.is_initialized():
-        return
-    if clean:
-        try:
-            dist.barrier()
-        except Exception:  # a peer died during teardown: still destroy our side
-            pass
-    dist.destroy_process_group()
-    while _PRIVATE_STORES:
-        with contextlib.suppress(OSError):
-            os.remove(_PRIVATE_STORES.pop())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sharded EMA (FSDP2, ZeRO-3)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class FullReplica:
-    """What a sharding backend needs to rebuild a full, unsharded module on one rank, without holding its weights:
-    a skeleton on the meta device plus copies of the tensors that never train (frozen params such as ``pos_embed``,
-    buffers). Taken before ``wrap``; costs one copy of the frozen tensors."""
-
-    def __init__(self, model: nn.Module):
-        self.trainable = [n for n, _ in trainable(model)]
-        keep = set(self.trainable)
-        self.fixed = {
-            n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in keep
-        }
-        self.keys = list(model.state_dict())
-        memo = {}  # deepcopy the structure, but map every tensor to an empty meta tensor (no memory)
-        for p in model.parameters():
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for b in model.buffers():
-            memo[id(b)] = torch.empty_like(b, device="meta")
-        self.skeleton = copy.deepcopy(model, memo)
-
-    def state_dict(self, trainable_sd: dict) -> dict:
-        """A full state dict (the model's key order) from the full trainable tensors and the fixed ones."""
-        return {k: trainable_sd[k] if k in trainable_sd else self.fixed[k] for k in self.keys}
-
-    def materialize(self, trainable_sd: dict, device: torch.device) -> nn.Module:
-        module = copy.deepcopy(self.skeleton).to_empty(device=device)
-        with torch.no_grad():
-            for name, t in [*module.named_parameters(), *module.named_buffers()]:
-                t.copy_(trainable_sd[name] if name in trainable_sd else self.fixed[name])
-        return module.eval().requires_grad_(False)
-
-
-class ShardedEMA:
-    """EMA of the FULL trainable parameters, stored as this rank's shards next to the parameter shards.
-
-    The EMA is elementwise, so averaging each shard is averaging the full tensor: ema_shard <- lerp(ema_shard,
-    param_shard, 1 - decay), with ``ema_update_``'s multi-tensor kernels and no communication. Full tensors are
-    assembled only to save or preview (``gather``); a checkpoint's full EMA is cut back into shards on load
-    (``local_slice``).
-    ``local_views()`` returns the current fp32 shards of the trainable parameters, in ``names`` order.
-    """
-
-    def __init__(
-        self,
-        names: list[str],
-        local_views: Callable[[], list[torch.Tensor]],
-        gather: Callable[[str, torch.Tensor], torch.Tensor],
-        local_slice: Callable[[str, torch.Tensor], torch.Tensor],
-        replica: FullReplica,
-    ):
-        self.names, self._views, self.replica = names, local_views, replica
-        self._gather, self._slice = gather, local_slice
-        self.shadow = [v.detach().float().clone() for v in local_views()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, decay: float, skip: torch.Tensor | None = None) -> None:
-        ema_update_(self.shadow, [v.float() for v in self._views()], decay, skip)  # same device-side skip as EMA
-
-    def full_trainable(self) -> dict:
-        """Collective: every rank calls it; the full tensors are meaningful where the backend gathers (rank 0)."""
-        return {n: self._gather(n, s) for n, s in zip(self.names, self.shadow)}
-
-    def state_dict(self) -> dict:
-        return self.replica.state_dict(self.full_trainable())
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = [n for n in self.replica.keys if n not in state]
-        if missing:
-            raise RuntimeError(f"EMA state has no entry for {missing[:3]}...")
-        with torch.no_grad():
-            for n, s in zip(self.names, self.shadow):
-                s.copy_(self._slice(n, state[n].to(s.device, torch.float32)))
-
-
-class ShardingBackend(DistributedBackend):
-    """Backends whose parameters are sharded (FSDP2, ZeRO-3): EMA in shards, previews rebuilt on rank 0."""
-
-    replica: FullReplica | None = None
-
-    def ema_module(self, ema):
-        if not isinstance(ema, ShardedEMA):
-            return super().ema_module(ema)
-        full = ema.full_trainable()  # collective
-        return ema.replica.materialize(full, self.device) if self.is_main else None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_backend(kind: str = "auto", device: str = "auto", cfg=None) -> Backend:
-    _, world, _ = env_world()
-    if kind == "auto":
-        kind = "ddp" if world > 1 else "none"
-    if kind == "none":
-        if world > 1:
-            raise RuntimeError(
-                f"--parallel none with WORLD_SIZE={world}: launch one process or use --parallel ddp/fsdp/deepspeed"
-            )
-        return Backend(device)
-    if kind == "ddp":
-        return DDPBackend(device)
-    if kind == "fsdp":
-        from repa_fast.engine.parallel_fsdp import FSDPBackend
-
-        return FSDPBackend(device)
-    if kind == "deepspeed":
-        from repa_fast.engine.parallel_deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(device, cfg)
-    raise ValueError(f"--parallel {kind!r} is unknown; choose auto, none, ddp, fsdp or deepspeed")

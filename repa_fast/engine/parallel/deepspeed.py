@@ -3,7 +3,7 @@
 What DeepSpeed does here: partitions the optimizer state (1), gradients (2) and parameters (3), reduces gradients,
 clips with the global norm and steps the trainer's own AdamW on its flat fp32 partitions. What stays ours, identical
 to the other backends: fp32 weights with torch.autocast (DeepSpeed's ``torch_autocast`` section, see
-parallel_dsconfig), the loop's gradient accumulation (``managed_gradient_accumulation: false``: one ``engine.step()``
+dsconfig.py), the loop's gradient accumulation (``managed_gradient_accumulation: false``: one ``engine.step()``
 per optimizer step), the EMA, and the portable checkpoint format.
 
 Non-finite gradients: DeepSpeed's ZeRO optimizers check the global norm and skip the step (no parameter, moment or
@@ -16,6 +16,9 @@ ZeRO-3 each rank owns a contiguous partition of every parameter (DeepSpeed's fp3
 
 Checkpoints: full weights from the module (stages 0-2) or gathered partitions (3); the optimizer state through
 DeepSpeed's public fragment API (``safe_get/set_full_optimizer_state``), keyed by parameter name.
+
+Config: the backend takes the DeepSpeed config already resolved at the config boundary (``repa_fast.cli.resolve_config``
+calls ``dsconfig.resolve_deepspeed_config`` once) and only checks that it was resolved for this process count.
 """
 
 import logging
@@ -24,17 +27,15 @@ import torch
 import torch.distributed as dist
 
 from repa_fast.config import ConfigError
-from repa_fast.engine.parallel import (
-    FullReplica,
-    ShardedEMA,
-    ShardingBackend,
-    bound_process_groups,
+from repa_fast.engine.ema import FullReplica, ShardedEMA
+from repa_fast.engine.parallel.base import (
     check_optimizer_names,
     load_param_group_settings,
     param_group_settings,
     trainable,
 )
-from repa_fast.engine.parallel_dsconfig import resolve_deepspeed_config, zero_stage
+from repa_fast.engine.parallel.dsconfig import check_resolved, zero_stage
+from repa_fast.engine.parallel.process_group import DistributedBackend, bound_process_groups, dist_timeout
 
 logger = logging.getLogger("repa_fast")
 
@@ -50,17 +51,18 @@ def import_deepspeed():
     return deepspeed
 
 
-class DeepSpeedBackend(ShardingBackend):
+class DeepSpeedBackend(DistributedBackend):
     name = "deepspeed"
-    torch_grad_scaler = False  # fp16 is refused (parallel_dsconfig); DeepSpeed would bring its own scaler anyway
+    torch_grad_scaler = False  # fp16 is refused (dsconfig.py); DeepSpeed would bring its own scaler anyway
+    replica: FullReplica | None = None
 
-    def __init__(self, device: str = "auto", cfg=None):
-        if cfg is None:
-            raise ValueError("DeepSpeedBackend needs the training config (its deepspeed section)")
+    def __init__(self, device: str = "auto", ds_config: dict | None = None):
+        """``ds_config``: the resolved DeepSpeed config (``dsconfig.resolve_deepspeed_config``), as in
+        ``TrainConfig.deepspeed`` after ``repa_fast.cli.resolve_config``."""
         self._ds = import_deepspeed()
         super().__init__(device)  # our process group first: DeepSpeed reuses it, with our timeout
-        self._ds.init_distributed(dist_backend=dist.get_backend(), timeout=_timeout(), dist_init_required=False)
-        self.ds_config = resolve_deepspeed_config(cfg, self.world_size)
+        self._ds.init_distributed(dist_backend=dist.get_backend(), timeout=dist_timeout(), dist_init_required=False)
+        self.ds_config = check_resolved(ds_config, self.world_size)
         self.stage = zero_stage(self.ds_config)
 
     def wrap(self, model, optimizer):
@@ -191,11 +193,3 @@ class DeepSpeedBackend(ShardingBackend):
                     safe_set_local_optimizer_state(p, self._my_partition(name, full), k)
                 else:
                     safe_set_full_optimizer_state(p, full, k)
-
-
-def _timeout():
-    import datetime
-
-    from repa_fast.engine.parallel import dist_timeout_s
-
-    return datetime.timedelta(seconds=dist_timeout_s())

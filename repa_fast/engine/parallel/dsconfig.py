@@ -1,5 +1,8 @@
 """The DeepSpeed section of a --config file, resolved against the trainer section (no deepspeed import needed).
 
+Resolved once, at the config boundary (``repa_fast.cli.resolve_config``); the DeepSpeed backend receives the result
+and only checks it (``check_resolved``).
+
 One source of truth: the TRAINER options own every number that both sections carry. DeepSpeed values that are absent
 or "auto" are derived from them; values that are given are checked against them, and a mismatch is an error that
 shows the arithmetic. A trainer option set on the command line replaces the file's DeepSpeed value (CLI flags
@@ -196,3 +199,22 @@ def resolve_deepspeed_config(cfg, world_size: int, cli: set | None = None, where
 
 def zero_stage(ds: dict) -> int:
     return int(ds["zero_optimization"]["stage"])
+
+
+def check_resolved(ds: dict | None, world_size: int) -> dict:
+    """``ds`` itself when it is a config resolved by ``resolve_deepspeed_config`` for ``world_size`` processes."""
+    fix = (
+        "resolve the training config with repa_fast.cli.resolve_config (train.py does), which fills TrainConfig."
+        "deepspeed from the --config file's deepspeed section and the trainer options, under the launcher's WORLD_SIZE"
+    )
+    keys = ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu", "torch_autocast")
+    if not isinstance(ds, dict) or any(k not in ds for k in keys) or "stage" not in ds.get("zero_optimization", {}):
+        raise ConfigError(f"--parallel deepspeed got an unresolved DeepSpeed config; {fix}")
+    product = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    if product != ds["train_batch_size"]:
+        raise ConfigError(
+            f"the DeepSpeed config's train_micro_batch_size_per_gpu {ds['train_micro_batch_size_per_gpu']} x "
+            f"gradient_accumulation_steps {ds['gradient_accumulation_steps']} x {world_size} process(es) != "
+            f"train_batch_size {ds['train_batch_size']}: it was resolved for another process count; {fix}"
+        )
+    return ds

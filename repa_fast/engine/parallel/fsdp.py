@@ -17,16 +17,14 @@ import inspect
 import torch
 import torch.nn as nn
 
-from repa_fast.engine.parallel import (
-    FullReplica,
-    ShardedEMA,
-    ShardingBackend,
-    bound_process_groups,
+from repa_fast.engine.ema import FullReplica, ShardedEMA
+from repa_fast.engine.parallel.base import (
     check_optimizer_names,
     load_param_group_settings,
     param_group_settings,
     trainable,
 )
+from repa_fast.engine.parallel.process_group import DistributedBackend, bound_process_groups
 
 
 def _dtensor_api():
@@ -45,8 +43,9 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class FSDPBackend(ShardingBackend):
+class FSDPBackend(DistributedBackend):
     name = "fsdp"
+    replica: FullReplica | None = None
 
     def wrap(self, model, optimizer):
         fully_shard = _dtensor_api()[0]
