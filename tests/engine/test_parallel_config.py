@@ -19,7 +19,7 @@ from repa_fast.engine import parallel as P
 from repa_fast.engine.ema import EMA, FullReplica, ShardedEMA
 from repa_fast.engine.parallel import process_group as PG
 from repa_fast.engine.parallel.ddp import DDPBackend
-from repa_fast.engine.parallel.dsconfig import resolve_deepspeed_config
+from repa_fast.engine.parallel.dsconfig import check_resolved, resolve_deepspeed_config
 from repa_fast.models.sit import build_sit
 
 from .helpers import REPO, tiny_args
@@ -317,3 +317,36 @@ def test_written_config_of_a_deepspeed_run_is_reusable_at_another_world_size(tmp
     monkeypatch.setenv("WORLD_SIZE", "4")
     again, _ = resolve_config(["--config", str(tmp_path / "config.json")])
     assert again.deepspeed["train_micro_batch_size_per_gpu"] == 64 and again.flat() == cfg.flat()
+
+
+def test_the_backend_takes_the_resolved_config_and_refuses_another(monkeypatch):
+    """The DeepSpeed section is resolved once (cli.resolve_config); the backend only checks the result."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg, _ = resolve_config(["--config", CONFIGS[0]])
+    assert check_resolved(cfg.deepspeed, 8) is cfg.deepspeed
+    with pytest.raises(ConfigError, match=r"x 4 process\(es\) != train_batch_size 256: it was resolved for another"):
+        check_resolved(cfg.deepspeed, 4)
+    for raw in (None, {"zero_optimization": {"stage": 2}}):
+        with pytest.raises(ConfigError, match="unresolved DeepSpeed config; resolve the training config"):
+            check_resolved(raw, 1)
+
+
+class _RecordingBackend(P.Backend):
+    def wrap(self, model, optimizer):
+        self.compiled_at_wrap = [b._compiled_call_impl is not None for b in model.blocks]
+        return super().wrap(model, optimizer)
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_parallelize_compiles_each_block_before_the_backend_wraps(compile_):
+    cfg = TrainConfig()
+    cfg.model.compile, cfg.model.compile_backend = compile_, "eager"
+    model = _tiny_sit()
+    keys = list(model.state_dict())
+    backend = _RecordingBackend("cpu")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert P.parallelize(model, opt, cfg, backend) is model and backend.optimizer is opt
+    assert backend.compiled_at_wrap == [compile_] * len(model.blocks) and len(model.blocks) > 1
+    assert list(model.state_dict()) == keys  # in place: checkpoints look the same with and without --compile
+    assert all(b._compiled_call_impl is None for b in EMA(model).module.blocks)  # copies stay eager
+    assert all(b._compiled_call_impl is None for b in FullReplica(model).skeleton.blocks)
