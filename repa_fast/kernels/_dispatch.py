@@ -30,10 +30,6 @@ MODEL_NUM_SMS = 132
 
 _LOGGED: set = set()
 
-# Testing aid (tests/kernels/conftest.py turns it on): every buffer a launcher allocates through empty() starts
-# as NaN, so an element a kernel forgets to write fails the comparison instead of passing by luck.
-POISON_OUTPUTS = False
-
 
 def has_triton_package() -> bool:
     """True when ``import triton`` succeeded (plain function, not lru_cache: torch.compile traces it)."""
@@ -91,9 +87,9 @@ def num_sms(device: torch.device) -> int:
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty for kernel outputs; NaN-filled when POISON_OUTPUTS is set (floating dtypes)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if POISON_OUTPUTS and t.is_floating_point() and t.device.type != "meta" else t
+    """torch.empty for kernel outputs: the one allocation point of the launchers, which tests/kernels/conftest.py
+    replaces with a NaN-filled one (an element a kernel forgets to write then fails the comparison)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def next_power_of_2(n: int) -> int:
