@@ -132,3 +132,23 @@ def test_not_an_archive(tmp_path):
     f.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a TorchScript archive"):
         read_torchscript_tensors(f)
+
+
+def test_multihead_attention_typed_lists(tmp_path):
+    """nn.MultiheadAttention (OpenAI CLIP's blocks) pickles torch.jit._pickle typed-list tags: read as data."""
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.ln_1 = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.attn(self.ln_1(x), x, x, need_weights=False)[0]
+
+    m = Blk().half()
+    path = tmp_path / "mha.pt"
+    torch.jit.save(torch.jit.script(m), str(path))
+    got = read_torchscript_tensors(path)
+    assert list(got) == list(m.state_dict())
+    assert all(torch.equal(got[k], v) and got[k].dtype == torch.float16 for k, v in m.state_dict().items())
