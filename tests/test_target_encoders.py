@@ -529,3 +529,16 @@ def test_two_encoders_loss_is_the_mean_of_single_encoder_losses(monkeypatch):
     torch.testing.assert_close(both["loss"], singles[0]["denoising"] + 0.5 * mean_align, rtol=1e-6, atol=1e-6)
     both["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sit.projectors.parameters() if p.ndim == 2)
+
+
+@pytest.mark.parametrize("name", ["mocov3-vit-b", "jepa-vit-h", "clip-vit-L"])
+def test_flops_match_counter(name, monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from repa_fast.flops import encoder_forward_flops
+
+    monkeypatch.setitem(SPECS, name, small_spec(name))
+    model = TimmViTEncoder(SPECS[name], attn_backend="math")  # explicit matmuls: visible to the counter
+    with FlopCounterMode(display=False) as counter:
+        model(_images(2))
+    assert counter.get_total_flops() == 2 * encoder_forward_flops(name)

@@ -50,10 +50,11 @@ def valid_encoder_names() -> list[str]:
 
 
 def parse_encoder_name(name: str) -> tuple[str, bool]:
-    """``"dinov2reg-vit-b"`` -> ("b", True). Clear errors for unsupported families and unknown names."""
+    """``"dinov2reg-vit-b"`` -> ("b", True); a timm-based encoder -> (its name, False) (the key of
+    ``repa_fast.flops.encoder_forward_flops``). Clear errors for unsupported families and unknown names."""
     parts = name.strip().split("-")
-    if name.strip() in VIT_SPECS:  # timm-based encoder (vit_encoders.py): no DINOv2 size / registers
-        return parts[2], False
+    if name.strip() in VIT_SPECS:  # timm-based encoder (vit_encoders.py): its full name, no registers
+        return name.strip(), False
     if len(parts) == 3 and "-".join(parts[:2]) in UNSUPPORTED:
         raise NotImplementedError(
             f"encoder {name!r}: {UNSUPPORTED['-'.join(parts[:2])]}; implemented: {', '.join(valid_encoder_names())}"
