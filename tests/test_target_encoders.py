@@ -222,13 +222,7 @@ def resample_14_to_16(pos):
 
 def small_spec(name):
     dim, depth, heads = SMALL[name]
-    return dataclasses.replace(
-        SPECS[name],
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        timm_kwargs={"embed_dim": dim, "depth": depth, "num_heads": heads},
-    )
+    return dataclasses.replace(SPECS[name], embed_dim=dim, depth=depth, num_heads=heads)
 
 
 def oracle(name, obj, images):

@@ -31,7 +31,7 @@ File handling (which files, which layouts, key renames) lives in ``vit_encoder_f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,12 @@ IMPLS = ("auto", "triton", "ref")
 class ViTEncoderSpec:
     """One target encoder: network, preprocessing, targets and where its weights come from.
 
-    ``resize``: "none" (feed 256 px), "before_normalize" (CLIP: /255, bicubic to ``input_size``, mean/std) or
-    "after_normalize" (I-JEPA: /255, mean/std, bicubic). ``layout`` names the file converter in
-    ``vit_encoder_files``. ``files``: the file names the reference's README (or the original release) uses;
-    ``timm_hub``: Hugging Face repos holding timm's layout of the same weights.
+    ``timm_model`` is built with this row's ``embed_dim``/``depth``/``num_heads`` (the row is the one source of the
+    shape; ``repa_fast.flops`` reads it too) at ``input_size`` px. ``resize``: "none" (feed the 256-px image),
+    "before_normalize" (CLIP: /255, bicubic to ``input_size``, mean/std) or "after_normalize" (I-JEPA: /255,
+    mean/std, bicubic). ``layout`` names the file converter in ``vit_encoder_files``. ``files``: the file names of
+    the reference's README first, then the original release's; ``timm_hub``: Hugging Face repos holding timm's
+    layout of the same weights; ``download``: the page the reference's README names.
     """
 
     name: str
@@ -63,124 +65,44 @@ class ViTEncoderSpec:
     embed_dim: int
     depth: int
     num_heads: int
-    patch_size: int
-    input_size: int
-    mean: tuple
-    std: tuple
-    resize: str
-    final_norm: bool
-    class_token: bool
     layout: str
     files: tuple
     download: str
+    patch_size: int = 16
+    input_size: int = RESOLUTION
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    resize: str = "none"
+    final_norm: bool = True
+    class_token: bool = True
     timm_hub: tuple = ()
-    timm_kwargs: dict = field(default_factory=dict)
-
-    @property
-    def mlp_hidden(self) -> int:
-        return 4 * self.embed_dim
 
 
-def _mocov3(size: str, timm_size: str, dim: int, depth: int, heads: int, download: str) -> ViTEncoderSpec:
-    return ViTEncoderSpec(
-        f"mocov3-vit-{size}",
-        f"vit_{timm_size}_patch16_224",
-        dim,
-        depth,
-        heads,
-        16,
-        RESOLUTION,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        "none",
-        final_norm=True,
-        class_token=True,
-        layout="mocov3",
-        files=(f"mocov3_vit{size}.pth",),
-        download=download,
-        timm_kwargs={"num_heads": heads},  # MoCo v3's ViT-S has 12 heads (timm's vit_small has 6)
-    )
-
-
+RCG = "https://github.com/LTH14/rcg"
 SPECS: dict[str, ViTEncoderSpec] = {
     s.name: s
     for s in (
-        _mocov3("s", "small", 384, 12, 12, "https://github.com/facebookresearch/moco-v3"),
-        _mocov3("b", "base", 768, 12, 12, "https://github.com/LTH14/rcg"),
-        _mocov3("l", "large", 1024, 24, 16, "https://github.com/LTH14/rcg"),
-        ViTEncoderSpec(
-            "mae-vit-l",
-            "vit_large_patch16_224",
-            1024,
-            24,
-            16,
-            16,
-            RESOLUTION,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "none",
-            final_norm=False,
-            class_token=True,
-            layout="mae",
-            files=("mae_vitl.pth", "mae_pretrain_vit_large.pth"),
-            download="https://github.com/facebookresearch/mae",
-            timm_hub=("vit_large_patch16_224.mae",),
-        ),
-        ViTEncoderSpec(
-            "dinov1-vit-b",
-            "vit_base_patch16_224",
-            768,
-            12,
-            12,
-            16,
-            RESOLUTION,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "none",
-            final_norm=True,
-            class_token=True,
-            layout="dinov1",
-            files=("dinov1_vitb.pth", "dino_vitbase16_pretrain.pth"),
-            download="https://github.com/facebookresearch/dino",
-            timm_hub=("vit_base_patch16_224.dino",),
-        ),
-        ViTEncoderSpec(
-            "jepa-vit-h",
-            "vit_huge_patch14_gap_224",
-            1280,
-            32,
-            16,
-            14,
-            224,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            "after_normalize",
-            final_norm=True,
-            class_token=False,
-            layout="jepa",
-            files=("ijepa_vith.pth", "IN1K-vit.h.14-300e.pth.tar"),
-            download="https://github.com/facebookresearch/ijepa",
-        ),
-        ViTEncoderSpec(
-            "clip-vit-L",
-            "vit_large_patch14_clip_quickgelu_224",
-            1024,
-            24,
-            16,
-            14,
-            224,
-            CLIP_MEAN,
-            CLIP_STD,
-            "before_normalize",
-            final_norm=False,
-            class_token=True,
-            layout="clip",
-            files=("ViT-L-14.pt",),
-            download="https://github.com/openai/CLIP (clip.load('ViT-L/14') caches it in ~/.cache/clip)",
-            timm_hub=("vit_large_patch14_clip_224.openai", "vit_large_patch14_clip_quickgelu_224.openai"),
-        ),
+        # MoCo v3 ViT-S has 12 heads (reference models/mocov3_vit.py vit_small; timm's vit_small has 6).
+        ViTEncoderSpec("mocov3-vit-s", "vit_small_patch16_224", 384, 12, 12, "mocov3", ("mocov3_vits.pth",),
+                       "https://github.com/facebookresearch/moco-v3"),
+        ViTEncoderSpec("mocov3-vit-b", "vit_base_patch16_224", 768, 12, 12, "mocov3", ("mocov3_vitb.pth",), RCG),
+        ViTEncoderSpec("mocov3-vit-l", "vit_large_patch16_224", 1024, 24, 16, "mocov3", ("mocov3_vitl.pth",), RCG),
+        ViTEncoderSpec("mae-vit-l", "vit_large_patch16_224", 1024, 24, 16, "mae",
+                       ("mae_vitl.pth", "mae_pretrain_vit_large.pth"), "https://github.com/facebookresearch/mae",
+                       final_norm=False, timm_hub=("vit_large_patch16_224.mae",)),
+        ViTEncoderSpec("dinov1-vit-b", "vit_base_patch16_224", 768, 12, 12, "dinov1",
+                       ("dinov1_vitb.pth", "dino_vitbase16_pretrain.pth"), "https://github.com/facebookresearch/dino",
+                       timm_hub=("vit_base_patch16_224.dino",)),
+        ViTEncoderSpec("jepa-vit-h", "vit_huge_patch14_gap_224", 1280, 32, 16, "jepa",
+                       ("ijepa_vith.pth", "IN1K-vit.h.14-300e.pth.tar"), "https://github.com/facebookresearch/ijepa",
+                       patch_size=14, input_size=224, resize="after_normalize", class_token=False),
+        ViTEncoderSpec("clip-vit-L", "vit_large_patch14_clip_quickgelu_224", 1024, 24, 16, "clip", ("ViT-L-14.pt",),
+                       "https://github.com/openai/CLIP (clip.load('ViT-L/14') caches it in ~/.cache/clip)",
+                       patch_size=14, input_size=224, mean=CLIP_MEAN, std=CLIP_STD, resize="before_normalize",
+                       final_norm=False,
+                       timm_hub=("vit_large_patch14_clip_224.openai", "vit_large_patch14_clip_quickgelu_224.openai")),
     )
-}
+}  # fmt: skip
 
 
 def import_timm():
@@ -261,8 +183,9 @@ class TimmViTEncoder(nn.Module):
         self.resolution, self.grid, self.input_size = resolution, GRID, spec.input_size
         self.embed_dim = self.num_features = spec.embed_dim
         self.num_patches = GRID * GRID
+        shape = dict(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads)
         self.vit = timm.create_model(
-            spec.timm_model, pretrained=False, num_classes=0, img_size=spec.input_size, **spec.timm_kwargs
+            spec.timm_model, pretrained=False, num_classes=0, img_size=spec.input_size, **shape
         )
         if self.vit.patch_embed.grid_size != (GRID, GRID) or self.vit.embed_dim != spec.embed_dim:
             raise RuntimeError(f"timm {spec.timm_model} does not give a {GRID}x{GRID}x{spec.embed_dim} grid")
