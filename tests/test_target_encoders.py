@@ -536,3 +536,17 @@ def test_flops_match_counter(name, monkeypatch):
     with FlopCounterMode(display=False) as counter:
         model(_images(2))
     assert counter.get_total_flops() == 2 * encoder_forward_flops(name)
+
+
+def test_dino_training_checkpoint_and_jepa_timm_layout(tmp_path):
+    """DINO's full checkpoint (``teacher`` with ``module.backbone.`` and a head) and I-JEPA in timm's names."""
+    images = _images()
+    flat = official("dinov1-vit-b", *SMALL["dinov1-vit-b"])
+    teacher = {"module.backbone." + k: v for k, v in flat.items()} | {"module.head.mlp.0.weight": torch.randn(8, 32)}
+    torch.save({"teacher": teacher, "student": {}, "epoch": 100}, tmp_path / "checkpoint.pth")
+    dino = load_vit_encoder_weights(TimmViTEncoder(small_spec("dinov1-vit-b")), tmp_path / "checkpoint.pth")
+    assert_close(dino(images), oracle("dinov1-vit-b", flat, images).double(), kind="reduction")
+    obj = official("jepa-vit-h", *SMALL["jepa-vit-h"])
+    timm_sd = {k.removeprefix("module."): v for k, v in obj["encoder"].items()}
+    jepa = load_vit_encoder_weights(TimmViTEncoder(small_spec("jepa-vit-h")), timm_sd)
+    assert_close(jepa(images), oracle("jepa-vit-h", obj, images).double(), kind="reduction")
