@@ -550,3 +550,18 @@ def test_dino_training_checkpoint_and_jepa_timm_layout(tmp_path):
     timm_sd = {k.removeprefix("module."): v for k, v in obj["encoder"].items()}
     jepa = load_vit_encoder_weights(TimmViTEncoder(small_spec("jepa-vit-h")), timm_sd)
     assert_close(jepa(images), oracle("jepa-vit-h", obj, images).double(), kind="reduction")
+
+
+def test_timm_and_hf_cache_places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snap = tmp_path / "hf" / "models--timm--vit_large_patch16_224.mae" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"x")
+    assert encoders.find_checkpoint("mae-vit-l") == snap / "model.safetensors"
+    mine = tmp_path / "mine" / "vit_base_patch16_224.dino"
+    mine.mkdir(parents=True)
+    (mine / "model.safetensors").write_bytes(b"x")
+    assert encoders.find_checkpoint("dinov1-vit-b", tmp_path / "mine") == mine / "model.safetensors"
+    (tmp_path / "mine" / "dinov1_vitb.pth").write_bytes(b"x")  # the reference's name comes first
+    assert encoders.find_checkpoint("dinov1-vit-b", tmp_path / "mine") == tmp_path / "mine" / "dinov1_vitb.pth"

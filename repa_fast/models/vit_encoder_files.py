@@ -64,24 +64,25 @@ CLIP_BLOCK_RENAMES = (  # OpenAI ResidualAttentionBlock -> timm Block
 CLIP_CACHE = Path("~/.cache/clip")
 
 
+def _timm_places(spec: ViTEncoderSpec, d: Path) -> list[str]:
+    """timm's layouts of the same weights under folder ``d``: plain files and the Hugging Face cache layout."""
+    out = []
+    for hub in spec.timm_hub:
+        out += [str(d / hub / "model.safetensors"), str(d / f"{hub}.safetensors")]
+        out += [str(d / f"models--timm--{hub}" / "snapshots" / "*" / "model.safetensors")]
+    return out
+
+
 def candidate_paths(spec: ViTEncoderSpec, checkpoint_dir: str | os.PathLike | None) -> list[str]:
     """Every place a weight file is looked for, in order (globs unexpanded, for the error message)."""
     out: list[str] = []
-
-    def timm_places(d: Path) -> list[str]:
-        return [str(p) for hub in spec.timm_hub for p in (d / hub / "model.safetensors", d / f"{hub}.safetensors")] + [
-            str(d / f"models--timm--{hub}/snapshots/*/model.safetensors") for hub in spec.timm_hub
-        ]
-
     if checkpoint_dir is not None:
         d = Path(checkpoint_dir)
-        out += [str(d / f) for f in spec.files] + [str(d / "ckpts" / f) for f in spec.files] + timm_places(d)
-    out += [str(Path("ckpts") / f) for f in spec.files]
+        out += [str(d / f) for f in spec.files] + [str(d / "ckpts" / f) for f in spec.files] + _timm_places(spec, d)
+    out += [str(Path("ckpts") / f) for f in spec.files]  # the reference's README: ./ckpts/<file>
     if spec.layout == "clip":
         out += [str(CLIP_CACHE.expanduser() / f) for f in spec.files]
-    hf = _hf_cache_dir()
-    out += [str(hf / f"models--timm--{hub}/snapshots/*/model.safetensors") for hub in spec.timm_hub]
-    return out
+    return out + [p for p in _timm_places(spec, _hf_cache_dir()) if "models--timm--" in p]
 
 
 def find_checkpoint(spec: ViTEncoderSpec, checkpoint_dir: str | os.PathLike | None = None) -> Path:
