@@ -11,6 +11,8 @@ EXTRAS = {
         "deepspeed>=0.19"
     ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
     "flash": ["flash-attn>=2.6"],
+    # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoders (timm's ViT; DINOv2 needs nothing extra).
+    "encoders": ["timm>=1.0"],
     "logging": ["tensorboard>=2.14"],
 }
 EXTRAS["dev"] = sorted(

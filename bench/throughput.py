@@ -32,7 +32,7 @@ from repa_fast.engine.ema import EMA  # noqa: E402
 from repa_fast.engine.metrics import LossMeter  # noqa: E402
 from repa_fast.engine.parallel import Backend, apply_compile  # noqa: E402
 from repa_fast.flops import repa_step_flops  # noqa: E402
-from repa_fast.models.encoders import load_encoders, parse_encoder_name  # noqa: E402
+from repa_fast.models.encoders import VIT_SPECS, load_encoders, parse_encoder_name  # noqa: E402
 from repa_fast.models.sit import SIT_SIZES, build_sit  # noqa: E402
 from repa_fast.objective import interpolant  # noqa: E402
 
@@ -211,7 +211,13 @@ def step_flops_per_image(args) -> float:
     encs = [parse_encoder_name(n)[0] for n in args.enc_type.split(",")]
     zdim = {"s": 384, "b": 768, "l": 1024, "g": 1536, "t": 192}
     return repa_step_flops(
-        depth, dim, tokens, patch, z_dims=[zdim[e] for e in encs], encoders=encs, encoder_grid=args.resolution // 16
+        depth,
+        dim,
+        tokens,
+        patch,
+        z_dims=[zdim[e] if e in zdim else VIT_SPECS[e].embed_dim for e in encs],  # timm encoders: by name
+        encoders=encs,
+        encoder_grid=args.resolution // 16,
     ).train_step
 
 

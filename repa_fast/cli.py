@@ -81,7 +81,7 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
 
 def validate(cfg: TrainConfig) -> None:
     """Cheap consistency checks that need no data or weights; each error says what to change."""
-    from repa_fast.models.encoders import parse_encoder_name
+    from repa_fast.models.encoders import VIT_SPECS, check_resolution, parse_encoder_name
     from repa_fast.models.sit import SIT_SIZES, SiT_models
 
     m, o, r = cfg.model, cfg.optim, cfg.run
@@ -94,6 +94,8 @@ def validate(cfg: TrainConfig) -> None:
         for name in cfg.target.enc_type.split(","):
             try:
                 parse_encoder_name(name.strip())
+                if name.strip() in VIT_SPECS:  # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1: 256 px, 16x16 only
+                    check_resolution(VIT_SPECS[name.strip()], cfg.data.resolution, cfg.target.encoder_grid or None)
             except (ValueError, NotImplementedError) as e:
                 raise ConfigError(f"--enc-type: {e}") from e
     for flag, value, low in [

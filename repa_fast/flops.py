@@ -56,6 +56,26 @@ def dinov2_forward_flops(depth: int, dim: int, grid: int, registers: int = 0, sw
 DINOV2_ARCH = {"s": (12, 384, 0), "b": (12, 768, 0), "l": (24, 1024, 0), "g": (40, 1536, 4096), "t": (4, 192, 0)}
 
 
+def vit_encoder_forward_flops(depth: int, dim: int, patch: int, class_token: bool, grid: int = 16) -> float:
+    """A plain ViT target encoder (MoCo v3, MAE, I-JEPA, CLIP, DINO v1) per image: patch conv and the blocks on
+    grid*grid patches (+ CLS). MAE/CLIP skip the final norm, which is not counted anyway."""
+    tokens = grid * grid + int(class_token)
+    return depth * vit_block_flops(tokens, dim, 4 * dim) + 2 * grid * grid * (3 * patch * patch) * dim
+
+
+def encoder_forward_flops(encoder: str, grid: int = 16, registers: int = 0) -> float:
+    """Forward FLOPs per image of one target encoder: a DINOv2 size letter ("b") or an ``--enc-type`` name."""
+    if encoder in DINOV2_ARCH:
+        depth, dim, swiglu = DINOV2_ARCH[encoder]
+        return dinov2_forward_flops(depth, dim, grid, registers, swiglu)
+    from repa_fast.models.vit_encoders import SPECS  # lazy: this module stays import-light
+
+    if encoder not in SPECS:
+        raise ValueError(f"unknown encoder {encoder!r}: a DINOv2 size {sorted(DINOV2_ARCH)} or one of {sorted(SPECS)}")
+    s = SPECS[encoder]
+    return vit_encoder_forward_flops(s.depth, s.embed_dim, s.patch_size, s.class_token, grid)
+
+
 def repa_step_flops(
     depth: int,
     dim: int,
@@ -68,10 +88,7 @@ def repa_step_flops(
     in_channels: int = 4,
     registers: int = 0,
 ) -> StepFlops:
-    enc = sum(
-        dinov2_forward_flops(DINOV2_ARCH[e][0], DINOV2_ARCH[e][1], encoder_grid, registers, DINOV2_ARCH[e][2])
-        for e in encoders
-    )
+    enc = sum(encoder_forward_flops(e, encoder_grid, registers) for e in encoders)
     return StepFlops(
         sit_forward_flops(depth, dim, tokens, patch, in_channels),
         projector_flops(tokens, dim, projector_dim, z_dims),

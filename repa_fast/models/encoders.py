@@ -3,7 +3,9 @@
 Names mirror the reference ``--enc-type`` strings (``type-arch-config``, comma-separated for several encoders):
 ``dinov2-vit-{s,b,l,g}`` and ``dinov2reg-vit-{s,b,l,g}`` (4 registers). ``dinov2-vit-t`` / ``dinov2reg-vit-t`` is
 a toy DINOv2-architecture encoder (D 192, depth 4, 3 heads, patch 14) for the embedded demo and tests: no
-official weights exist for it, so it only works with ``pretrained=False``.
+official weights exist for it, so it only works with ``pretrained=False``. The other reference encoders
+(``mocov3-vit-{s,b,l}``, ``mae-vit-l``, ``jepa-vit-h``, ``clip-vit-L``, ``dinov1-vit-b``) are built on timm by
+``vit_encoders.py`` (files: ``vit_encoder_files.py``); ``build_encoder`` dispatches on ``VIT_SPECS``.
 
 Weight files, looked for in this order (the first that exists wins; the chosen path is logged):
   1. ``checkpoint_dir`` itself when it is a file (one encoder only);
@@ -30,34 +32,32 @@ from pathlib import Path
 import torch
 
 from .dinov2 import ARCHS, DINOv2ViT, dinov2_arch, resample_pos_embed
+from .vit_encoders import SPECS as VIT_SPECS
+from .vit_encoders import check_resolution
 
 logger = logging.getLogger("repa_fast.models.encoders")
 
 HUB_URL = "https://dl.fbaipublicfiles.com/dinov2"
 TIMM_SIZE = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 TOY_SIZES = ("t",)  # random-init only
-# Reference families we do not implement yet (reference utils.py load_encoders).
-UNSUPPORTED = {
-    "mocov3": "MoCo v3 (mocov3-vit-{s,b,l})",
-    "clip": "CLIP (clip-vit-L)",
-    "mae": "MAE (mae-vit-l)",
-    "jepa": "I-JEPA (jepa-vit-h)",
-    "dinov1": "DINO v1 (dinov1-vit-b; broken in the reference too: its models/dinov1.py is missing)",
-}
+# Reference families we do not implement (reference utils.py load_encoders raises NotImplementedError too).
+UNSUPPORTED = {"mocov3-resnet": "MoCo v3 ResNet targets are not implemented (nor in the reference)"}
 FAMILIES = {"dinov2": False, "dinov2reg": True}  # type -> has registers
 
 
 def valid_encoder_names() -> list[str]:
-    return [f"{fam}-vit-{size}" for fam in FAMILIES for size in ARCHS]
+    return [f"{fam}-vit-{size}" for fam in FAMILIES for size in ARCHS] + list(VIT_SPECS)
 
 
 def parse_encoder_name(name: str) -> tuple[str, bool]:
-    """``"dinov2reg-vit-b"`` -> ("b", True). Clear errors for unsupported families and unknown names."""
+    """``"dinov2reg-vit-b"`` -> ("b", True); a timm-based encoder -> (its name, False) (the key of
+    ``repa_fast.flops.encoder_forward_flops``). Clear errors for unsupported families and unknown names."""
     parts = name.strip().split("-")
-    if len(parts) == 3 and parts[0] in UNSUPPORTED:
+    if name.strip() in VIT_SPECS:  # timm-based encoder (vit_encoders.py): its full name, no registers
+        return name.strip(), False
+    if len(parts) == 3 and "-".join(parts[:2]) in UNSUPPORTED:
         raise NotImplementedError(
-            f"encoder {name!r}: {UNSUPPORTED[parts[0]]} targets are not implemented in repa_fast yet; "
-            f"implemented: {', '.join(valid_encoder_names())}"
+            f"encoder {name!r}: {UNSUPPORTED['-'.join(parts[:2])]}; implemented: {', '.join(valid_encoder_names())}"
         )
     if len(parts) != 3 or parts[0] not in FAMILIES or parts[1] != "vit" or parts[2] not in ARCHS:
         raise ValueError(
@@ -103,6 +103,10 @@ def candidate_paths(size: str, registers: bool, checkpoint_dir: str | os.PathLik
 def find_checkpoint(name: str, checkpoint_dir: str | os.PathLike | None = None) -> Path:
     """Path of the weight file for encoder ``name``; FileNotFoundError naming the file, the places searched and
     where to download it."""
+    if name.strip() in VIT_SPECS:
+        from .vit_encoder_files import find_checkpoint as find_vit_checkpoint
+
+        return find_vit_checkpoint(VIT_SPECS[name.strip()], checkpoint_dir)
     size, registers = parse_encoder_name(name)
     if size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
@@ -197,8 +201,13 @@ def build_encoder(
     kernels: str = "auto",
     attn_backend: str | None = None,
     device: torch.device | str | None = None,
-) -> DINOv2ViT:
+) -> torch.nn.Module:
     """One frozen target encoder by ``--enc-type`` name (see ``load_encoders``)."""
+    if name.strip() in VIT_SPECS:
+        from .vit_encoder_files import build_vit_encoder  # lazy: the base module never imports implementations
+
+        kw = dict(grid=grid, pretrained=pretrained, impl=kernels, attn_backend=attn_backend, device=device)
+        return build_vit_encoder(name.strip(), resolution, checkpoint_dir, **kw)
     size, registers = parse_encoder_name(name)
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
@@ -227,7 +236,7 @@ def load_encoders(
     kernels: str = "auto",
     attn_backend: str | None = None,
     device: torch.device | str | None = None,
-) -> list[DINOv2ViT]:
+) -> list[torch.nn.Module]:
     """Frozen target encoders for a comma-separated ``--enc-type`` string, e.g. "dinov2-vit-b,dinov2reg-vit-l".
 
     Each returned module maps uint8 images (B, 3, R, R), R = ``resolution``, to targets (B, grid*grid, D) with
@@ -240,6 +249,8 @@ def load_encoders(
         raise ValueError(f"empty encoder name in enc_type {enc_type!r}; valid: {', '.join(valid_encoder_names())}")
     for n in names:
         parse_encoder_name(n)  # every name is checked before any weights are read
+        if n in VIT_SPECS:
+            check_resolution(VIT_SPECS[n], resolution, grid)  # 256 px only: fail before loading any encoder
     if checkpoint_dir is not None and Path(checkpoint_dir).is_file() and len(names) > 1:
         raise ValueError(
             f"checkpoint_dir={str(checkpoint_dir)!r} is a single file but {len(names)} encoders were requested; "

@@ -142,7 +142,8 @@ def test_written_config_round_trips(tmp_path):
     [
         (["--model", "SiT-XXL/2", "--dry-run"], "--model 'SiT-XXL/2' is unknown; choose one of"),
         (["--enc-type", "dinov3-vit-b", "--dry-run"], "--enc-type: .*dinov3-vit-b"),
-        (["--enc-type", "mocov3-vit-b", "--dry-run"], "--enc-type: .*not implemented"),
+        (["--enc-type", "mocov3-resnet-50", "--dry-run"], "--enc-type: .*not implemented"),
+        (["--enc-type", "clip-vit-L", "--resolution", "512", "--dry-run"], "--enc-type: .*256x256 images only"),
         (["--encoder-depth", "13", "--model", "SiT-B/2", "--data-dir", "x", "--dry-run"], "outside 1..12 for SiT-B/2"),
         (["--batch-size", "0", "--dry-run"], "--batch-size must be >= 1"),
         (["--resume", "--resume-step", "5", "--dry-run"], "--resume and --resume-step both given"),
