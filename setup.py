@@ -12,6 +12,9 @@ EXTRAS = {
     ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
     "flash": ["flash-attn>=2.6"],
     "logging": ["tensorboard>=2.14"],
+    # --loader dali and preprocess --decoder dali (its CPU pipeline runs anywhere; CUDA 13 users may prefer
+    # nvidia-dali-cuda130, same API).
+    "dali": ["nvidia-dali-cuda120>=2.4"],
 }
 EXTRAS["dev"] = sorted(
     set(
@@ -19,6 +22,7 @@ EXTRAS["dev"] = sorted(
         + EXTRAS["vae"]
         + EXTRAS["deepspeed"]
         + EXTRAS["logging"]
+        + EXTRAS["dali"]  # the DALI tests run its CPU pipeline
         + [
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter

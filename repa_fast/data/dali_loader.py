@@ -185,6 +185,7 @@ class DALILoader:
         for k, shape in enumerate(moments.shape()):
             if tuple(shape) != tuple(ds.latent_shape):
                 ds[int(idx[k])]
+                raise DataError(f"{ds.feature_fnames[int(idx[k])]}: moments {tuple(shape)}, expected {ds.latent_shape}")
         images = _to_torch(image, self.device)
         moments = _to_torch(moments, self.device).float()
         if self.device.type == "cpu":  # the DataLoader's finiteness check (on GPU it would cost a host sync)
