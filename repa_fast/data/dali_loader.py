@@ -207,3 +207,99 @@ class DALILoader:
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); re-run preprocessing for those "
             "samples or use --loader dataloader"
         ) from exc
+
+
+# ---- ImageNet JPEG decoding for repa_fast.data.preprocess --decoder dali -----------------------------------------
+
+MAX_HALVINGS = 4  # BOX halvings the static graph can apply: sources up to 2**5 x the output side
+
+
+def _crop_inputs(paths: list[str], batches: list[list[int]], size: int):
+    """Per batch: encoded bytes, the ADM sizes (transforms.adm_crop_geometry) and the indices, for external_source."""
+    import PIL.Image
+
+    from .transforms import adm_crop_geometry
+
+    for batch in batches:
+        data, steps, final, offset = [], [[] for _ in range(MAX_HALVINGS)], [], []
+        for i in batch:
+            path = paths[i]
+            try:
+                with PIL.Image.open(path) as im:  # header only
+                    w, h = im.size
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise DataError(f"{path}: cannot decode source image ({exc}); remove or replace the file") from exc
+            halvings, resized, crop = adm_crop_geometry(w, h, size)
+            if len(halvings) > MAX_HALVINGS:
+                raise DataError(f"{path}: {w}x{h} needs {len(halvings)} halvings (> {MAX_HALVINGS}); use --decoder pil")
+            cur = (h, w)
+            for k in range(MAX_HALVINGS):
+                cur = halvings[k] if k < len(halvings) else cur
+                steps[k].append(np.array(cur, dtype=np.float32))
+            data.append(np.fromfile(path, dtype=np.uint8))
+            final.append(np.array(resized, dtype=np.float32))
+            offset.append(np.array(crop, dtype=np.int32))
+        yield (data, *steps, final, offset, [np.array(i, dtype=np.int64) for i in batch])
+
+
+def adm_crop_batches(paths, batches, size: int, device, *, num_threads: int = 4):
+    """Yields ``(indices int64 (B,), images uint8 (B, 3, S, S))`` per batch of ``batches``: DALI decodes (nvJPEG on
+    the GPU when ``dali_gpu_available``, else its CPU decoder, bit-identical to PIL's libjpeg here) and approximates
+    the ADM crop: each BOX halving as a LINEAR resize to the same size (an exact 2x2 box for even sides), the
+    BICUBIC resize with DALI's antialiased cubic (not PIL's a = -0.5 fixed-point kernel), the crop at ADM's offsets.
+    EXIF orientation is ignored, as by PIL's ``open``. The differences from PIL are measured in bench/bench_data.py.
+    """
+    dali = _require_dali()
+    fn, types = dali.fn, dali.types
+    device = torch.device(device)
+    dev = pipeline_devices(device)
+    batches = [list(b) for b in batches]
+    if not batches:
+        return
+    crop_shape = np.array([size, size], dtype=np.int32)
+
+    @dali.pipeline_def(
+        batch_size=max(len(b) for b in batches),
+        num_threads=num_threads,
+        device_id=dev["device_id"],
+        prefetch_queue_depth=PREFETCH,
+    )
+    def pipe():
+        encoded, *steps, final, offset, idx = fn.external_source(
+            source=_crop_inputs(paths, batches, size), num_outputs=MAX_HALVINGS + 4, batch=True
+        )
+        image = fn.decoders.image(encoded, device=dev["decoder"], output_type=types.RGB, adjust_orientation=False)
+        for hw in steps:  # identity when no halving is due
+            image = fn.resize(image, size=hw, interp_type=types.INTERP_LINEAR, antialias=False)
+        image = fn.resize(image, size=final, interp_type=types.INTERP_CUBIC, antialias=True)
+        image = fn.slice(image, start=offset, shape=crop_shape, axis_names="HW")
+        image = fn.transpose(image, perm=[2, 0, 1])  # (3, S, S)
+        return image.gpu() if dev["output"] == "gpu" else image, idx
+
+    p = pipe()
+    p.build()
+    for b in range(len(batches)):
+        try:
+            image, idx = p.run()
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            _raise_source_error(paths, batches[b : b + PREFETCH + 1], exc)
+        yield _to_torch(idx, torch.device("cpu")).reshape(-1), _to_torch(image, device)
+
+
+def _raise_source_error(paths, batches, exc):
+    """The first file PIL cannot decode among the failing batch and the prefetched ones, else DALI's message."""
+    import PIL.Image
+
+    names = [paths[i] for b in batches for i in b]
+    for path in names:
+        try:
+            with PIL.Image.open(path) as im:
+                im.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{path}: cannot decode source image ({err}); remove or replace the file") from exc
+    raise DataError(
+        f"DALI failed on a batch holding {names[:4]}{' ...' if len(names) > 4 else ''} ({str(exc).splitlines()[0]}); "
+        "rerun with --decoder pil"
+    ) from exc
