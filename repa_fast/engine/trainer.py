@@ -104,6 +104,8 @@ def build_targets(cfg: TrainConfig, dataset, encoders):
     """--targets cached: the dataset yields the stored targets instead of images and no encoder runs
     (repa_fast.data.cache_targets); the encoders were still built, to check the cache against their weights."""
     if cfg.target.targets != "cached":
+        if cfg.target.targets_dir:
+            raise ConfigError("--targets-dir is only read with --targets cached; add --targets cached or drop it")
         return dataset, encoders
     if not encoders:
         raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")

@@ -146,3 +146,10 @@ def test_interrupted_and_two_rank_runs_give_the_same_cache(data, tmp_path, monke
     with open(tmp_path / "two" / ct.HEADER_FILE) as f:
         header = json.load(f)
     assert header["encoders"][0]["tokens"] == 4 and header["dtype"] == "fp32" and header["dataset"]["count"] == N
+
+
+def test_targets_dir_without_cached_targets_is_an_error(data, tmp_path):
+    from repa_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--targets-dir is only read with --targets cached"):
+        _train(data, tmp_path, "computed", "--targets-dir", data / "targets-fp32", steps=1)
