@@ -212,7 +212,8 @@ class Job:
             return False
         if plan != self.plan:
             what = (
-                "with different " + ", ".join(sorted(k for k in self.plan if plan.get(k) != self.plan[k]))
+                "with different "
+                + ", ".join(sorted(k for k in {**plan, **self.plan} if plan.get(k) != self.plan.get(k)))
                 if plan
                 else "by another tool"
             )
@@ -223,7 +224,7 @@ class Job:
         with open(plan_path) as f:
             old = json.load(f)
         if old != self.plan:
-            diff = sorted(k for k in self.plan if old.get(k) != self.plan[k])
+            diff = sorted(k for k in {**old, **self.plan} if old.get(k) != self.plan.get(k))
             raise DataError(
                 f"{self.work}: holds an unfinished run with different {', '.join(diff)}; rerun with the "
                 f"same arguments to resume, or delete {self.work} to start over"

@@ -153,3 +153,14 @@ def test_targets_dir_without_cached_targets_is_an_error(data, tmp_path):
 
     with pytest.raises(ConfigError, match="--targets-dir is only read with --targets cached"):
         _train(data, tmp_path, "computed", "--targets-dir", data / "targets-fp32", steps=1)
+
+
+def test_cli_writes_a_cache_training_accepts(data, tmp_path, capsys):
+    out = tmp_path / "cli-targets"
+    argv = [str(data), "--enc-type", "dinov2-vit-t", "--dtype", "fp32", "--out", str(out), "--batch-size", str(BATCH)]
+    argv += ["--num-classes", "5", "--encoder-grid", "2", "--no-encoder-pretrained", "--workers", "0"]
+    assert ct.main(argv) == 0 and f"{out}: done" in capsys.readouterr().out
+    assert np.array_equal(np.load(out / "dinov2-vit-t.npy"), np.load(data / "targets-fp32" / "dinov2-vit-t.npy"))
+    assert ct.main(argv) == 0  # complete: nothing to do
+    assert ct.main([*argv[:-2], "--workers", "0", "--dtype", "bf16"]) == 2  # a different cache already there
+    assert "dtype: cache 'fp32', this run 'bf16'" in capsys.readouterr().err

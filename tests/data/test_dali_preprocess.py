@@ -80,3 +80,15 @@ def test_corrupt_jpeg_is_named(env, tmp_path):
     paths[2] = str(bad)
     with pytest.raises(DataError, match="bad.JPEG"):
         list(adm_crop_batches(paths, [[0, 1], [2, 3]], 32, "cpu"))
+
+
+def test_cli_decoder_flag_and_no_mixing_with_a_pil_dataset(env, capsys):
+    from repa_fast.data import preprocess as pp
+
+    root, out = env
+    argv = ["--source", str(root / "src"), "--vae", str(root / "vae"), "--resolution", "32", "--batch-size", "8"]
+    argv += ["--shard-size", "8", "--loader-workers", "0", "--no-progress"]
+    assert pp.main([*argv, "--dest", out["dali"], "--decoder", "dali"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert pp.main([*argv, "--dest", out["dali"]]) == 2  # the PIL decoder would not reproduce these pixels
+    assert "made with different decoder" in capsys.readouterr().err
