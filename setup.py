@@ -14,6 +14,9 @@ EXTRAS = {
     # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoders (timm's ViT; DINOv2 needs nothing extra).
     "encoders": ["timm>=1.0"],
     "logging": ["tensorboard>=2.14"],
+    # --loader dali and preprocess --decoder dali (its CPU pipeline runs anywhere; CUDA 13 users may prefer
+    # nvidia-dali-cuda130, same API).
+    "dali": ["nvidia-dali-cuda120>=2.4"],
 }
 EXTRAS["dev"] = sorted(
     set(
@@ -21,6 +24,7 @@ EXTRAS["dev"] = sorted(
         + EXTRAS["vae"]
         + EXTRAS["deepspeed"]
         + EXTRAS["logging"]
+        + EXTRAS["dali"]  # the DALI tests run its CPU pipeline
         + [
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter

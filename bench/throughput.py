@@ -10,6 +10,9 @@ Providers:
   repa_fast  repa_fast.engine's micro_step + optimizer_step: fused kernels (kernels=auto: Triton on CUDA),
              SDPA/FlashAttention in SiT and encoder, fused AdamW with on-device skip, foreach EMA, no host sync;
              --compile compiles each SiT block.
+  repa_fast_cached  the same step with --targets cached: the batch holds the encoders' targets (computed once
+             before timing, as repa_fast.data.cache_targets stores them, in fp32) instead of images; its TFLOP/s
+             count the step without the encoder forward (repa_fast.flops train_step_cached_targets).
 Both use synthetic data (uniform uint8 images, Gaussian moments) and the same precision. Reports ms/step, img/s,
 achieved TFLOP/s from repa_fast.flops and, on a GPU with a known peak, MFU. Rows are appended to
 bench/results/throughput.csv with device, versions and git sha.
@@ -51,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", default="bf16" if cuda else "no", choices=("no", "fp16", "bf16"))
     p.add_argument("--steps", type=int, default=20 if cuda else 3)
     p.add_argument("--warmup", type=int, default=5 if cuda else 1)
-    p.add_argument("--providers", default="reference,repa_fast")
+    p.add_argument(
+        "--providers", default="reference,repa_fast", help="comma-separated: reference, repa_fast, repa_fast_cached"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT blocks (repa_fast provider)")
     p.add_argument(
         "--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.csv")
@@ -160,7 +165,7 @@ class ReferenceStep:
 
 
 class RepaFastStep:
-    def __init__(self, args, device, kernels: str = "auto"):
+    def __init__(self, args, device, kernels: str = "auto", cached: bool = False):
         self.cfg, model, encoders = build(args, device, kernels, None)
         if args.compile:
             apply_compile(model)  # the trainer's per-block compile (inductor)
@@ -172,8 +177,14 @@ class RepaFastStep:
         self.state = T.State(model, self.backend.wrap(model, opt), EMA(model), opt, self.scaler, sampler)
         self.meter = LossMeter(device)
         self.amp = T.AMP_DTYPES[args.mixed_precision]
+        self.cached, self._cached_batch = cached, None
 
     def __call__(self, batch):
+        if self.cached:  # the targets a cache would hold, made once (not timed): the step sees no image
+            if self._cached_batch is None:
+                with torch.no_grad():
+                    self._cached_batch = ([enc(batch[0]).float() for enc in self.encoders], *batch[1:])
+            batch = self._cached_batch
         losses = T.micro_step(self.cfg, self.state, self.backend, batch, self.encoders, self.amp, last=True)
         self.meter.add_losses(losses)
         T.optimizer_step(self.cfg, self.state, self.backend, self.meter)
@@ -203,14 +214,14 @@ def time_provider(step, batch, args, device) -> tuple[float, float]:
     return times[len(times) // 2], first
 
 
-def step_flops_per_image(args) -> float:
+def step_flops_per_image(args, cached: bool = False) -> float:
     size = args.model.split("-")[1].split("/")
     depth, dim, _ = SIT_SIZES[size[0]]
     patch = int(size[1])
     tokens = (args.resolution // 8 // patch) ** 2
     encs = [parse_encoder_name(n)[0] for n in args.enc_type.split(",")]
     zdim = {"s": 384, "b": 768, "l": 1024, "g": 1536, "t": 192}
-    return repa_step_flops(
+    flops = repa_step_flops(
         depth,
         dim,
         tokens,
@@ -218,7 +229,8 @@ def step_flops_per_image(args) -> float:
         z_dims=[zdim[e] if e in zdim else VIT_SPECS[e].embed_dim for e in encs],  # timm encoders: by name
         encoders=encs,
         encoder_grid=args.resolution // 16,
-    ).train_step
+    )
+    return flops.train_step_cached_targets if cached else flops.train_step
 
 
 def device_peak(device) -> float:
@@ -252,9 +264,11 @@ def main(argv=None):
         f"{flops / args.batch_size / 1e9:.1f} GFLOP per image per step"
     )
     for name in args.providers.split(","):
-        step = {"reference": ReferenceStep, "repa_fast": RepaFastStep}[name](args, device)
+        providers = {"reference": ReferenceStep, "repa_fast": RepaFastStep}
+        providers["repa_fast_cached"] = lambda a, d: RepaFastStep(a, d, cached=True)
+        step = providers[name](args, device)
         sec, first = time_provider(step, batch, args, device)
-        tflops = flops / sec / 1e12
+        tflops = step_flops_per_image(args, cached=name == "repa_fast_cached") * args.batch_size / sec / 1e12
         base = base or sec
         row = {
             "provider": name,

@@ -42,6 +42,12 @@ class TargetConfig:
     encoder_grid: int | None = _f(
         None, "encoder token grid (default resolution // 16 as the reference; the demo sets it to the SiT grid)"
     )
+    targets: str = _f(
+        "computed",
+        "computed: run the encoders every step; cached: read targets made by repa_fast.data.cache_targets",
+        choices=("computed", "cached"),
+    )
+    targets_dir: str | None = _f(None, "target cache directory for --targets cached (default <data_dir>/targets)")
 
 
 @dataclass
@@ -53,6 +59,12 @@ class DataConfig:
     resolution: int = _f(256, "image resolution (256 or 512 in the reference)")
     num_classes: int = _f(1000, "number of classes (the null class is num_classes)")
     num_workers: int = _f(4, "DataLoader workers per process")
+    loader: str = _f(
+        "auto",
+        "REPA folder layout reader: dali (NVIDIA DALI decoding), dataloader (PIL in workers), auto (DALI when "
+        "installed and on CUDA)",
+        choices=("auto", "dataloader", "dali"),
+    )
     latent_scale: float = _f(0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space")
     vae: str | None = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
 

@@ -20,6 +20,16 @@ class StepFlops:
         """Per image: 3x (forward + backward) of SiT and projectors, plus the encoders' forward."""
         return 3 * (self.sit_forward + self.projector_forward) + self.encoder_forward
 
+    @property
+    def train_step_cached_targets(self) -> float:
+        """Per image with ``--targets cached``: the encoders ran once, before training (data.cache_targets)."""
+        return 3 * (self.sit_forward + self.projector_forward)
+
+    @property
+    def encoder_share(self) -> float:
+        """Fraction of a step's FLOPs that ``--targets cached`` saves."""
+        return self.encoder_forward / self.train_step
+
 
 def vit_block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
     """One pre-norm transformer block on ``tokens`` tokens: qkv, proj, fc1, fc2 and attention."""

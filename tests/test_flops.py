@@ -51,3 +51,10 @@ def test_xl_repa_step_is_about_771_gflop_per_image():
     f = repa_step_flops(28, 1152, 256, 2, z_dims=(768,), encoders=("b",), encoder_grid=16)
     assert abs(f.sit_forward / 1e9 - 236.9) < 0.5
     assert abs(f.train_step / 1e9 - 771) < 3  # speed_anchors.md's SiT-XL/2 + DINOv2-B figure
+
+
+def test_cached_targets_save_the_encoder_forward():
+    # SiT-XL/2 and SiT-B/2 at 256 px (16x16 tokens) with DINOv2-B: the 6% and 23% the target cache saves.
+    xl, b = repa_step_flops(28, 1152, 256, 2), repa_step_flops(12, 768, 256, 2)
+    assert xl.train_step - xl.train_step_cached_targets == xl.encoder_forward > 0
+    assert round(xl.encoder_share, 3) == 0.060 and round(b.encoder_share, 3) == 0.237

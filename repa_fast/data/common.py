@@ -28,6 +28,11 @@ class LatentDataset(Dataset):
     latent_shape: tuple[int, int, int]  # (2C, h, w) of the stored moments
     path: str
 
+    def read_latent(self, idx: int):
+        """``(moments, label)`` of item ``idx``; subclasses skip reading the image (cached targets need none)."""
+        _image, moments, label = self[idx]
+        return moments, label
+
     def describe(self) -> str:
         c2, h, w = self.latent_shape
         return (

@@ -23,6 +23,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from .common import DataError, LatentDataset, as_item, check_label, check_moments
 
@@ -243,6 +244,13 @@ class PackedDataset(LatentDataset):
         moments = check_moments(a["moments"][idx], self.latent_shape, f"{where}, field 'moments'")
         label = check_label(a["labels"][idx], self.num_classes, f"{where}, field 'labels'")
         return as_item(a["images"][idx], moments, label)
+
+    def read_latent(self, idx: int):
+        """(moments, label) of row ``idx`` without touching the images file."""
+        where = f"{self.path}: row {idx}"
+        moments = check_moments(self.arrays["moments"][idx], self.latent_shape, f"{where}, field 'moments'")
+        label = check_label(self.arrays["labels"][idx], self.num_classes, f"{where}, field 'labels'")
+        return torch.from_numpy(np.array(moments, dtype=np.float32, copy=True)), torch.tensor(label, dtype=torch.int64)
 
 
 def verify_packed(path: str, *, num_classes: int | None = None, chunk: int = 1024) -> dict:

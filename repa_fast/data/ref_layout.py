@@ -18,6 +18,7 @@ import os
 import re
 
 import numpy as np
+import torch
 
 from .common import DataError, LatentDataset, as_item, check_image, check_label, check_moments
 
@@ -236,6 +237,12 @@ class RefFolderDataset(LatentDataset):
         moments = check_moments(load_moments_file(feature_path), self.latent_shape, feature_path)
         label = check_label(self.labels[idx], self.num_classes, f"{feature_path} (label)")
         return as_item(image, moments, label)
+
+    def read_latent(self, idx: int):
+        feature_path = os.path.join(self.features_dir, self.feature_fnames[idx])
+        moments = check_moments(load_moments_file(feature_path), self.latent_shape, feature_path)
+        label = check_label(self.labels[idx], self.num_classes, f"{feature_path} (label)")
+        return torch.from_numpy(moments.copy()), torch.tensor(label, dtype=torch.int64)
 
 
 def check_image_header(path: str) -> int:

@@ -99,6 +99,40 @@ def build_dataset(cfg: TrainConfig):
     return open_dataset(d.data_dir, num_classes=d.num_classes, resolution=d.resolution)
 
 
+def build_targets(cfg: TrainConfig, dataset, encoders):
+    """--targets cached: the dataset yields the stored targets instead of images and no encoder runs
+    (repa_fast.data.cache_targets); the encoders were still built, to check the cache against their weights."""
+    if cfg.target.targets != "cached":
+        if cfg.target.targets_dir:
+            raise ConfigError("--targets-dir is only read with --targets cached; add --targets cached or drop it")
+        return dataset, encoders
+    if not encoders:
+        raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
+    from repa_fast.data.cache_targets import open_cached_targets
+
+    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
+    logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)
+    return dataset, []
+
+
+def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.device, rank: int):
+    """DALI or torch DataLoader (--loader; repa_fast.data.dali_loader.choose_loader logs why), same sample order."""
+    from repa_fast.data.dali_loader import DALILoader, choose_loader
+
+    if choose_loader(cfg.data.loader, dataset, device) == "dali":
+        return DALILoader(dataset, sampler, micro, device=device, num_threads=max(1, cfg.data.num_workers))
+    return DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.run.seed + rank),
+    )
+
+
 def build_models(cfg: TrainConfig, dataset, device: torch.device):
     """SiT sized from the data, and the frozen target encoders on the matching token grid."""
     two_c, h, w = dataset.latent_shape
@@ -177,6 +211,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if backend.is_main:
         save_resolved_config(cfg, out)
         _log_setup(cfg, model, encoders, dataset, backend, micro)
+    dataset, encoders = build_targets(cfg, dataset, encoders)
     resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
     saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
@@ -194,16 +229,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     state = State(model, train_model, ema, optimizer, scaler, sampler)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
-    loader = DataLoader(
-        dataset,
-        batch_size=micro,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.run.seed + backend.rank),
-    )
+    loader = build_loader(cfg, dataset, sampler, micro, device, backend.rank)
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
     previewer = _make_previewer(cfg, dataset, device) if backend.is_main and cfg.run.sampling_steps else None
     try:
@@ -270,7 +296,10 @@ def save_resolved_config(cfg: TrainConfig, out: str) -> None:
 def get_batch(data_iter, device, need_images: bool = True):
     """Next (image, moments, label) on ``device``; images stay on the host when no encoder needs them."""
     image, moments, label = next(data_iter)
-    image = image.to(device, non_blocking=True) if need_images else image
+    if isinstance(image, list):  # cached targets, one (B, T, D) tensor per encoder
+        image = [z.to(device, non_blocking=True) for z in image]
+    elif need_images:
+        image = image.to(device, non_blocking=True)
     return image, moments.to(device, non_blocking=True), label.to(device, non_blocking=True)
 
 
@@ -284,8 +313,11 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
     """Forward and backward of one micro-batch; returns the (device) loss dict."""
     image, moments, labels = batch
     x0 = sample_posterior(moments, cfg.data.latent_scale)
-    with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        targets = [enc(image) for enc in encoders]
+    if isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.data.cache_targets)
+        targets = [z.float() for z in image]
+    else:
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            targets = [enc(image) for enc in encoders]
     if cfg.model.legacy:  # reference --legacy: labels dropped here and again inside the model
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
