@@ -8,6 +8,8 @@ The tests check these formulas against torch.utils.flop_counter on real modules.
 
 from dataclasses import dataclass
 
+from repa_fast.models.encoder_archs import EncoderArch, encoder_arch
+
 
 @dataclass
 class StepFlops:
@@ -43,17 +45,14 @@ def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims) -> float:
     return sum(2 * tokens * (dim * projector_dim + projector_dim * projector_dim + projector_dim * z) for z in z_dims)
 
 
-def dinov2_forward_flops(depth: int, dim: int, grid: int, registers: int = 0, swiglu_hidden: int = 0) -> float:
-    """DINOv2 ViT/14 forward per image on a grid x grid patch grid (+ CLS and registers)."""
-    tokens = grid * grid + 1 + registers
-    mlp = 4 * dim
-    blocks = depth * vit_block_flops(tokens, dim, mlp)
-    if swiglu_hidden:  # w12: dim -> 2h, w3: h -> dim, instead of fc1/fc2
-        blocks += depth * 2 * tokens * (dim * 2 * swiglu_hidden + swiglu_hidden * dim - 2 * dim * mlp)
-    return blocks + 2 * grid * grid * (3 * 14 * 14) * dim
-
-
-DINOV2_ARCH = {"s": (12, 384, 0), "b": (12, 768, 0), "l": (24, 1024, 0), "g": (40, 1536, 4096), "t": (4, 192, 0)}
+def encoder_forward_flops(arch: EncoderArch, grid: int) -> float:
+    """A ViT target encoder's forward per image on a grid x grid patch grid (+ the class token and registers)."""
+    tokens = grid * grid + 1 + arch.num_register_tokens
+    dim, hidden = arch.embed_dim, arch.ffn_hidden
+    blocks = arch.depth * vit_block_flops(tokens, dim, hidden)
+    if arch.ffn == "swiglu":  # w12: dim -> 2h, w3: h -> dim, instead of fc1 dim -> h and fc2 h -> dim
+        blocks += arch.depth * 2 * tokens * dim * hidden
+    return blocks + 2 * grid * grid * (3 * arch.patch_size**2) * dim
 
 
 def repa_step_flops(
@@ -63,15 +62,12 @@ def repa_step_flops(
     patch: int,
     z_dims=(768,),
     projector_dim: int = 2048,
-    encoders=("b",),
+    encoders=("dinov2-vit-b",),
     encoder_grid: int = 16,
     in_channels: int = 4,
-    registers: int = 0,
 ) -> StepFlops:
-    enc = sum(
-        dinov2_forward_flops(DINOV2_ARCH[e][0], DINOV2_ARCH[e][1], encoder_grid, registers, DINOV2_ARCH[e][2])
-        for e in encoders
-    )
+    """Per-image FLOPs of one step; ``encoders`` are ``--enc-type`` names (rows of ``ENCODER_ARCHS``)."""
+    enc = sum(encoder_forward_flops(encoder_arch(e), encoder_grid) for e in encoders)
     return StepFlops(
         sit_forward_flops(depth, dim, tokens, patch, in_channels),
         projector_flops(tokens, dim, projector_dim, z_dims),

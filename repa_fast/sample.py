@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 
-from repa_fast.objective import PATH_TYPES  # one list of paths for training and sampling
+from repa_fast.objective import PATH_TYPES, interpolant  # one interpolant for training and sampling
 
 LEGACY_NULL_CLASS = 1000  # samplers.py / generate.py hard-code this null label
 SDE_T_LAST = 0.04  # samplers.py: the stochastic grid stops here, then one deterministic step to 0
@@ -76,23 +76,13 @@ def resolve_null_class(model, null_class=None) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Paths (SPEC section 2) and the score from the velocity (SPEC section 8)
 # ---------------------------------------------------------------------------------------------------------
-def path_coefficients(t: float, path_type: str = "linear"):
-    """(alpha, sigma, d_alpha, d_sigma) at time t, python floats (float64)."""
-    if path_type == "linear":
-        return 1.0 - t, t, -1.0, 1.0
-    if path_type == "cosine":
-        cos, sin = math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)
-        return cos, sin, -math.pi / 2 * sin, math.pi / 2 * cos
-    raise ValueError(f"path_type={path_type!r}: expected one of {PATH_TYPES}")
-
-
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str = "linear") -> torch.Tensor:
     """Score of x_t from the velocity: s = (r v - x) / (sigma^2 - r d_sigma sigma), r = alpha / d_alpha.
 
     Linear path: s = (-(1 - t) v - x) / t (SPEC 8); cosine: the denominator is 1. The operation order is the
     reference's (get_score_from_velocity), so float64 results agree bit for bit. Needs t > 0 for "linear".
     """
-    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)  # python floats (float64)
     ratio = alpha / d_alpha
     var = sigma**2 - ratio * d_sigma * sigma
     return (ratio * v - x) / var

@@ -1,4 +1,5 @@
-"""DINOv2 target encoders (SPEC section 5): weight layouts, pos-embed resampling, preprocessing, timm parity.
+"""DINOv2 target encoders (docs/objective.md §Alignment targets): weight layouts, pos-embed resampling,
+preprocessing, timm parity.
 
 Weight files are written here with random values in the official torch.hub layout (mask_token, 1370-token
 pos_embed, register_tokens) and in timm's Hugging Face layout, so no download is needed. Every parameter is
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from repa_fast.config import ModelConfig
+from repa_fast.engine.trainer import encoder_kwargs
 from repa_fast.models import dinov2 as dinov2_mod
 from repa_fast.models.dinov2 import (
     IMAGENET_MEAN,
@@ -401,24 +404,26 @@ def test_attention_goes_through_kernels_module(monkeypatch):
     calls = []
     real = dinov2_mod.attention
 
-    def spy(q, k, v, backend="auto"):
-        calls.append((tuple(q.shape), backend))
-        return real(q, k, v, backend=backend)
+    def spy(q, k, v, attn_backend="auto"):
+        calls.append((tuple(q.shape), attn_backend))
+        return real(q, k, v, attn_backend=attn_backend)
 
     monkeypatch.setattr(dinov2_mod, "attention", spy)
     images = _images(2, 32)
     outs = {}
-    for kernels, backend, expected in (("ref", None, "sdpa"), ("auto", None, "auto"), ("triton", "math", "math")):
+    # --kernels ref pins the encoders to SDPA, auto/triton leave the choice to the attention module (config boundary).
+    ref_kw, auto_kw = (encoder_kwargs(ModelConfig(kernels=k)) for k in ("ref", "triton"))
+    for kw, expected in ((ref_kw, "sdpa"), (auto_kw, "auto"), ({"attn_backend": "math"}, "math")):
         torch.manual_seed(0)
-        (enc,) = load_encoders("dinov2reg-vit-t", 32, grid=4, pretrained=False, kernels=kernels, attn_backend=backend)
+        (enc,) = load_encoders("dinov2reg-vit-t", 32, grid=4, pretrained=False, **kw)
         _randomize_(enc, seed=3)
         calls.clear()
         outs[expected] = enc(images)
         assert calls == [((2, 1 + 4 + 16, 3, 64), expected)] * 4  # layout (B, N, H, Dh), one call per block
     assert_close(outs["math"], outs["sdpa"])
     assert_close(outs["auto"], outs["sdpa"])
-    with pytest.raises(ValueError, match="kernels must be one of"):
-        load_encoders("dinov2-vit-t", pretrained=False, kernels="fast")
+    with pytest.raises(TypeError, match="impl"):  # the encoders have no Triton op: no switch for one
+        load_encoders("dinov2-vit-t", pretrained=False, impl="ref")
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         load_encoders("dinov2-vit-t", pretrained=False, attn_backend="flash-ish")
 

@@ -284,10 +284,10 @@ def _spec_forward(sd, x, t, y, depth, heads, patch, tap):
     return out, zs
 
 
-@pytest.mark.parametrize("kernels", ["ref", "auto"])
-def test_forward_equals_the_spec_equations(kernels):
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+def test_forward_equals_the_spec_equations(impl):
     torch.manual_seed(0)
-    model = SiT_models["SiT-S/2"](input_size=8, depth=3, z_dims=[24], encoder_depth=2, kernels=kernels).double().eval()
+    model = SiT_models["SiT-S/2"](input_size=8, depth=3, z_dims=[24], encoder_depth=2, impl=impl).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
