@@ -6,10 +6,10 @@ by name (``encoders.py`` does the file handling). Differences from the hub model
 
 - no ``mask_token`` parameter (masking is a pre-training feature; the loader drops the key) and no head;
 - ``pos_embed`` holds the *target* grid (16x16 at 256 px), resampled once at load like REPA's ``load_encoders``
-  (SPEC section 5), so the forward never interpolates;
+  (docs/objective.md §Alignment targets), so the forward never interpolates;
 - attention goes through ``repa_fast.kernels.attention.attention`` (SDPA / FlashAttention), layout (B, N, H, Dh);
-- preprocessing (SPEC section 5) happens inside ``forward``, which maps uint8 images (B, 3, R, R) to the REPA
-  targets ``x_norm_patchtokens`` (B, grid*grid, D).
+- preprocessing (docs/objective.md §Alignment targets) happens inside ``forward``, which maps uint8 images
+  (B, 3, R, R) to the REPA targets ``x_norm_patchtokens`` (B, grid*grid, D).
 
 Block: x = x + ls1 * Attn(LN1(x)); x = x + ls2 * FFN(LN2(x)); LN eps 1e-6 with affine; FFN = fc1-GELU(exact)-fc2,
 or for ViT-g the SwiGLU w12 -> silu(x1) * x2 -> w3 of the official ``SwiGLUFFNFused``.
@@ -51,7 +51,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
 
     Bicubic with antialias, align_corners False, computed in fp32, prefix (class) positions passed through:
     the same numbers as ``timm.layers.pos_embed.resample_abs_pos_embed(pos, [g, g], num_prefix_tokens=P)``,
-    which REPA applies once to the hub model (utils.py ``load_encoders``; SPEC section 5).
+    which REPA applies once to the hub model (utils.py ``load_encoders``; docs/objective.md §Alignment targets).
     """
     prefix, grid_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old_grid = math.isqrt(grid_pos.shape[1])
@@ -234,8 +234,8 @@ class DINOv2ViT(nn.Module):
             blk.attn.attn_backend = attn_backend
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """SPEC section 5 / reference train.py:48-51: x / 255 -> (x - mean) / std -> bicubic resize to 14 * grid
-        (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""
+        """docs/objective.md §Alignment targets / reference train.py:48-51: x / 255 -> (x - mean) / std -> bicubic
+        resize to 14 * grid (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""
         self._check_images(images)
         x = images / 255.0  # float32 for uint8 input, as `raw_image / 255.` in the reference
         mean, std = self._stats(x)
@@ -289,7 +289,7 @@ class DINOv2ViT(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, 3, R, R) -> targets (B, grid*grid, D): final-LayerNorm patch tokens, CLS and registers
-        dropped (SPEC section 5). Runs without autograd: targets are constants of the image."""
+        dropped (docs/objective.md §Alignment targets). Runs without autograd: targets are constants of the image."""
         return self.forward_features(self.preprocess(images))["x_norm_patchtokens"]
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""REPA target encoders: names, weight files, ``load_encoders`` (SPEC section 5; reference utils.py:52-160).
+"""REPA target encoders: names, weight files, ``load_encoders`` (docs/objective.md §Alignment targets; reference
+utils.py:52-160). Their shapes are rows of ``encoder_archs.ENCODER_ARCHS``.
 
 Names mirror the reference ``--enc-type`` strings (``type-arch-config``, comma-separated for several encoders):
 ``dinov2-vit-{s,b,l,g}`` and ``dinov2reg-vit-{s,b,l,g}`` (4 registers). ``dinov2-vit-t`` / ``dinov2reg-vit-t`` is
