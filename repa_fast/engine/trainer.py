@@ -319,7 +319,7 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
             weighting=cfg.loss.weighting,
             proj_coeff=cfg.loss.proj_coeff,
             autocast_dtype=amp_dtype,
-            impl=cfg.model.kernels,
+            impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (set by model_kwargs)
         )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
