@@ -21,11 +21,11 @@ from repa_fast.models.dinov2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PRETRAINED_GRID,
-    DINOv2Arch,
     DINOv2ViT,
     dinov2_arch,
     resample_pos_embed,
 )
+from repa_fast.models.encoder_archs import EncoderArch
 from repa_fast.models.encoders import (
     candidate_paths,
     hub_filename,
@@ -54,7 +54,7 @@ def _randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def hub_state_dict(arch: DINOv2Arch, seed: int = 0) -> dict:
+def hub_state_dict(arch: EncoderArch, seed: int = 0) -> dict:
     """Random weights in the official hub layout: 37x37 (+1 class) positions, mask_token, register_tokens."""
     model = _randomize_(DINOv2ViT(arch, resolution=518, grid=PRETRAINED_GRID), seed)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -268,13 +268,13 @@ def test_missing_file_error_names_file_locations_and_url(empty_caches):
 
 def test_wrong_file_for_model_is_a_clear_error(files):
     s_file = files[False]["hub"]
-    narrow = DINOv2ViT(DINOv2Arch(192, 12, 3), resolution=256, enc_name="narrow")  # S keys, other widths
+    narrow = DINOv2ViT(EncoderArch(192, 12, 3), resolution=256, enc_name="narrow")  # S keys, other widths
     with pytest.raises(ValueError, match=r"shapes do not match narrow.*pos_embed|shapes do not match narrow"):
         load_dinov2_weights(narrow, s_file)
     shallow = DINOv2ViT(dinov2_arch("t"), resolution=256)  # depth 4: blocks 4..11 are unexpected
     with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.10"):
         load_dinov2_weights(shallow, s_file)
-    reg_model = DINOv2ViT(DINOv2Arch(384, 12, 6, num_register_tokens=4), resolution=256)
+    reg_model = DINOv2ViT(EncoderArch(384, 12, 6, num_register_tokens=4), resolution=256)
     with pytest.raises(ValueError, match=f"{s_file}.*missing keys \\['register_tokens'\\]"):
         load_dinov2_weights(reg_model, s_file)
     with pytest.raises(ValueError, match="single file but 2 encoders"):
@@ -330,7 +330,7 @@ def test_parity_with_timm_swiglu_registers_tiny():
     from timm.layers import SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer
 
-    arch = DINOv2Arch(192, 2, 3, ffn="swiglu", num_register_tokens=4)
+    arch = EncoderArch(192, 2, 3, ffn="swiglu", num_register_tokens=4)
     hub_sd = hub_state_dict(arch, seed=7)
     assert hub_sd["blocks.0.mlp.w12.weight"].shape == (1024, 192)  # 2 * 512
     assert hub_sd["blocks.0.mlp.w3.weight"].shape == (192, 512)

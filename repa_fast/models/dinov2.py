@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED_GRID = 37  # the released pos_embed covers 518 px / 14 = 37 x 37 patches (+1 class position)
 
 
-DINOv2Arch = EncoderArch  # the DINOv2 rows of the one encoder table (encoder_archs.ENCODER_ARCHS)
+# The shapes are the DINOv2 rows of the one encoder table, encoder_archs.ENCODER_ARCHS.
 # size letter -> architecture without registers; "t" is a random-init-only toy (no official weights exist).
 ARCHS = {name.rsplit("-", 1)[1]: arch for name, arch in ENCODER_ARCHS.items() if name.startswith("dinov2-vit-")}
 
