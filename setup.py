@@ -7,9 +7,8 @@ EXTRAS = {
     "demo": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard>=2.14"],
     # SD-VAE encode/decode for preprocessing and preview grids.
     "vae": ["diffusers>=0.27"],
-    "deepspeed": [
-        "deepspeed>=0.19"
-    ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
+    # The torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8).
+    "deepspeed": ["deepspeed>=0.19"],
     "flash": ["flash-attn>=2.6"],
     # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoders (timm's ViT; DINOv2 needs nothing extra).
     "encoders": ["timm>=1.0"],
@@ -29,7 +28,7 @@ EXTRAS["dev"] = sorted(
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter
             "timm>=1.0",  # only as an oracle for the in-package DINOv2 (it pulls torchvision)
-            "ruff>=0.5",
+            "ruff==0.17.6",  # pinned: .ci/run checks `ruff check` and `ruff format --check`, whose rules move
         ]
     )
 )

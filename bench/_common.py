@@ -74,12 +74,14 @@ def analytic_table(case: Case, args) -> dict:
     return out
 
 
-def _git_sha() -> str:
+def git_sha() -> str:
+    """Short commit of the working tree, for benchmark rows ("unknown" outside a git checkout)."""
     try:
         cmd = ["git", "rev-parse", "--short", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError:
         return "unknown"
+    return out or "unknown"
 
 
 def copy_bandwidth(device) -> float:
@@ -195,7 +197,7 @@ def gpu_timings(case: Case, args, analytic: dict, device=None) -> None:
                             name,
                             torch.__version__,
                             triton.__version__,
-                            _git_sha(),
+                            git_sha(),
                         ]
                     )
     print(f"appended rows to {path}")

@@ -30,7 +30,7 @@ def sit_saved_bytes(step, batch) -> int:
         targets = [enc(image) for enc in step.encoders]
     x0 = moments[:, :4] * 0.18215
     return saved_bytes(
-        lambda: training_loss(model, x0, labels, targets, kernels=step.cfg.model.kernels),
+        lambda: training_loss(model, x0, labels, targets, impl=model.impl),
         exclude=list(model.parameters()),
     )
 

@@ -6,8 +6,8 @@
 Providers:
   reference  the reference train.py step structure: per-sample projection-loss loop (loss.py:80-88), t drawn on the
              CPU and copied, foreach AdamW, clip_grad_norm_, Python per-parameter EMA loop, three .item() syncs per
-             step, the encoder with explicit-softmax attention (torch.hub DINOv2 without xformers), kernels="ref".
-  repa_fast  repa_fast.engine's micro_step + optimizer_step: fused kernels (kernels=auto: Triton on CUDA),
+             step, the encoder with explicit-softmax attention (torch.hub DINOv2 without xformers), --kernels ref.
+  repa_fast  repa_fast.engine's micro_step + optimizer_step: fused kernels (--kernels auto: Triton on CUDA),
              SDPA/FlashAttention in SiT and encoder, fused AdamW with on-device skip, foreach EMA, no host sync;
              --compile compiles each SiT block.
   repa_fast_cached  the same step with --targets cached: the batch holds the encoders' targets (computed once
@@ -21,7 +21,6 @@ bench/results/throughput.csv with device, versions and git sha.
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import time
 
@@ -29,14 +28,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _common import git_sha  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from repa_fast.cli import resolve_config  # noqa: E402
 from repa_fast.engine import trainer as T  # noqa: E402
 from repa_fast.engine.ema import EMA  # noqa: E402
 from repa_fast.engine.metrics import LossMeter  # noqa: E402
 from repa_fast.engine.parallel import Backend, apply_compile  # noqa: E402
 from repa_fast.flops import repa_step_flops  # noqa: E402
-from repa_fast.models.encoders import VIT_SPECS, load_encoders, parse_encoder_name  # noqa: E402
-from repa_fast.models.sit import SIT_SIZES, build_sit  # noqa: E402
+from repa_fast.models.encoder_archs import encoder_arch  # noqa: E402
+from repa_fast.models.encoders import load_encoders  # noqa: E402
+from repa_fast.models.sit import SIT_SIZES, build_sit, parse_model_name  # noqa: E402
 from repa_fast.objective import interpolant  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; add your device if missing.
@@ -99,18 +101,17 @@ def synthetic_batch(args, device):
     return image.to(device), moments.to(device), labels.to(device)
 
 
-def build(args, device, kernels: str, encoder_attn: str):
+def build(args, device, kernels: str, encoder_attn: str | None):
+    """Models as the trainer builds them from the config (``encoder_attn`` overrides the encoders' backend)."""
     cfg = make_cfg(args, kernels)
-    encoders = load_encoders(
-        args.enc_type, args.resolution, pretrained=False, attn_backend=encoder_attn, kernels=kernels, device=device
-    )
+    enc_kw = T.encoder_kwargs(cfg.model) if encoder_attn is None else dict(attn_backend=encoder_attn)
+    encoders = load_encoders(args.enc_type, args.resolution, pretrained=False, device=device, **enc_kw)
     model = build_sit(
         args.model,
         input_size=args.resolution // 8,
         num_classes=1000,
-        kernels=kernels,
         z_dims=[e.embed_dim for e in encoders],
-        encoder_depth=args.encoder_depth,
+        **T.model_kwargs(cfg.model),
     ).to(device)
     return cfg, model, encoders
 
@@ -215,21 +216,12 @@ def time_provider(step, batch, args, device) -> tuple[float, float]:
 
 
 def step_flops_per_image(args, cached: bool = False) -> float:
-    size = args.model.split("-")[1].split("/")
-    depth, dim, _ = SIT_SIZES[size[0]]
-    patch = int(size[1])
+    size, patch = parse_model_name(args.model)
+    depth, dim, _ = SIT_SIZES[size]
     tokens = (args.resolution // 8 // patch) ** 2
-    encs = [parse_encoder_name(n)[0] for n in args.enc_type.split(",")]
-    zdim = {"s": 384, "b": 768, "l": 1024, "g": 1536, "t": 192}
-    flops = repa_step_flops(
-        depth,
-        dim,
-        tokens,
-        patch,
-        z_dims=[zdim[e] if e in zdim else VIT_SPECS[e].embed_dim for e in encs],  # timm encoders: by name
-        encoders=encs,
-        encoder_grid=args.resolution // 16,
-    )
+    encs = [n.strip() for n in args.enc_type.split(",")]
+    z_dims = [encoder_arch(e).embed_dim for e in encs]
+    flops = repa_step_flops(depth, dim, tokens, patch, z_dims=z_dims, encoders=encs, encoder_grid=args.resolution // 16)
     return flops.train_step_cached_targets if cached else flops.train_step
 
 
@@ -238,15 +230,6 @@ def device_peak(device) -> float:
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.split()[0] in name and k.split()[-1] in name), 0.0)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=os.path.dirname(os.path.abspath(__file__))
-        ).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None):

@@ -82,12 +82,12 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
 def validate(cfg: TrainConfig) -> None:
     """Cheap consistency checks that need no data or weights; each error says what to change."""
     from repa_fast.models.encoders import VIT_SPECS, check_resolution, parse_encoder_name
-    from repa_fast.models.sit import SIT_SIZES, SiT_models
+    from repa_fast.models.sit import SIT_SIZES, SiT_models, parse_model_name
 
     m, o, r = cfg.model, cfg.optim, cfg.run
     if m.model not in SiT_models:
         raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
-    depth = SIT_SIZES[m.model.split("-")[1].split("/")[0]][0]
+    depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
     if cfg.target.enc_type and cfg.loss.proj_coeff != 0:
         if not 1 <= m.encoder_depth <= depth:
             raise ConfigError(f"--encoder-depth {m.encoder_depth} is outside 1..{depth} for {m.model}")

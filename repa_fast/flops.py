@@ -8,6 +8,8 @@ The tests check these formulas against torch.utils.flop_counter on real modules.
 
 from dataclasses import dataclass
 
+from repa_fast.models.encoder_archs import EncoderArch, encoder_arch
+
 
 @dataclass
 class StepFlops:
@@ -53,37 +55,15 @@ def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims) -> float:
     return sum(2 * tokens * (dim * projector_dim + projector_dim * projector_dim + projector_dim * z) for z in z_dims)
 
 
-def dinov2_forward_flops(depth: int, dim: int, grid: int, registers: int = 0, swiglu_hidden: int = 0) -> float:
-    """DINOv2 ViT/14 forward per image on a grid x grid patch grid (+ CLS and registers)."""
-    tokens = grid * grid + 1 + registers
-    mlp = 4 * dim
-    blocks = depth * vit_block_flops(tokens, dim, mlp)
-    if swiglu_hidden:  # w12: dim -> 2h, w3: h -> dim, instead of fc1/fc2
-        blocks += depth * 2 * tokens * (dim * 2 * swiglu_hidden + swiglu_hidden * dim - 2 * dim * mlp)
-    return blocks + 2 * grid * grid * (3 * 14 * 14) * dim
-
-
-DINOV2_ARCH = {"s": (12, 384, 0), "b": (12, 768, 0), "l": (24, 1024, 0), "g": (40, 1536, 4096), "t": (4, 192, 0)}
-
-
-def vit_encoder_forward_flops(depth: int, dim: int, patch: int, class_token: bool, grid: int = 16) -> float:
-    """A plain ViT target encoder (MoCo v3, MAE, I-JEPA, CLIP, DINO v1) per image: patch conv and the blocks on
-    grid*grid patches (+ CLS). MAE/CLIP skip the final norm, which is not counted anyway."""
-    tokens = grid * grid + int(class_token)
-    return depth * vit_block_flops(tokens, dim, 4 * dim) + 2 * grid * grid * (3 * patch * patch) * dim
-
-
-def encoder_forward_flops(encoder: str, grid: int = 16, registers: int = 0) -> float:
-    """Forward FLOPs per image of one target encoder: a DINOv2 size letter ("b") or an ``--enc-type`` name."""
-    if encoder in DINOV2_ARCH:
-        depth, dim, swiglu = DINOV2_ARCH[encoder]
-        return dinov2_forward_flops(depth, dim, grid, registers, swiglu)
-    from repa_fast.models.vit_encoders import SPECS  # lazy: this module stays import-light
-
-    if encoder not in SPECS:
-        raise ValueError(f"unknown encoder {encoder!r}: a DINOv2 size {sorted(DINOV2_ARCH)} or one of {sorted(SPECS)}")
-    s = SPECS[encoder]
-    return vit_encoder_forward_flops(s.depth, s.embed_dim, s.patch_size, s.class_token, grid)
+def encoder_forward_flops(arch: EncoderArch, grid: int) -> float:
+    """A ViT target encoder's forward per image on a grid x grid patch grid (+ the class token and registers).
+    MAE and CLIP skip the final norm and I-JEPA has no class token; norms are not counted anyway."""
+    tokens = grid * grid + int(arch.class_token) + arch.num_register_tokens
+    dim, hidden = arch.embed_dim, arch.ffn_hidden
+    blocks = arch.depth * vit_block_flops(tokens, dim, hidden)
+    if arch.ffn == "swiglu":  # w12: dim -> 2h, w3: h -> dim, instead of fc1 dim -> h and fc2 h -> dim
+        blocks += arch.depth * 2 * tokens * dim * hidden
+    return blocks + 2 * grid * grid * (3 * arch.patch_size**2) * dim
 
 
 def repa_step_flops(
@@ -93,12 +73,12 @@ def repa_step_flops(
     patch: int,
     z_dims=(768,),
     projector_dim: int = 2048,
-    encoders=("b",),
+    encoders=("dinov2-vit-b",),
     encoder_grid: int = 16,
     in_channels: int = 4,
-    registers: int = 0,
 ) -> StepFlops:
-    enc = sum(encoder_forward_flops(e, encoder_grid, registers) for e in encoders)
+    """Per-image FLOPs of one step; ``encoders`` are ``--enc-type`` names (rows of ``ENCODER_ARCHS``)."""
+    enc = sum(encoder_forward_flops(encoder_arch(e), encoder_grid) for e in encoders)
     return StepFlops(
         sit_forward_flops(depth, dim, tokens, patch, in_channels),
         projector_flops(tokens, dim, projector_dim, z_dims),

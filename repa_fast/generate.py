@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from repa_fast.engine.checkpoint import CheckpointError
 from repa_fast.export import find_checkpoint_dir
-from repa_fast.models.sit import build_sit
+from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, save_npz, shard_bounds
 
 logger = logging.getLogger("repa_fast")
@@ -115,7 +115,10 @@ def build_model(args, sd: dict, config: dict) -> torch.nn.Module:
     while f"projectors.{k}.4.weight" in sd:
         z_dims.append(sd[f"projectors.{k}.4.weight"].shape[0])
         k += 1
-    patch = int(name.split("/")[1])
+    try:
+        patch = parse_model_name(name)[1]
+    except ValueError as e:
+        raise CheckpointError(f"--model: {e}") from e
     input_size = math.isqrt(sd["pos_embed"].shape[1]) * patch
     in_channels = sd["x_embedder.proj.weight"].shape[1]
     num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1

@@ -1,11 +1,12 @@
-"""The REPA objective (SPEC sections 2 and 6): interpolants, time sampling, denoising and alignment losses.
+"""The REPA objective (docs/objective.md): interpolants, time sampling, denoising and alignment losses.
 
-Conventions: t = 0 is clean data, t = 1 is pure noise; the model gets t unscaled in [0, 1].
+Conventions (§Conventions): t = 0 is clean data, t = 1 is pure noise; the model gets t unscaled in [0, 1].
     x_t = alpha_t x0 + sigma_t eps,   v = d_alpha_t x0 + d_sigma_t eps            (reference loss.py:36-78)
     L_den  = mean over all elements of (v_hat - v)^2                              (loss.py:78, train.py:309)
     L_proj = -(1/K) sum_k mean_{b,t} cos(proj_k(h)[b,t], z_k[b,t])               (loss.py:80-88)
     loss   = L_den + proj_coeff * L_proj                                          (train.py:311)
-Both losses are computed in fp32 on the model outputs cast to fp32, as accelerate's output cast does in the reference.
+Both losses are computed in fp32 on the model outputs cast to fp32, as accelerate's output cast does in the reference,
+and in float64 for float64 inputs (never below the input precision; docs/objective.md §Losses).
 """
 
 import contextlib
@@ -15,6 +16,7 @@ from typing import Sequence
 import torch
 
 from repa_fast.kernels import alignment_loss
+from repa_fast.kernels._dispatch import loss_dtype
 
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
@@ -26,18 +28,20 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
 
 
-def interpolant(t: torch.Tensor, path_type: str = "linear"):
-    """(alpha_t, sigma_t, d_alpha_t, d_sigma_t) for t of any shape (SPEC 2)."""
+def interpolant(t, path_type: str = "linear"):
+    """(alpha_t, sigma_t, d_alpha_t, d_sigma_t) for a tensor t of any shape, or a Python float (docs/objective.md
+    §Interpolants; reference loss.py:36-50 and samplers.py ``expand_t_like_x``/``get_score_from_velocity``).
+
+    The one interpolant of the project: training (tensors in x0's dtype) and the samplers (float64 Python floats,
+    the reference samplers' numbers bit for bit) both call it.
+    """
     _check_choice("path_type", path_type, PATH_TYPES)
+    tensor = isinstance(t, torch.Tensor)
     if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        return (1 - t, t, -torch.ones_like(t), torch.ones_like(t)) if tensor else (1.0 - t, t, -1.0, 1.0)
+    cos, sin = (torch.cos, torch.sin) if tensor else (math.cos, math.sin)
     half_pi_t = t * (math.pi / 2)
-    return (
-        torch.cos(half_pi_t),
-        torch.sin(half_pi_t),
-        -(math.pi / 2) * torch.sin(half_pi_t),
-        (math.pi / 2) * torch.cos(half_pi_t),
-    )
+    return cos(half_pi_t), sin(half_pi_t), -(math.pi / 2) * sin(half_pi_t), (math.pi / 2) * cos(half_pi_t)
 
 
 def sample_time(
@@ -60,8 +64,9 @@ def sample_time(
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of the squared error over C, H, W, then the batch mean (all in fp32)."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(1).mean()
+    """Per-sample mean of the squared error over C, H, W, then the batch mean, in fp32 or the inputs' wider dtype."""
+    acc = loss_dtype(pred, target)
+    return (pred.to(acc) - target.to(acc)).pow(2).flatten(1).mean(1).mean()
 
 
 def training_loss(
@@ -77,13 +82,14 @@ def training_loss(
     weighting: str = "uniform",
     proj_coeff: float = 0.5,
     autocast_dtype: torch.dtype | None = None,
-    kernels: str = "auto",
+    impl: str = "auto",
 ) -> dict:
     """The REPA training loss on one batch.
 
     x0 (B, C, H, W) clean latents (already scaled), y (B,) labels, targets: one (B, T, z_dim) tensor per encoder
     (or None / [] for plain SiT training). ``t`` (B,) and ``noise`` (like x0) are drawn when not given.
-    ``autocast_dtype`` wraps only the model forward in autocast (the losses stay fp32).
+    ``autocast_dtype`` wraps only the model forward in autocast (the losses stay fp32). ``impl`` picks the fused
+    alignment-loss kernel or its reference ("auto" | "triton" | "ref").
     Returns scalar tensors {"loss", "denoising", "alignment"} (no host synchronisation).
     """
     _check_choice("prediction", prediction, PREDICTIONS)
@@ -104,7 +110,7 @@ def training_loss(
     den = denoising_loss(v_hat, v_target)
     if need_zs:
         check_token_grid(zs, targets)
-        align = alignment_loss(list(zs), list(targets), impl=kernels)
+        align = alignment_loss(list(zs), list(targets), impl=impl)
     else:
         align = torch.zeros((), device=x0.device)
     return {"loss": den + proj_coeff * align, "denoising": den, "alignment": align}

@@ -1,6 +1,6 @@
-"""ODE/SDE samplers with classifier-free guidance and the guidance interval (SPEC section 8).
+"""ODE/SDE samplers with classifier-free guidance and the guidance interval (docs/objective.md §Samplers, §Guidance).
 
-Conventions (SPEC section 2): t = 1 is pure noise, t = 0 is clean data; the model predicts the velocity
+Conventions (docs/objective.md §Conventions): t = 1 is pure noise, t = 0 is clean data; the model predicts the velocity
 v = d_alpha x0 + d_sigma eps. Samplers integrate from t = 1 to t = 0 in float64 and call the model in the
 latents' dtype, as the reference ``samplers.py`` (``euler_sampler``, ``euler_maruyama_sampler``) does.
 
@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 
-from repa_fast.objective import PATH_TYPES  # one list of paths for training and sampling
+from repa_fast.objective import PATH_TYPES, interpolant  # one interpolant for training and sampling
 
 LEGACY_NULL_CLASS = 1000  # samplers.py / generate.py hard-code this null label
 SDE_T_LAST = 0.04  # samplers.py: the stochastic grid stops here, then one deterministic step to 0
@@ -74,25 +74,15 @@ def resolve_null_class(model, null_class=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Paths (SPEC section 2) and the score from the velocity (SPEC section 8)
+# The score from the velocity (docs/objective.md §Samplers; the interpolant is repa_fast.objective.interpolant)
 # ---------------------------------------------------------------------------------------------------------
-def path_coefficients(t: float, path_type: str = "linear"):
-    """(alpha, sigma, d_alpha, d_sigma) at time t, python floats (float64)."""
-    if path_type == "linear":
-        return 1.0 - t, t, -1.0, 1.0
-    if path_type == "cosine":
-        cos, sin = math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)
-        return cos, sin, -math.pi / 2 * sin, math.pi / 2 * cos
-    raise ValueError(f"path_type={path_type!r}: expected one of {PATH_TYPES}")
-
-
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path_type: str = "linear") -> torch.Tensor:
     """Score of x_t from the velocity: s = (r v - x) / (sigma^2 - r d_sigma sigma), r = alpha / d_alpha.
 
-    Linear path: s = (-(1 - t) v - x) / t (SPEC 8); cosine: the denominator is 1. The operation order is the
-    reference's (get_score_from_velocity), so float64 results agree bit for bit. Needs t > 0 for "linear".
+    Linear path: s = (-(1 - t) v - x) / t (docs/objective.md §Samplers); cosine: the denominator is 1. The operation
+    order is the reference's (get_score_from_velocity), so float64 results agree bit for bit. Needs t > 0 for "linear".
     """
-    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)  # python floats (float64)
     ratio = alpha / d_alpha
     var = sigma**2 - ratio * d_sigma * sigma
     return (ratio * v - x) / var
@@ -150,7 +140,7 @@ class _GuidedVelocity:
         return v.to(torch.float64)
 
     def combine(self, d: torch.Tensor) -> torch.Tensor:
-        """CFG on a doubled-batch quantity: d_u + w (d_c - d_u) (SPEC 8)."""
+        """CFG on a doubled-batch quantity: d_u + w (d_c - d_u) (docs/objective.md §Guidance)."""
         d_cond, d_uncond = d.chunk(2)
         return d_uncond + self.cfg_scale * (d_cond - d_uncond)
 
@@ -177,7 +167,9 @@ def euler_sampler(
     path_type only matters to the SDE (the ODE needs the velocity alone); it is validated for symmetry.
     """
     _validate(latents, y, num_steps, cfg_scale, guidance_low, guidance_high, path_type)
-    grid = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()  # SPEC 8: float64 t grid
+    grid = torch.linspace(
+        1, 0, num_steps + 1, dtype=torch.float64
+    ).tolist()  # docs/objective.md §Samplers: float64 t grid
     velocity = _GuidedVelocity(model, latents, y, grid, cfg_scale, guidance_low, guidance_high, null_class)
     x = latents.to(torch.float64)
     for i in range(num_steps):
@@ -248,7 +240,7 @@ SAMPLERS = {"ode": euler_sampler, "sde": euler_maruyama_sampler}  # generate.py'
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation helpers (SPEC 8: decode, labels, the ADM evaluator's .npz)
+# Evaluation helpers (docs/objective.md §Samplers: decode, labels, the ADM evaluator's .npz)
 # ---------------------------------------------------------------------------------------------------------
 def decode_to_uint8(images: torch.Tensor, rounding: str = "round") -> torch.Tensor:
     """VAE output in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C) on the same device.

@@ -18,7 +18,10 @@ if not torch.cuda.is_available():
 # One tolerance table for the whole suite (STYLE.md "Tests").
 # fp32: elementwise ops and reductions against a float64 reference.
 # bf16: one bf16 ulp (2^-8 relative, rounding of the stored output) plus a small absolute floor.
+# float64: ops that compute in their input precision (the losses; docs/objective.md §Losses) against float64 code.
 TOLERANCES = {
+    ("float64", "elementwise"): dict(atol=1e-12, rtol=1e-12),
+    ("float64", "reduction"): dict(atol=1e-12, rtol=1e-12),
     ("float32", "elementwise"): dict(atol=1e-5, rtol=1e-5),
     ("float32", "reduction"): dict(atol=1e-4, rtol=1e-4),
     ("bfloat16", "elementwise"): dict(atol=1e-2, rtol=2**-7),

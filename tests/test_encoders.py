@@ -1,4 +1,5 @@
-"""DINOv2 target encoders (SPEC section 5): weight layouts, pos-embed resampling, preprocessing, timm parity.
+"""DINOv2 target encoders (docs/objective.md §Alignment targets): weight layouts, pos-embed resampling,
+preprocessing, timm parity.
 
 Weight files are written here with random values in the official torch.hub layout (mask_token, 1370-token
 pos_embed, register_tokens) and in timm's Hugging Face layout, so no download is needed. Every parameter is
@@ -13,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from repa_fast.config import ModelConfig
+from repa_fast.engine.trainer import encoder_kwargs
 from repa_fast.models import dinov2 as dinov2_mod
 from repa_fast.models.dinov2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PRETRAINED_GRID,
-    DINOv2Arch,
     DINOv2ViT,
     dinov2_arch,
     resample_pos_embed,
 )
+from repa_fast.models.encoder_archs import EncoderArch
 from repa_fast.models.encoders import (
     candidate_paths,
     hub_filename,
@@ -51,7 +54,7 @@ def _randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def hub_state_dict(arch: DINOv2Arch, seed: int = 0) -> dict:
+def hub_state_dict(arch: EncoderArch, seed: int = 0) -> dict:
     """Random weights in the official hub layout: 37x37 (+1 class) positions, mask_token, register_tokens."""
     model = _randomize_(DINOv2ViT(arch, resolution=518, grid=PRETRAINED_GRID), seed)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -265,13 +268,13 @@ def test_missing_file_error_names_file_locations_and_url(empty_caches):
 
 def test_wrong_file_for_model_is_a_clear_error(files):
     s_file = files[False]["hub"]
-    narrow = DINOv2ViT(DINOv2Arch(192, 12, 3), resolution=256, enc_name="narrow")  # S keys, other widths
+    narrow = DINOv2ViT(EncoderArch(192, 12, 3), resolution=256, enc_name="narrow")  # S keys, other widths
     with pytest.raises(ValueError, match=r"shapes do not match narrow.*pos_embed|shapes do not match narrow"):
         load_dinov2_weights(narrow, s_file)
     shallow = DINOv2ViT(dinov2_arch("t"), resolution=256)  # depth 4: blocks 4..11 are unexpected
     with pytest.raises(ValueError, match=r"unexpected keys \['blocks\.10"):
         load_dinov2_weights(shallow, s_file)
-    reg_model = DINOv2ViT(DINOv2Arch(384, 12, 6, num_register_tokens=4), resolution=256)
+    reg_model = DINOv2ViT(EncoderArch(384, 12, 6, num_register_tokens=4), resolution=256)
     with pytest.raises(ValueError, match=f"{s_file}.*missing keys \\['register_tokens'\\]"):
         load_dinov2_weights(reg_model, s_file)
     with pytest.raises(ValueError, match="single file but 2 encoders"):
@@ -327,7 +330,7 @@ def test_parity_with_timm_swiglu_registers_tiny():
     from timm.layers import SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer
 
-    arch = DINOv2Arch(192, 2, 3, ffn="swiglu", num_register_tokens=4)
+    arch = EncoderArch(192, 2, 3, ffn="swiglu", num_register_tokens=4)
     hub_sd = hub_state_dict(arch, seed=7)
     assert hub_sd["blocks.0.mlp.w12.weight"].shape == (1024, 192)  # 2 * 512
     assert hub_sd["blocks.0.mlp.w3.weight"].shape == (192, 512)
@@ -400,24 +403,26 @@ def test_attention_goes_through_kernels_module(monkeypatch):
     calls = []
     real = dinov2_mod.attention
 
-    def spy(q, k, v, backend="auto"):
-        calls.append((tuple(q.shape), backend))
-        return real(q, k, v, backend=backend)
+    def spy(q, k, v, attn_backend="auto"):
+        calls.append((tuple(q.shape), attn_backend))
+        return real(q, k, v, attn_backend=attn_backend)
 
     monkeypatch.setattr(dinov2_mod, "attention", spy)
     images = _images(2, 32)
     outs = {}
-    for kernels, backend, expected in (("ref", None, "sdpa"), ("auto", None, "auto"), ("triton", "math", "math")):
+    # --kernels ref pins the encoders to SDPA, auto/triton leave the choice to the attention module (config boundary).
+    ref_kw, auto_kw = (encoder_kwargs(ModelConfig(kernels=k)) for k in ("ref", "triton"))
+    for kw, expected in ((ref_kw, "sdpa"), (auto_kw, "auto"), ({"attn_backend": "math"}, "math")):
         torch.manual_seed(0)
-        (enc,) = load_encoders("dinov2reg-vit-t", 32, grid=4, pretrained=False, kernels=kernels, attn_backend=backend)
+        (enc,) = load_encoders("dinov2reg-vit-t", 32, grid=4, pretrained=False, **kw)
         _randomize_(enc, seed=3)
         calls.clear()
         outs[expected] = enc(images)
         assert calls == [((2, 1 + 4 + 16, 3, 64), expected)] * 4  # layout (B, N, H, Dh), one call per block
     assert_close(outs["math"], outs["sdpa"])
     assert_close(outs["auto"], outs["sdpa"])
-    with pytest.raises(ValueError, match="kernels must be one of"):
-        load_encoders("dinov2-vit-t", pretrained=False, kernels="fast")
+    with pytest.raises(TypeError, match="impl"):  # the encoders have no Triton op: no switch for one
+        load_encoders("dinov2-vit-t", pretrained=False, impl="ref")
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         load_encoders("dinov2-vit-t", pretrained=False, attn_backend="flash-ish")
 

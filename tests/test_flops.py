@@ -6,7 +6,8 @@ Modules use the explicit-softmax attention here: the counter does not see the CP
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from repa_fast.flops import dinov2_forward_flops, projector_flops, repa_step_flops, sit_forward_flops
+from repa_fast.flops import encoder_forward_flops, projector_flops, repa_step_flops, sit_forward_flops
+from repa_fast.models.encoder_archs import ENCODER_ARCHS
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import SiT_models
 
@@ -44,11 +45,11 @@ def test_dinov2_flops_match_counter():
     enc = load_encoders("dinov2-vit-t", resolution=64, pretrained=False, attn_backend="math")[0]
     img = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     counted = _count(lambda: enc(img))
-    assert counted == 2 * dinov2_forward_flops(4, 192, 4)
+    assert counted == 2 * encoder_forward_flops(ENCODER_ARCHS["dinov2-vit-t"], 4)
 
 
 def test_xl_repa_step_is_about_771_gflop_per_image():
-    f = repa_step_flops(28, 1152, 256, 2, z_dims=(768,), encoders=("b",), encoder_grid=16)
+    f = repa_step_flops(28, 1152, 256, 2, z_dims=(768,), encoders=("dinov2-vit-b",), encoder_grid=16)
     assert abs(f.sit_forward / 1e9 - 236.9) < 0.5
     assert abs(f.train_step / 1e9 - 771) < 3  # speed_anchors.md's SiT-XL/2 + DINOv2-B figure
 

@@ -1,4 +1,5 @@
-"""The REPA objective against the reference's own forms and a float64 recomputation (SPEC sections 2 and 6)."""
+"""The REPA objective against the reference's own forms and a float64 recomputation (docs/objective.md
+§Interpolants, §Losses)."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from repa_fast.kernels.align_loss import alignment_loss_ref
 from repa_fast.models.sit import SiT_models
-from repa_fast.objective import interpolant, sample_time, training_loss
+from repa_fast.objective import denoising_loss, interpolant, sample_time, training_loss
 
 
 def reference_proj_loss(zs, zs_tilde):
@@ -53,7 +54,7 @@ def test_total_loss_equals_float64_recomputation(path_type):
     targets = [torch.randn(B, 16, 24), torch.randn(B, 16, 40)]
     out = training_loss(model, x0, y, targets, t=t, noise=noise, path_type=path_type, proj_coeff=0.7)
 
-    # float64 recomputation from the SPEC formulas, on a float64 copy of the same model
+    # float64 recomputation from the formulas of docs/objective.md, on a float64 copy of the same model
     m64 = random_model(z_dims=[24, 40], encoder_depth=2).double()
     m64.load_state_dict(model.state_dict())
     x0d, td, nd = x0.double(), t.double()[:, None, None, None], noise.double()
@@ -160,3 +161,47 @@ def test_bad_choices_and_grid_mismatch_errors():
         training_loss(model, x0, y, [torch.randn(2, 16, 32)])
     with pytest.raises(ValueError, match="1 projector"):
         training_loss(model, x0, y, [torch.randn(2, 16, 24)] * 2)
+
+
+def test_losses_keep_float64_inputs_in_float64():
+    """Losses compute in at least fp32 and never below the input precision: float64 inputs give float64 results
+    that equal a float64 recomputation to ~1e-12 (a `.float()` cast inside the losses differs by ~1e-8)."""
+    torch.manual_seed(5)
+    pred, target = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    den = denoising_loss(pred, target)
+    assert den.dtype == torch.float64
+    assert abs(den.item() - ((pred - target) ** 2).mean(dim=(1, 2, 3)).mean().item()) < 1e-12
+    preds = [torch.randn(3, 16, 24, dtype=torch.float64), torch.randn(3, 16, 40, dtype=torch.float64)]
+    targets = [torch.randn_like(p) * 3 for p in preds]
+    align = alignment_loss_ref(preds, targets)
+    assert align.dtype == torch.float64
+    assert abs(align.item() - reference_proj_loss(targets, preds).item()) < 1e-12
+    # Low precision still goes up to fp32, never stays in bf16.
+    assert denoising_loss(pred.bfloat16(), target.bfloat16()).dtype == torch.float32
+    assert alignment_loss_ref([p.bfloat16() for p in preds], [z.bfloat16() for z in targets]).dtype == torch.float32
+
+
+def test_training_loss_of_a_float64_model_equals_float64_recomputation():
+    torch.manual_seed(6)
+    model = random_model(z_dims=[24], encoder_depth=2).double()
+    x0, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randint(0, 1000, (2,))
+    t, noise = torch.rand(2, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    targets = [torch.randn(2, 16, 24, dtype=torch.float64)]
+    out = training_loss(model, x0, y, targets, t=t, noise=noise, proj_coeff=0.7, impl="ref")
+    td = t[:, None, None, None]
+    v_hat, zs = model(x0 * (1 - td) + td * noise, t, y)
+    total = ((v_hat - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).mean() + 0.7 * reference_proj_loss(targets, zs)
+    assert out["loss"].dtype == torch.float64
+    assert abs(out["loss"].item() - total.item()) < 1e-12 * max(1.0, abs(total.item()))
+
+
+def test_interpolant_is_one_function_for_tensors_and_floats():
+    """The samplers call it with Python floats, training with tensors: same numbers, bit for bit in float64."""
+    for path in ("linear", "cosine"):
+        for t in (0.0, 0.04, 0.3, 0.77, 1.0):
+            floats = interpolant(t, path)
+            tensors = interpolant(torch.tensor([t], dtype=torch.float64), path)
+            assert all(isinstance(f, float) for f in floats)
+            assert [f for f in floats] == [x.item() for x in tensors]
+    with pytest.raises(ValueError, match="path_type"):
+        interpolant(0.5, "edm")

@@ -1,4 +1,4 @@
-"""Samplers (SPEC section 8) on closed-form velocity fields, plus the evaluation helpers.
+"""Samplers (docs/objective.md §Samplers, §Guidance) on closed-form velocity fields, plus the evaluation helpers.
 
 Data x0 ~ N(mu_y, diag(s^2)) per class; for the path x_t = alpha x0 + sigma eps the exact velocity is
 v = d_alpha E[x0 | x_t] + d_sigma E[eps | x_t], with V = alpha^2 s^2 + sigma^2,
@@ -30,7 +30,7 @@ STD = torch.tensor([0.6, 1.0, 1.5], dtype=torch.float64)
 
 
 def _coefficients(t, path_type):
-    """alpha, sigma, d_alpha, d_sigma as tensors shaped like t (SPEC section 2)."""
+    """alpha, sigma, d_alpha, d_sigma as tensors shaped like t (docs/objective.md §Interpolants)."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     c, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -90,7 +90,7 @@ def _discrete_moments(kind, num_steps, path_type, heun=False):
                     pn, cn = affine_v(tn, m, q)  # Heun: x' = x + dt/2 (v(x, t) + v(x + dt v(x, t), t_next))
                     gain = 1 + dt / 2 * (p + pn * (1 + dt * p))
                     shift = dt / 2 * (c0 + pn * dt * c0 + cn)
-            else:  # SDE: drift = v - 0.5 (2t) score, score affine in x through the velocity (SPEC 8)
+            else:  # SDE: drift = v - 0.5 (2t) score, score affine in x through the velocity (§Samplers)
                 a, b, da, db = (float(c) for c in _coefficients(torch.tensor(t, dtype=torch.float64), path_type))
                 ratio = a / da
                 sv = b * b - ratio * db * b
@@ -187,7 +187,8 @@ def _direct_v(x, t, y):
 
 
 def _spec_loop(kind, model, x, y, num_steps, cfg, low, high, null, heun=False, gen=None):
-    """SPEC section 8 written out naively (labels and inputs concatenated at every evaluation; linear path)."""
+    """docs/objective.md §Samplers written out naively (labels and inputs concatenated at every evaluation; linear
+    path)."""
     if kind == "ode":
         ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     else:

@@ -1,4 +1,5 @@
-"""SiT model: reference key names and shapes, parameter counts, init, forward contract (SPEC sections 3 and 4)."""
+"""SiT model: reference key names and shapes, parameter counts, init, forward contract (docs/objective.md
+§Model, §Projector)."""
 
 import math
 
@@ -10,7 +11,7 @@ from repa_fast.models.sit import SiT, SiT_models, TimestepEmbedder, build_sit, g
 
 
 def reference_state_dict_shapes(depth, D, p, C=4, num_classes=1000, z_dims=(768,), proj=2048, qk_norm=False):
-    """Key -> shape of a reference REPA SiT checkpoint, written from SPEC section 3 (not from our model)."""
+    """Key -> shape of a reference REPA SiT checkpoint, written from docs/objective.md §Model (not from our model)."""
     T = (32 // p) ** 2
     shapes = {
         "pos_embed": (1, T, D),
@@ -122,7 +123,7 @@ def test_init_output_is_exactly_zero_and_zero_layers():
         assert block.adaLN_modulation[-1].weight.abs().sum() == 0 and block.adaLN_modulation[-1].bias.abs().sum() == 0
     for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
         assert layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0
-    # Non-zero where the SPEC says random.
+    # Non-zero where docs/objective.md §Model says random.
     assert model.blocks[0].attn.qkv.weight.std() > 0 and model.projectors[0][0].weight.std() > 0
     assert abs(model.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.002
     assert abs(model.t_embedder.mlp[0].weight.std().item() - 0.02) < 0.002
@@ -168,7 +169,7 @@ def test_unpatchify_inverts_patchify_non_square_channel_order():
     model = SiT_models["SiT-S/4"](input_size=16, in_channels=3, z_dims=[], depth=1)
     img = torch.randn(2, 3, 16, 16)
     p, g = 4, 4
-    # patchify the SPEC way: token (h, w) holds pixels [h p + i, w p + j] as (i, j, c)
+    # patchify as docs/objective.md §Model says: token (h, w) holds pixels [h p + i, w p + j] as (i, j, c)
     tokens = img.reshape(2, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p * 3)
     assert torch.equal(model.unpatchify(tokens), img)
 
@@ -249,7 +250,7 @@ def test_null_class_row_exists_even_without_label_dropout():
 
 
 def _spec_forward(sd, x, t, y, depth, heads, patch, tap):
-    """SiT forward written from SPEC section 3 alone (float64, explicit softmax), for an independent check."""
+    """SiT forward written from docs/objective.md §Model alone (float64, explicit softmax), for an independent check."""
     import torch.nn.functional as F
 
     def lin(h, name):
@@ -284,10 +285,10 @@ def _spec_forward(sd, x, t, y, depth, heads, patch, tap):
     return out, zs
 
 
-@pytest.mark.parametrize("kernels", ["ref", "auto"])
-def test_forward_equals_the_spec_equations(kernels):
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+def test_forward_equals_the_spec_equations(impl):
     torch.manual_seed(0)
-    model = SiT_models["SiT-S/2"](input_size=8, depth=3, z_dims=[24], encoder_depth=2, kernels=kernels).double().eval()
+    model = SiT_models["SiT-S/2"](input_size=8, depth=3, z_dims=[24], encoder_depth=2, impl=impl).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -222,7 +222,8 @@ def resample_14_to_16(pos):
 
 def small_spec(name):
     dim, depth, heads = SMALL[name]
-    return dataclasses.replace(SPECS[name], embed_dim=dim, depth=depth, num_heads=heads)
+    spec = SPECS[name]
+    return dataclasses.replace(spec, arch=dataclasses.replace(spec.arch, embed_dim=dim, depth=depth, num_heads=heads))
 
 
 def oracle(name, obj, images):
@@ -501,14 +502,14 @@ def test_two_encoders_loss_is_the_mean_of_single_encoder_losses(monkeypatch):
     targets = [e(images) for e in encs]
     assert [t.shape for t in targets] == [(2, 256, 192), (2, 256, 32)]  # z_dims in --enc-type order
     sit = SiT(input_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=2, encoder_depth=1, num_classes=10,
-              z_dims=[e.embed_dim for e in encs], projector_dim=48, kernels="ref")  # fmt: skip
+              z_dims=[e.embed_dim for e in encs], projector_dim=48, impl="ref")  # fmt: skip
     x0, y = torch.randn(2, 4, 32, 32), torch.randint(0, 10, (2,))
     t, noise = torch.rand(2), torch.randn(2, 4, 32, 32)
-    both = training_loss(sit, x0, y, targets, t=t, noise=noise, kernels="ref")
+    both = training_loss(sit, x0, y, targets, t=t, noise=noise, impl="ref")
     singles = []
     for k in range(2):
         one = SiT(input_size=32, patch_size=2, hidden_size=64, depth=2, num_heads=2, encoder_depth=1, num_classes=10,
-                  z_dims=[encs[k].embed_dim], projector_dim=48, kernels="ref")  # fmt: skip
+                  z_dims=[encs[k].embed_dim], projector_dim=48, impl="ref")  # fmt: skip
         sd = {n: v for n, v in sit.state_dict().items() if not n.startswith("projectors.")}
         sd |= {
             n.replace(f"projectors.{k}.", "projectors.0."): v
@@ -516,7 +517,7 @@ def test_two_encoders_loss_is_the_mean_of_single_encoder_losses(monkeypatch):
             if n.startswith(f"projectors.{k}.")
         }
         one.load_state_dict(sd)
-        singles.append(training_loss(one, x0, y, [targets[k]], t=t, noise=noise, kernels="ref"))
+        singles.append(training_loss(one, x0, y, [targets[k]], t=t, noise=noise, impl="ref"))
     mean_align = (singles[0]["alignment"] + singles[1]["alignment"]) / 2
     assert not torch.isclose(singles[0]["alignment"], singles[1]["alignment"])
     torch.testing.assert_close(both["alignment"], mean_align, rtol=1e-6, atol=1e-6)
@@ -535,7 +536,7 @@ def test_flops_match_counter(name, monkeypatch):
     model = TimmViTEncoder(SPECS[name], attn_backend="math")  # explicit matmuls: visible to the counter
     with FlopCounterMode(display=False) as counter:
         model(_images(2))
-    assert counter.get_total_flops() == 2 * encoder_forward_flops(name)
+    assert counter.get_total_flops() == 2 * encoder_forward_flops(SPECS[name].arch, 16)
 
 
 def test_dino_training_checkpoint_and_jepa_timm_layout(tmp_path):

@@ -411,7 +411,9 @@ def cache_targets(
 ) -> str | None:
     """Compute (or resume) the cache; returns its directory (None on ranks other than 0). Random-weight encoders
     (``encoder_pretrained=False``, tests and demo) are drawn after ``torch.manual_seed(seed)`` as the trainer does."""
+    from repa_fast.config import ModelConfig
     from repa_fast.data import open_dataset
+    from repa_fast.engine.trainer import encoder_kwargs  # --kernels -> attn_backend, mapped as train.py maps it
     from repa_fast.models.encoders import load_encoders
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -422,7 +424,8 @@ def cache_targets(
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    kw = dict(grid=encoder_grid, pretrained=encoder_pretrained, kernels=kernels, device=torch.device(device))
+    kw = dict(grid=encoder_grid, pretrained=encoder_pretrained, device=torch.device(device))
+    kw |= encoder_kwargs(ModelConfig(kernels=kernels))
     try:
         encoders = load_encoders(enc_type, ds.resolution, encoder_checkpoint_dir, **kw)
     except (ValueError, FileNotFoundError, NotImplementedError) as exc:

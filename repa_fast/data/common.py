@@ -1,8 +1,8 @@
 """What every dataset shares: the error type, the per-sample checks and the (image, moments, label) contract.
 
 A dataset item is ``(image, moments, label)``:
-  image   uint8 (3, R, R), the ADM-cropped RGB image the target encoder sees (SPEC section 5);
-  moments float32 (2C, h, w), the VAE posterior [mean, std] stacked on the channel axis (SPEC section 1),
+  image   uint8 (3, R, R), the ADM-cropped RGB image the target encoder sees (docs/objective.md §Alignment targets);
+  moments float32 (2C, h, w), the VAE posterior [mean, std] stacked on the channel axis (docs/objective.md §Latents),
           from which the loop draws x0 = (mean + std * eps) * scale;
   label   int64 scalar in [0, num_classes).
 """

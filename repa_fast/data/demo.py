@@ -6,7 +6,7 @@ Images: ink / 16 in [0, 1] (bright digit on black, like MNIST), bilinear upsampl
 natural-image crops to the encoder), rounded to uint8 and replicated to RGB.
 Moments: [image / 127.5 - 1 (3 channels), zeros (3 channels)], i.e. a posterior with std 0, so the loop's
 ``x0 = (mean + std * eps) * scale`` gives exactly the [-1, 1] pixels (the demo preset sets scale 1.0), the
-same scaling the SD-VAE sees its input in (SPEC section 1). latent_shape = (6, R, R).
+same scaling the SD-VAE sees its input in (docs/objective.md §Latents). latent_shape = (6, R, R).
 """
 
 from __future__ import annotations
@@ -55,6 +55,6 @@ class DigitsDataset(LatentDataset):
 
     def __getitem__(self, idx: int):
         image = self.images[idx]
-        mean = image.to(torch.float32) / 127.5 - 1.0  # the VAE input scaling, SPEC section 1
+        mean = image.to(torch.float32) / 127.5 - 1.0  # the VAE input scaling, docs/objective.md §Latents
         moments = torch.cat([mean, torch.zeros_like(mean)], dim=0)  # (6, R, R): std 0 -> x0 = pixels
         return image.clone(), moments, self.labels[idx].clone()

@@ -4,8 +4,8 @@
         --resolution 256 --batch-size 64 --layout ref|packed [--workers N] [--latent-dtype fp32|fp16]
     torchrun --nproc_per_node 8 -m repa_fast.data.preprocess ...      (one process per GPU)
 
-What it computes (SPEC section 1, REPA ``dataset_tools.py convert`` + ``encode``): image i is the i-th file in
-class-major order (classes = sorted subfolders of --source, label = class index, as torchvision ImageFolder;
+What it computes (docs/objective.md §Latents, REPA ``dataset_tools.py convert`` + ``encode``): image i is the i-th
+file in class-major order (classes = sorted subfolders of --source, label = class index, as torchvision ImageFolder;
 files sorted by relative path within a class; for ImageNet this is the reference's global sorted order), ADM
 center-cropped to --resolution (``transforms.adm_center_crop``), and its SD-VAE posterior [mean, std] from pixels
 x / 127.5 - 1 in fp32. The ref layout uses the reference's file names (``00000/img00000000.png``,

@@ -1,4 +1,4 @@
-"""ADM center crop (SPEC section 1; guided-diffusion ``center_crop_arr``, REPA ``center-crop-dhariwal``)."""
+"""ADM center crop (docs/objective.md §Latents; guided-diffusion ``center_crop_arr``, REPA ``center-crop-dhariwal``)."""
 
 from __future__ import annotations
 

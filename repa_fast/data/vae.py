@@ -1,4 +1,5 @@
-"""SD-VAE posterior moments from local diffusers weights (SPEC section 1; REPA preprocessing/encoders.py)."""
+"""SD-VAE posterior moments from local diffusers weights (docs/objective.md §Latents; REPA
+preprocessing/encoders.py)."""
 
 from __future__ import annotations
 

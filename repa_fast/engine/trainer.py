@@ -1,9 +1,9 @@
 """The training loop: REPA/SiT on any backend, resumable bit for bit, with no host sync inside a step.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches per process:
-    x0 = (mean + std * eps) * latent_scale           posterior sample on device (SPEC 1)
-    z_k = encoder_k(image)                           frozen targets under no_grad (SPEC 5)
-    loss = L_den + proj_coeff * L_proj               repa_fast.objective.training_loss (SPEC 6)
+    x0 = (mean + std * eps) * latent_scale           posterior sample on device (docs/objective.md §Latents)
+    z_k = encoder_k(image)                           frozen targets under no_grad (§Alignment targets)
+    loss = L_den + proj_coeff * L_proj               repa_fast.objective.training_loss (§Losses)
 then unscale (fp16) -> clip -> fused AdamW step (skipped on non-finite gradients) -> EMA (not on skipped steps).
 Losses stay on device and are read every ``log_every`` steps.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
+from repa_fast.config import ConfigError, ModelConfig, TrainConfig, micro_batch_size, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine.ema import EMA
@@ -25,7 +25,7 @@ from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.models.encoders import load_encoders
-from repa_fast.models.sit import build_sit
+from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.objective import training_loss
 
 logger = logging.getLogger("repa_fast")
@@ -133,6 +133,27 @@ def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.d
     )
 
 
+def model_kwargs(m: ModelConfig) -> dict:
+    """SiT keywords from the model options: the one place where the user-facing names (``--kernels``, the ``kernels``
+    key of configs/*.json and of runs' config.json) become the code's (``impl``). ``fused_attn`` is also the SiT's
+    reference keyword, which the model maps to ``attn_backend``."""
+    return dict(
+        class_dropout_prob=m.cfg_prob,
+        encoder_depth=m.encoder_depth,
+        projector_dim=m.projector_dim,
+        qk_norm=m.qk_norm,
+        fused_attn=m.fused_attn,
+        impl=m.kernels,
+        use_rope=m.use_rope,
+    )
+
+
+def encoder_kwargs(m: ModelConfig) -> dict:
+    """Target-encoder keywords from the model options. The encoders have no Triton op: ``--kernels ref`` pins them to
+    plain SDPA (a reference run end to end), otherwise ``repa_fast.kernels.attention`` picks its fastest backend."""
+    return dict(attn_backend="sdpa" if m.kernels == "ref" else "auto")
+
+
 def build_models(cfg: TrainConfig, dataset, device: torch.device):
     """SiT sized from the data, and the frozen target encoders on the matching token grid."""
     two_c, h, w = dataset.latent_shape
@@ -148,22 +169,16 @@ def build_models(cfg: TrainConfig, dataset, device: torch.device):
             cfg.target.encoder_checkpoint_dir,
             grid=grid,
             pretrained=cfg.target.encoder_pretrained,
-            kernels=m.kernels,
             device=device,
+            **encoder_kwargs(m),
         )
     model = build_sit(
         m.model,
         input_size=h,
         in_channels=two_c // 2,
         num_classes=dataset.num_classes,
-        class_dropout_prob=m.cfg_prob,
         z_dims=[e.embed_dim for e in encoders],
-        encoder_depth=m.encoder_depth,
-        projector_dim=m.projector_dim,
-        qk_norm=m.qk_norm,
-        fused_attn=m.fused_attn,
-        kernels=m.kernels,
-        use_rope=m.use_rope,
+        **model_kwargs(m),
     ).to(device)
     for e in encoders:
         if e.grid != model.x_embedder.grid_size:
@@ -171,7 +186,7 @@ def build_models(cfg: TrainConfig, dataset, device: torch.device):
             raise ConfigError(
                 f"{m.model} on {h}x{h} inputs has a {g}x{g} token grid but encoder {e.enc_name} gives "
                 f"{e.grid}x{e.grid} tokens; REPA aligns token by token: use patch size {h // e.grid} "
-                f"(e.g. {m.model.split('/')[0]}/{h // e.grid}) or set --encoder-grid {g}"
+                f"(e.g. SiT-{parse_model_name(m.model)[0]}/{h // e.grid}) or set --encoder-grid {g}"
             )
     return model, encoders
 
@@ -332,7 +347,7 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
             weighting=cfg.loss.weighting,
             proj_coeff=cfg.loss.proj_coeff,
             autocast_dtype=amp_dtype,
-            kernels=cfg.model.kernels,
+            impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (set by model_kwargs)
         )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses

@@ -63,14 +63,15 @@ def log_once(key: str, message: str) -> None:
 def use_triton(op: str, impl: str, x: torch.Tensor) -> bool:
     """Resolve ``impl`` for tensor ``x``; raise if Triton is forced where it cannot run."""
     if impl not in IMPLS:
-        raise ValueError(f"kernels/impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "ref":
         choice = False
     elif impl == "triton":
         if not can_run_triton(x):
             raise RuntimeError(
-                f"{op}: kernels='triton' needs the triton package (pip install 'repa_fast[dev]' or triton) and a CUDA "
-                f"tensor (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor. Use kernels='auto' or 'ref'."
+                f"{op}: impl='triton' (--kernels triton) needs the triton package (pip install 'repa_fast[dev]' or "
+                f"triton) and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got a {x.device.type} tensor. "
+                "Use impl='auto' or 'ref'."
             )
         choice = True
     else:
@@ -113,4 +114,12 @@ def out_dtype(*items, norm_autocast: bool = False) -> torch.dtype:
         dtype = t if dtype is None else torch.promote_types(dtype, t)
     if norm_autocast and cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.promote_types(dtype, torch.float32)
+    return dtype
+
+
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype losses are computed in: fp32 or the inputs' wider type (float64 stays float64, bf16 goes to fp32)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
     return dtype

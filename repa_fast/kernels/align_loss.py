@@ -1,9 +1,10 @@
 """REPA alignment loss: -(1/K) sum_k mean_{b,t} cos(pred_k[b,t], target_k[b,t]).
 
-cos uses F.normalize semantics (x / max(||x||, eps), eps 1e-12) on the last dim, computed in fp32.
+cos uses F.normalize semantics (x / max(||x||, eps), eps 1e-12) on the last dim, computed in fp32 (the reference
+in float64 for float64 inputs: never below the input precision; the Triton kernel is fp32).
 Shapes: pred_k, target_k (B, T, z_dim_k). Replaces the per-sample loop of the reference ``SILoss``
 (loss.py:80-88), which it equals: ``-(normalize(z) * normalize(z_tilde)).sum(-1)`` averaged over tokens, samples
-and then the K encoders (SPEC section 6).
+and then the K encoders (docs/objective.md §Alignment loss).
 
 The fused op is the per-row cosine ``cosine_similarity_rows(p, z) -> (B, T)`` fp32: the forward reads each row of
 p and z once and writes one float per row; the backward reads them once more and writes dp (and dz only when the
@@ -20,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import cdiv, empty, interpreted, next_power_of_2, tl, triton, use_triton
+from ._dispatch import cdiv, empty, interpreted, loss_dtype, next_power_of_2, tl, triton, use_triton
 
 MAX_DIM = 16384  # one row is held in registers/one tile; DINOv2-g's 1536 and CLIP-L's 1024 are far below
 
@@ -29,8 +30,10 @@ MAX_DIM = 16384  # one row is held in registers/one tile; DINOv2-g's 1536 and CL
 # 1. References
 # ----------------------------------------------------------------------------------------------------------------
 def cosine_similarity_rows_ref(p: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """(..., D), (..., D) -> (...) fp32: (normalize(p) * normalize(z)).sum(-1), normalised in fp32 (REPA #46)."""
-    return (F.normalize(p.float(), dim=-1, eps=eps) * F.normalize(z.float(), dim=-1, eps=eps)).sum(dim=-1)
+    """(..., D), (..., D) -> (...): (normalize(p) * normalize(z)).sum(-1), normalised in fp32 (REPA #46) or in the
+    inputs' wider dtype (float64 stays float64)."""
+    acc = loss_dtype(p, z)
+    return (F.normalize(p.to(acc), dim=-1, eps=eps) * F.normalize(z.to(acc), dim=-1, eps=eps)).sum(dim=-1)
 
 
 def alignment_loss_ref(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], eps: float = 1e-12):

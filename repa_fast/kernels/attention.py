@@ -100,23 +100,23 @@ def _flash_variant(q: torch.Tensor) -> tuple:
     return None, f"no usable flash-attn for sm{cap[0]}{cap[1]} (pip install 'repa_fast[flash]'; FA2 needs sm80+)"
 
 
-def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """Resolve ``backend`` for these inputs to one of flash3, flash2, xformers, sdpa, math; logged once."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("sdpa", "math"):
-        return backend
-    if backend == "xformers":
+def select_backend(q: torch.Tensor, attn_backend: str = "auto") -> str:
+    """Resolve ``attn_backend`` for these inputs to one of flash3, flash2, xformers, sdpa, math; logged once."""
+    if attn_backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {attn_backend!r}")
+    if attn_backend in ("sdpa", "math"):
+        return attn_backend
+    if attn_backend == "xformers":
         if cuda_capability(q.device) is None or not has_xformers():
             raise RuntimeError(
                 "attention backend 'xformers' needs CUDA tensors and `pip install xformers`; "
-                "use backend='auto' or 'sdpa'"
+                "use attn_backend='auto' or 'sdpa'"
             )
         return "xformers"
     variant, reason = _flash_variant(q)
-    if backend == "flash":
+    if attn_backend == "flash":
         if variant is None:
-            raise RuntimeError(f"attention backend 'flash': {reason}. Use backend='auto' or 'sdpa'.")
+            raise RuntimeError(f"attention backend 'flash': {reason}. Use attn_backend='auto' or 'sdpa'.")
         return variant
     if variant is None and cuda_capability(q.device) is not None and has_xformers():
         variant, reason = "xformers", f"xformers ({reason})"
@@ -126,11 +126,11 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
     return variant
 
 
-def attention(q, k, v, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+def attention(q, k, v, attn_backend: str = "auto", scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q, k, v of shape (B, N, H, Dh) -> (B, N, H, Dh)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (B, N, H, Dh), got {q.shape}, {k.shape}, {v.shape}")
-    choice = select_backend(q, backend)
+    choice = select_backend(q, attn_backend)
     if choice == "math":
         return attention_ref(q, k, v, scale)
     if choice in ("flash2", "flash3"):

@@ -1,4 +1,5 @@
-"""2-D axial RoPE (EVA-02 layout, SPEC section 9) on q or k of shape (B, N, H, Dh), optionally after a per-head norm.
+"""2-D axial RoPE (EVA-02 layout, docs/objective.md §RoPE) on q or k of shape (B, N, H, Dh), optionally after a
+per-head norm.
 
 The first Dh/2 channels rotate with the token's row index, the last Dh/2 with its column index;
 rotation pairs are adjacent channels (2i, 2i+1): out = x * cos + rotate_half(x) * sin with

@@ -6,10 +6,10 @@ by name (``encoders.py`` does the file handling). Differences from the hub model
 
 - no ``mask_token`` parameter (masking is a pre-training feature; the loader drops the key) and no head;
 - ``pos_embed`` holds the *target* grid (16x16 at 256 px), resampled once at load like REPA's ``load_encoders``
-  (SPEC section 5), so the forward never interpolates;
+  (docs/objective.md §Alignment targets), so the forward never interpolates;
 - attention goes through ``repa_fast.kernels.attention.attention`` (SDPA / FlashAttention), layout (B, N, H, Dh);
-- preprocessing (SPEC section 5) happens inside ``forward``, which maps uint8 images (B, 3, R, R) to the REPA
-  targets ``x_norm_patchtokens`` (B, grid*grid, D).
+- preprocessing (docs/objective.md §Alignment targets) happens inside ``forward``, which maps uint8 images
+  (B, 3, R, R) to the REPA targets ``x_norm_patchtokens`` (B, grid*grid, D).
 
 Block: x = x + ls1 * Attn(LN1(x)); x = x + ls2 * FFN(LN2(x)); LN eps 1e-6 with affine; FFN = fc1-GELU(exact)-fc2,
 or for ViT-g the SwiGLU w12 -> silu(x1) * x2 -> w3 of the official ``SwiGLUFFNFused``.
@@ -17,54 +17,33 @@ or for ViT-g the SwiGLU w12 -> silu(x1) * x2 -> w3 of the official ``SwiGLUFFNFu
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repa_fast.kernels.attention import attention
+from repa_fast.kernels.attention import BACKENDS, attention
+
+from .encoder_archs import ENCODER_ARCHS, EncoderArch
 
 logger = logging.getLogger("repa_fast.models.dinov2")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN, used by the reference (train.py:48-51)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KERNELS = ("auto", "triton", "ref")
-PATCH_SIZE = 14
 PRETRAINED_GRID = 37  # the released pos_embed covers 518 px / 14 = 37 x 37 patches (+1 class position)
 
 
-@dataclass(frozen=True)
-class DINOv2Arch:
-    """Shape of one DINOv2 ViT. ``ffn`` is "mlp" (fc1-GELU-fc2) or "swiglu" (ViT-g's fused SwiGLU)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    ffn: str = "mlp"
-    num_register_tokens: int = 0
-    patch_size: int = PATCH_SIZE
-    mlp_ratio: float = 4.0
+# The shapes are the DINOv2 rows of the one encoder table, encoder_archs.ENCODER_ARCHS.
+# size letter -> architecture without registers; "t" is a random-init-only toy (no official weights exist).
+ARCHS = {name.rsplit("-", 1)[1]: arch for name, arch in ENCODER_ARCHS.items() if name.startswith("dinov2-vit-")}
 
 
-# size letter -> architecture; "t" is a random-init-only toy (no official weights exist) for the demo and tests.
-ARCHS = {
-    "s": DINOv2Arch(384, 12, 6),
-    "b": DINOv2Arch(768, 12, 12),
-    "l": DINOv2Arch(1024, 24, 16),
-    "g": DINOv2Arch(1536, 40, 24, ffn="swiglu"),
-    "t": DINOv2Arch(192, 4, 3),
-}
-NUM_REGISTERS = 4  # the "_reg4" releases
-
-
-def dinov2_arch(size: str, registers: bool = False) -> DINOv2Arch:
+def dinov2_arch(size: str, registers: bool = False) -> EncoderArch:
     if size not in ARCHS:
         raise ValueError(f"unknown DINOv2 size {size!r}; valid sizes: {sorted(ARCHS)}")
-    return replace(ARCHS[size], num_register_tokens=NUM_REGISTERS if registers else 0)
+    return ENCODER_ARCHS[f"{'dinov2reg' if registers else 'dinov2'}-vit-{size}"]
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -72,7 +51,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
 
     Bicubic with antialias, align_corners False, computed in fp32, prefix (class) positions passed through:
     the same numbers as ``timm.layers.pos_embed.resample_abs_pos_embed(pos, [g, g], num_prefix_tokens=P)``,
-    which REPA applies once to the hub model (utils.py ``load_encoders``; SPEC section 5).
+    which REPA applies once to the hub model (utils.py ``load_encoders``; docs/objective.md §Alignment targets).
     """
     prefix, grid_pos = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old_grid = math.isqrt(grid_pos.shape[1])
@@ -90,14 +69,15 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     return torch.cat([prefix, grid_pos], dim=1)
 
 
-def _attention_backends() -> tuple[str, ...] | None:
-    return getattr(importlib.import_module("repa_fast.kernels.attention"), "BACKENDS", None)
+def _check_attn_backend(attn_backend: str) -> None:
+    if attn_backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
 
 
 class PatchEmbed(nn.Module):
     """Conv2d with kernel = stride = patch size (bias), flattened to tokens in row-major patch order."""
 
-    def __init__(self, embed_dim: int, patch_size: int = PATCH_SIZE, in_chans: int = 3):
+    def __init__(self, embed_dim: int, patch_size: int, in_chans: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -108,12 +88,12 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, qkv Linear with bias, scale Dh^-0.5 (inside the attention backend)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.backend = backend
+        self.attn_backend = attn_backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -121,7 +101,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         # Official layout: qkv.reshape(B, N, 3, H, Dh) then unbind the "3" axis.
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).unbind(2)  # (B, N, H, Dh)
-        out = attention(q, k, v, backend=self.backend)  # (B, N, H, Dh)
+        out = attention(q, k, v, attn_backend=self.attn_backend)  # (B, N, H, Dh)
         return self.proj(out.reshape(B, N, C))
 
 
@@ -137,11 +117,11 @@ class Mlp(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    """ViT-g FFN: hidden = silu(x1) * x2 with [x1, x2] = w12(x).chunk(2); out = w3(hidden) (official names)."""
+    """ViT-g FFN: hidden = silu(x1) * x2 with [x1, x2] = w12(x).chunk(2); out = w3(hidden) (official names).
+    ``hidden`` is ``EncoderArch.ffn_hidden`` (the official SwiGLUFFNFused sizing: 4 * 1536 -> 4096)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # official SwiGLUFFNFused sizing: 4 * 1536 -> 4096
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
@@ -160,11 +140,11 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, arch: DINOv2Arch, backend: str = "auto"):
+    def __init__(self, arch: EncoderArch, attn_backend: str = "auto"):
         super().__init__()
-        dim, hidden = arch.embed_dim, int(arch.embed_dim * arch.mlp_ratio)
+        dim, hidden = arch.embed_dim, arch.ffn_hidden
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, arch.num_heads, backend)
+        self.attn = Attention(dim, arch.num_heads, attn_backend)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = SwiGLUFFN(dim, hidden) if arch.ffn == "swiglu" else Mlp(dim, hidden)
@@ -192,36 +172,27 @@ class DINOv2ViT(nn.Module):
     """DINOv2 ViT/14 target encoder: uint8 images (B, 3, R, R) -> patch tokens (B, grid*grid, D).
 
     Args:
-        arch: a ``DINOv2Arch`` (``dinov2_arch("b", registers=False)`` ...).
+        arch: an ``EncoderArch`` (``dinov2_arch("b", registers=False)`` ...).
         resolution: R, the side of the uint8 images ``forward`` accepts (256 or 512 for REPA).
         grid: side of the patch grid (default R // 16: 16 at 256 px, 32 at 512 px). The image is resized to
             14 * grid pixels and ``pos_embed`` holds grid*grid positions.
-        kernels: "auto" | "triton" | "ref", for API symmetry with SiT. The encoder has no Triton op, so it only
-            picks the default attention backend: "ref" pins plain ``F.scaled_dot_product_attention`` ("sdpa"),
-            "auto" and "triton" let ``repa_fast.kernels.attention`` pick its fastest backend ("auto": FlashAttention
-            3/2 or xformers for fp16/bf16 CUDA inputs when installed, else SDPA).
-        attn_backend: explicit backend for ``repa_fast.kernels.attention.attention`` (overrides ``kernels``), e.g.
-            "math" for the explicit-softmax path of the reference's hub model without xformers.
+        attn_backend: backend of ``repa_fast.kernels.attention.attention`` ("auto": FlashAttention 3/2 or xformers
+            for fp16/bf16 CUDA inputs when installed, else SDPA; "sdpa"; "math" for the explicit softmax of the
+            reference's hub model without xformers; ...). The encoder has no Triton op, so it takes no ``impl``.
         enc_name: the ``--enc-type`` string this module answers to (informational).
     """
 
     def __init__(
         self,
-        arch: DINOv2Arch,
+        arch: EncoderArch,
         resolution: int = 256,
         grid: int | None = None,
-        kernels: str = "auto",
-        attn_backend: str | None = None,
+        attn_backend: str = "auto",
         enc_name: str | None = None,
     ):
         super().__init__()
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        backend = attn_backend if attn_backend is not None else ("sdpa" if kernels == "ref" else "auto")
-        backends = _attention_backends()
-        if backends is not None and backend not in backends:
-            raise ValueError(f"attn_backend must be one of {backends}, got {backend!r}")
-        self.arch, self.kernels, self.attn_backend, self.enc_name = arch, kernels, backend, enc_name
+        _check_attn_backend(attn_backend)
+        self.arch, self.attn_backend, self.enc_name = arch, attn_backend, enc_name
         self.resolution, self.grid = resolution, _resolve_grid(resolution, grid)
         self.input_size = arch.patch_size * self.grid  # 224 at 256 px, 448 at 512 px
         self.embed_dim = self.num_features = arch.embed_dim
@@ -234,7 +205,7 @@ class DINOv2ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))  # class position first
         n_reg = arch.num_register_tokens
         self.register_tokens = nn.Parameter(torch.zeros(1, n_reg, dim)) if n_reg else None  # inserted after cls
-        self.blocks = nn.ModuleList(Block(arch, backend) for _ in range(arch.depth))
+        self.blocks = nn.ModuleList(Block(arch, attn_backend) for _ in range(arch.depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         # Normalisation constants live outside the module's buffers so that `.to(torch.bfloat16)` on the
         # encoder cannot round them (0.485 -> 0.484375): preprocessing stays in fp32 whatever the weights' dtype.
@@ -256,17 +227,15 @@ class DINOv2ViT(nn.Module):
             elif isinstance(m, LayerScale):
                 m.gamma.fill_(layerscale)
 
-    def set_attn_backend(self, backend: str) -> None:
-        backends = _attention_backends()
-        if backends is not None and backend not in backends:
-            raise ValueError(f"attn_backend must be one of {backends}, got {backend!r}")
-        self.attn_backend = backend
+    def set_attn_backend(self, attn_backend: str) -> None:
+        _check_attn_backend(attn_backend)
+        self.attn_backend = attn_backend
         for blk in self.blocks:
-            blk.attn.backend = backend
+            blk.attn.attn_backend = attn_backend
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """SPEC section 5 / reference train.py:48-51: x / 255 -> (x - mean) / std -> bicubic resize to 14 * grid
-        (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""
+        """docs/objective.md §Alignment targets / reference train.py:48-51: x / 255 -> (x - mean) / std -> bicubic
+        resize to 14 * grid (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""
         self._check_images(images)
         x = images / 255.0  # float32 for uint8 input, as `raw_image / 255.` in the reference
         mean, std = self._stats(x)
@@ -320,7 +289,7 @@ class DINOv2ViT(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, 3, R, R) -> targets (B, grid*grid, D): final-LayerNorm patch tokens, CLS and registers
-        dropped (SPEC section 5). Runs without autograd: targets are constants of the image."""
+        dropped (docs/objective.md §Alignment targets). Runs without autograd: targets are constants of the image."""
         return self.forward_features(self.preprocess(images))["x_norm_patchtokens"]
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""REPA target encoders: names, weight files, ``load_encoders`` (SPEC section 5; reference utils.py:52-160).
+"""REPA target encoders: names, weight files, ``load_encoders`` (docs/objective.md §Alignment targets; reference
+utils.py:52-160). Their shapes are rows of ``encoder_archs.ENCODER_ARCHS``.
 
 Names mirror the reference ``--enc-type`` strings (``type-arch-config``, comma-separated for several encoders):
 ``dinov2-vit-{s,b,l,g}`` and ``dinov2reg-vit-{s,b,l,g}`` (4 registers). ``dinov2-vit-t`` / ``dinov2reg-vit-t`` is
@@ -198,22 +199,21 @@ def build_encoder(
     *,
     grid: int | None = None,
     pretrained: bool = True,
-    kernels: str = "auto",
-    attn_backend: str | None = None,
+    attn_backend: str = "auto",
     device: torch.device | str | None = None,
 ) -> torch.nn.Module:
     """One frozen target encoder by ``--enc-type`` name (see ``load_encoders``)."""
     if name.strip() in VIT_SPECS:
         from .vit_encoder_files import build_vit_encoder  # lazy: the base module never imports implementations
 
-        kw = dict(grid=grid, pretrained=pretrained, impl=kernels, attn_backend=attn_backend, device=device)
+        kw = dict(grid=grid, pretrained=pretrained, attn_backend=attn_backend, device=device)
         return build_vit_encoder(name.strip(), resolution, checkpoint_dir, **kw)
     size, registers = parse_encoder_name(name)
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
     path = find_checkpoint(name, checkpoint_dir) if pretrained else None  # fail before building a large model
     arch = dinov2_arch(size, registers)
-    kw = dict(kernels=kernels, attn_backend=attn_backend, enc_name=name)
+    kw = dict(attn_backend=attn_backend, enc_name=name)
     if path is None:
         model = DINOv2ViT(arch, resolution, grid, **kw)
         return freeze(model.to(device) if device is not None else model)
@@ -233,14 +233,14 @@ def load_encoders(
     *,
     grid: int | None = None,
     pretrained: bool = True,
-    kernels: str = "auto",
-    attn_backend: str | None = None,
+    attn_backend: str = "auto",
     device: torch.device | str | None = None,
 ) -> list[torch.nn.Module]:
     """Frozen target encoders for a comma-separated ``--enc-type`` string, e.g. "dinov2-vit-b,dinov2reg-vit-l".
 
     Each returned module maps uint8 images (B, 3, R, R), R = ``resolution``, to targets (B, grid*grid, D) with
     D = ``module.embed_dim``; grid defaults to R // 16. ``pretrained=False`` gives DINOv2-style random weights.
+    ``attn_backend`` picks the encoders' attention (``repa_fast.kernels.attention.BACKENDS``).
     Unlike the reference (which returns (encoders, types, architectures)), this returns the list of modules;
     ``module.enc_name`` holds each name.
     """
@@ -256,5 +256,5 @@ def load_encoders(
             f"checkpoint_dir={str(checkpoint_dir)!r} is a single file but {len(names)} encoders were requested; "
             "pass a folder holding one file per encoder"
         )
-    kw = dict(grid=grid, pretrained=pretrained, kernels=kernels, attn_backend=attn_backend, device=device)
+    kw = dict(grid=grid, pretrained=pretrained, attn_backend=attn_backend, device=device)
     return [build_encoder(n, resolution, checkpoint_dir, **kw) for n in names]

@@ -1,10 +1,14 @@
-"""SiT with adaLN-Zero and REPA projectors (SPEC sections 3 and 4).
+"""SiT with adaLN-Zero and REPA projectors (docs/objective.md §Model and §Projector).
 
 A drop-in for the reference ``models/sit.py`` of REPA: same model names, constructor keywords, forward signature
 ``model(x, t, y) -> (prediction, zs)`` and state-dict keys, so released REPA checkpoints load with ``strict=True``.
-Differences (all fixes, SPEC section 3/4): SiT-S works (the reference builds its final layer at width 768), the label
-dropout rate is ``class_dropout_prob`` (the reference hard-codes 0.1), projectors are skipped when ``return_zs=False``,
-and ``encoder_depth`` outside 1..depth is a clear error instead of an UnboundLocalError.
+Differences (all fixes, docs/objective.md §Model): SiT-S works (the reference builds its final layer at width 768),
+the label dropout rate is ``class_dropout_prob`` (the reference hard-codes 0.1), projectors are skipped when
+``return_zs=False``, and ``encoder_depth`` outside 1..depth is a clear error instead of an UnboundLocalError.
+
+Switches have one name each down the module tree: ``impl`` ("auto" | "triton" | "ref") picks the Triton kernels or
+their PyTorch references, ``attn_backend`` the attention backend (``repa_fast.kernels.attention.BACKENDS``).
+``SiT`` also takes the reference's ``fused_attn`` keyword (False = ``attn_backend="math"``, timm's explicit softmax).
 
 Model code is single-device: compile and parallelism are applied from ``repa_fast.engine``.
 """
@@ -26,6 +30,7 @@ from repa_fast.kernels import (
     rope_2d_cos_sin,
 )
 from repa_fast.kernels._dispatch import IMPLS
+from repa_fast.kernels.attention import BACKENDS
 
 
 def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
@@ -86,8 +91,8 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        # Always a null row (SPEC 3). The reference omits it when dropout_prob == 0, which breaks CFG sampling and the
-        # "rows - 1 = classes" rule other tools use; with the reference's 0.1 the shapes are the same.
+        # Always a null row (docs/objective.md §Model). The reference omits it when dropout_prob == 0, which breaks CFG
+        # sampling and the "rows - 1 = classes" rule other tools use; with the reference's 0.1 the shapes are the same.
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
@@ -120,10 +125,10 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with optional per-head qk LayerNorm (timm keys qkv, q_norm, k_norm, proj).
 
-    ``fused_attn=False`` is the reference's explicit-softmax path (``--no-fused-attn``).
+    ``attn_backend="math"`` is the reference's explicit-softmax path (``--no-fused-attn``).
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, fused_attn: bool = True, kernels="auto"):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, attn_backend: str = "auto", impl="auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -133,21 +138,20 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self.backend = "auto" if fused_attn else "math"
-        self.kernels = kernels
+        self.attn_backend, self.impl = attn_backend, impl
 
     def forward(self, x: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, Dh)
         cos, sin = rope if rope is not None else (None, None)
-        if isinstance(self.q_norm, nn.LayerNorm):  # SPEC 9: qk-norm then RoPE, one fused op per tensor
+        if isinstance(self.q_norm, nn.LayerNorm):  # docs/objective.md §RoPE: qk-norm then RoPE, one fused op per tensor
             qn, kn = self.q_norm, self.k_norm
-            q = qk_norm_rope(q, qn.weight, qn.bias, cos, sin, eps=qn.eps, impl=self.kernels)
-            k = qk_norm_rope(k, kn.weight, kn.bias, cos, sin, eps=kn.eps, impl=self.kernels)
+            q = qk_norm_rope(q, qn.weight, qn.bias, cos, sin, eps=qn.eps, impl=self.impl)
+            k = qk_norm_rope(k, kn.weight, kn.bias, cos, sin, eps=kn.eps, impl=self.impl)
         elif rope is not None:
-            q = apply_rope_2d(q, cos, sin, impl=self.kernels)
-            k = apply_rope_2d(k, cos, sin, impl=self.kernels)
-        x = attention(q, k, v, backend=self.backend)  # (B, N, H, Dh)
+            q = apply_rope_2d(q, cos, sin, impl=self.impl)
+            k = apply_rope_2d(k, cos, sin, impl=self.impl)
+        x = attention(q, k, v, attn_backend=self.attn_backend)  # (B, N, H, Dh)
         return self.proj(x.reshape(B, N, D))
 
 
@@ -158,32 +162,32 @@ class SiTBlock(nn.Module):
     LayerNorms have no affine and eps 1e-6, as in the reference.
     """
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True, kernels="auto"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, attn_backend="auto", impl="auto"):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn, kernels=kernels)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, attn_backend=attn_backend, impl=impl)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.kernels = kernels
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
-        h = adaln_modulate(x, shift1, scale1, impl=self.kernels)
-        x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.kernels)
+        h = adaln_modulate(x, shift1, scale1, impl=self.impl)
+        x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.impl)
         return x + gate2.unsqueeze(1) * self.mlp(h)
 
 
 class FinalLayer(nn.Module):
     """(shift, scale) = Linear(SiLU(c)); Linear(mod(LN(x), shift, scale)) -> p*p*C per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels="auto"):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, impl="auto"):
         super().__init__()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-        self.kernels = kernels
+        self.impl = impl
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(adaln_modulate(x, shift, scale, impl=self.kernels))
+        return self.linear(adaln_modulate(x, shift, scale, impl=self.impl))
 
 
 class SiT(nn.Module):
@@ -207,8 +211,9 @@ class SiT(nn.Module):
         z_dims: Sequence[int] = (768,),
         projector_dim: int = 2048,
         qk_norm: bool = False,
-        fused_attn: bool = True,
-        kernels: str = "auto",
+        fused_attn: bool = True,  # the reference's keyword: False is attn_backend="math"
+        attn_backend: str = "auto",
+        impl: str = "auto",
         use_rope: bool = False,
     ):
         super().__init__()
@@ -220,11 +225,19 @@ class SiT(nn.Module):
         z_dims = list(z_dims or [])
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth={encoder_depth} must be in 1..{depth} (the model has {depth} blocks)")
-        if kernels not in IMPLS:
-            raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        if not fused_attn:
+            if attn_backend not in ("auto", "math"):
+                raise ValueError(
+                    f"fused_attn=False is attn_backend='math'; it contradicts attn_backend={attn_backend!r}"
+                )
+            attn_backend = "math"
         self.in_channels = self.out_channels = in_channels
         self.patch_size, self.num_heads, self.num_classes = patch_size, num_heads, num_classes
-        self.encoder_depth, self.z_dims, self.kernels = encoder_depth, z_dims, kernels
+        self.encoder_depth, self.z_dims, self.impl, self.attn_backend = encoder_depth, z_dims, impl, attn_backend
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -232,11 +245,11 @@ class SiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn, kernels=kernels)
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attn_backend=attn_backend, impl=impl)
             for _ in range(depth)
         )
         self.projectors = nn.ModuleList(build_mlp(hidden_size, projector_dim, z) for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels=kernels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, impl=impl)
         self.use_rope = use_rope
         if use_rope:  # not persistent: checkpoints keep the reference keys
             g = self.x_embedder.grid_size
@@ -246,7 +259,8 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """SPEC 3 init: xavier Linear (qkv as one matrix), zero biases, adaLN and output layers zeroed."""
+        """Init of docs/objective.md §Model: xavier Linear (qkv as one matrix), zero biases, adaLN and output layers
+        zeroed."""
 
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -330,11 +344,19 @@ def _make_constructor(size: str, patch: int):
     return constructor
 
 
-SiT_models = {f"SiT-{s}/{p}": _make_constructor(s, p) for s in SIT_SIZES for p in (2, 4, 8)}
+SIT_PATCHES = (2, 4, 8)
+SiT_models = {f"SiT-{s}/{p}": _make_constructor(s, p) for s in SIT_SIZES for p in SIT_PATCHES}
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    """``"SiT-XL/2"`` -> ("XL", 2): the size key of ``SIT_SIZES`` and the patch size; ValueError listing the names."""
+    if name not in SiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SiT_models)}")
+    size, patch = name[len("SiT-") :].split("/")
+    return size, int(patch)
 
 
 def build_sit(name: str, **kwargs) -> SiT:
     """``SiT_models[name](**kwargs)`` with an error that lists the valid names."""
-    if name not in SiT_models:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SiT_models)}")
+    parse_model_name(name)
     return SiT_models[name](**kwargs)

@@ -248,13 +248,12 @@ def build_vit_encoder(
     *,
     grid: int | None = None,
     pretrained: bool = True,
-    impl: str = "auto",
-    attn_backend: str | None = None,
+    attn_backend: str = "auto",
     device: torch.device | str | None = None,
 ) -> TimmViTEncoder:
     """One frozen MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoder by ``--enc-type`` name."""
     spec = SPECS[name]
-    kw = dict(grid=grid, impl=impl, attn_backend=attn_backend, enc_name=name)
+    kw = dict(grid=grid, attn_backend=attn_backend, enc_name=name)
     if not pretrained:
         model = TimmViTEncoder(spec, resolution, **kw)
         return freeze(model.to(device) if device is not None else model)

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repa_fast.kernels.attention import BACKENDS, attention
+from repa_fast.models.encoder_archs import ENCODER_ARCHS, EncoderArch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm IMAGENET_DEFAULT_MEAN (reference train.py imports it)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,15 +46,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # reference train.py CLIP_DEFAU
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GRID = 16  # every encoder here: 16 x 16 = 256 target tokens at 256 px
 RESOLUTION = 256
-IMPLS = ("auto", "triton", "ref")
 
 
 @dataclass(frozen=True)
 class ViTEncoderSpec:
     """One target encoder: network, preprocessing, targets and where its weights come from.
 
-    ``timm_model`` is built with this row's ``embed_dim``/``depth``/``num_heads`` (the row is the one source of the
-    shape; ``repa_fast.flops`` reads it too) at ``input_size`` px. ``resize``: "none" (feed the 256-px image),
+    ``timm_model`` is built with the shape ``arch`` (by default the encoder's row of
+    ``models/encoder_archs.ENCODER_ARCHS``, the one table of encoder shapes that ``repa_fast.flops`` reads too) at
+    ``input_size`` px. ``resize``: "none" (feed the 256-px image),
     "before_normalize" (CLIP: /255, bicubic to ``input_size``, mean/std) or "after_normalize" (I-JEPA: /255,
     mean/std, bicubic). ``layout`` names the file converter in ``vit_encoder_files``. ``files``: the file names of
     the reference's README first, then the original release's; ``timm_hub``: Hugging Face repos holding timm's
@@ -62,43 +63,48 @@ class ViTEncoderSpec:
 
     name: str
     timm_model: str
-    embed_dim: int
-    depth: int
-    num_heads: int
     layout: str
     files: tuple
     download: str
-    patch_size: int = 16
     input_size: int = RESOLUTION
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     resize: str = "none"
     final_norm: bool = True
-    class_token: bool = True
     timm_hub: tuple = ()
+    arch: EncoderArch | None = None
+
+    def __post_init__(self):
+        if self.arch is None:
+            object.__setattr__(self, "arch", ENCODER_ARCHS[self.name])
+
+    embed_dim = property(lambda self: self.arch.embed_dim)
+    depth = property(lambda self: self.arch.depth)
+    num_heads = property(lambda self: self.arch.num_heads)
+    patch_size = property(lambda self: self.arch.patch_size)
+    class_token = property(lambda self: self.arch.class_token)
 
 
 RCG = "https://github.com/LTH14/rcg"
 SPECS: dict[str, ViTEncoderSpec] = {
     s.name: s
     for s in (
-        # MoCo v3 ViT-S has 12 heads (reference models/mocov3_vit.py vit_small; timm's vit_small has 6).
-        ViTEncoderSpec("mocov3-vit-s", "vit_small_patch16_224", 384, 12, 12, "mocov3", ("mocov3_vits.pth",),
+        ViTEncoderSpec("mocov3-vit-s", "vit_small_patch16_224", "mocov3", ("mocov3_vits.pth",),
                        "https://github.com/facebookresearch/moco-v3"),
-        ViTEncoderSpec("mocov3-vit-b", "vit_base_patch16_224", 768, 12, 12, "mocov3", ("mocov3_vitb.pth",), RCG),
-        ViTEncoderSpec("mocov3-vit-l", "vit_large_patch16_224", 1024, 24, 16, "mocov3", ("mocov3_vitl.pth",), RCG),
-        ViTEncoderSpec("mae-vit-l", "vit_large_patch16_224", 1024, 24, 16, "mae",
+        ViTEncoderSpec("mocov3-vit-b", "vit_base_patch16_224", "mocov3", ("mocov3_vitb.pth",), RCG),
+        ViTEncoderSpec("mocov3-vit-l", "vit_large_patch16_224", "mocov3", ("mocov3_vitl.pth",), RCG),
+        ViTEncoderSpec("mae-vit-l", "vit_large_patch16_224", "mae",
                        ("mae_vitl.pth", "mae_pretrain_vit_large.pth"), "https://github.com/facebookresearch/mae",
                        final_norm=False, timm_hub=("vit_large_patch16_224.mae",)),
-        ViTEncoderSpec("dinov1-vit-b", "vit_base_patch16_224", 768, 12, 12, "dinov1",
+        ViTEncoderSpec("dinov1-vit-b", "vit_base_patch16_224", "dinov1",
                        ("dinov1_vitb.pth", "dino_vitbase16_pretrain.pth"), "https://github.com/facebookresearch/dino",
                        timm_hub=("vit_base_patch16_224.dino",)),
-        ViTEncoderSpec("jepa-vit-h", "vit_huge_patch14_gap_224", 1280, 32, 16, "jepa",
+        ViTEncoderSpec("jepa-vit-h", "vit_huge_patch14_gap_224", "jepa",
                        ("ijepa_vith.pth", "IN1K-vit.h.14-300e.pth.tar"), "https://github.com/facebookresearch/ijepa",
-                       patch_size=14, input_size=224, resize="after_normalize", class_token=False),
-        ViTEncoderSpec("clip-vit-L", "vit_large_patch14_clip_quickgelu_224", 1024, 24, 16, "clip", ("ViT-L-14.pt",),
+                       input_size=224, resize="after_normalize"),
+        ViTEncoderSpec("clip-vit-L", "vit_large_patch14_clip_quickgelu_224", "clip", ("ViT-L-14.pt",),
                        "https://github.com/openai/CLIP (clip.load('ViT-L/14') caches it in ~/.cache/clip)",
-                       patch_size=14, input_size=224, mean=CLIP_MEAN, std=CLIP_STD, resize="before_normalize",
+                       input_size=224, mean=CLIP_MEAN, std=CLIP_STD, resize="before_normalize",
                        final_norm=False,
                        timm_hub=("vit_large_patch14_clip_224.openai", "vit_large_patch14_clip_quickgelu_224.openai")),
     )
@@ -132,13 +138,10 @@ class _BackendAttention(nn.Module):
             raise ValueError("target encoders use full (unmasked, non-causal) attention")
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).unbind(2)  # (B, N, H, Dh)
-        return self.proj(attention(q, k, v, backend=self.backend).reshape(B, N, C))
+        return self.proj(attention(q, k, v, attn_backend=self.backend).reshape(B, N, C))
 
 
-def _resolve_backend(impl: str, attn_backend: str | None) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    backend = attn_backend if attn_backend is not None else ("sdpa" if impl == "ref" else "auto")
+def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
     return backend
@@ -161,7 +164,6 @@ class TimmViTEncoder(nn.Module):
     Args:
         spec: a row of ``SPECS``.
         resolution: must be 256 (see ``check_resolution``).
-        impl: "auto" | "triton" | "ref", for API symmetry; "ref" pins SDPA when ``attn_backend`` is None.
         attn_backend: backend for ``repa_fast.kernels.attention.attention`` ("math" = explicit softmax).
         enc_name: the ``--enc-type`` string (defaults to ``spec.name``).
     """
@@ -171,15 +173,14 @@ class TimmViTEncoder(nn.Module):
         spec: ViTEncoderSpec,
         resolution: int = RESOLUTION,
         grid: int | None = None,
-        impl: str = "auto",
-        attn_backend: str | None = None,
+        attn_backend: str = "auto",
         enc_name: str | None = None,
     ):
         super().__init__()
         check_resolution(spec, resolution, grid)
         timm = import_timm()
-        self.spec, self.enc_name, self.impl = spec, enc_name or spec.name, impl
-        self.attn_backend = _resolve_backend(impl, attn_backend)
+        self.spec, self.enc_name = spec, enc_name or spec.name
+        self.attn_backend = _resolve_backend(attn_backend)
         self.resolution, self.grid, self.input_size = resolution, GRID, spec.input_size
         self.embed_dim = self.num_features = spec.embed_dim
         self.num_patches = GRID * GRID
@@ -194,7 +195,7 @@ class TimmViTEncoder(nn.Module):
         self._pixel_stats: dict = {}  # fp32 constants kept out of the buffers (see DINOv2ViT)
 
     def set_attn_backend(self, backend: str) -> None:
-        self.attn_backend = _resolve_backend(self.impl, backend)
+        self.attn_backend = _resolve_backend(backend)
         for blk in self.vit.blocks:
             blk.attn.backend = self.attn_backend
 

@@ -45,7 +45,7 @@ def _encoder_targets(root):
     """fp32 targets of every item computed here, in dataset order and batches of BATCH (as the cache pass)."""
     ds = open_dataset(str(root), num_classes=5)
     torch.manual_seed(0)
-    (enc,) = load_encoders("dinov2-vit-t", 32, grid=2, pretrained=False, kernels="auto")
+    (enc,) = load_encoders("dinov2-vit-t", 32, grid=2, pretrained=False, attn_backend="auto")
     with torch.no_grad():
         return torch.cat([enc(torch.stack([ds[i][0] for i in range(lo, lo + BATCH)])) for lo in range(0, N, BATCH)])
 

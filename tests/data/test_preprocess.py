@@ -1,4 +1,5 @@
-"""Preprocessing: ADM crop per SPEC 1, ImageFolder order, SD-VAE [mean, std] vs diffusers, resume, multi-process."""
+"""Preprocessing: ADM crop per docs/objective.md §Latents, ImageFolder order, SD-VAE [mean, std] vs diffusers, resume,
+multi-process."""
 
 import json
 import os
@@ -65,7 +66,7 @@ def packed_out(env):
 
 
 def crop_oracle(img: PIL.Image.Image, s: int, round_fn=round) -> np.ndarray:
-    """SPEC section 1 step by step: BOX-halve while min side >= 2S, BICUBIC to short side S, center crop."""
+    """docs/objective.md §Latents step by step: BOX-halve while min side >= 2S, BICUBIC to short side S, center crop."""
     img = img.convert("RGB")
     w, h = img.size
     while min(w, h) >= 2 * s:

@@ -111,7 +111,8 @@ def test_cli_flags_override_the_files_numbers(monkeypatch):
         (
             {"train_micro_batch_size_per_gpu": 32},
             4,
-            "train_micro_batch_size_per_gpu 32 x gradient_accumulation_steps 1 x 4 process(es) = 128 != train_batch_size 256",
+            "train_micro_batch_size_per_gpu 32 x gradient_accumulation_steps 1 x 4 process(es) = 128 "
+            "!= train_batch_size 256",
         ),
         ({"train_batch_size": 128}, 1, "train_batch_size 128 != trainer batch_size 256"),
         (

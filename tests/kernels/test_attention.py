@@ -33,7 +33,11 @@ def _qkv(B=2, N=9, H=3, Dh=72, dtype=torch.float32):
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
 def test_cpu_backends_match_fp64(backend):
     check_against_fp64(
-        lambda q, k, v: attention(q, k, v, backend=backend), attention_ref, _qkv(), ["elementwise"], ["elementwise"] * 3
+        lambda q, k, v: attention(q, k, v, attn_backend=backend),
+        attention_ref,
+        _qkv(),
+        ["elementwise"],
+        ["elementwise"] * 3,
     )
 
 
@@ -86,7 +90,7 @@ def test_flash3_preferred_on_hopper_and_tuple_return(monkeypatch):
     _install(monkeypatch, "flash_attn_interface", "flash_attn_func", fa3)
     _cap(monkeypatch, (9, 0))
     q, k, v = (t.detach() for t in _qkv(dtype=torch.float16))
-    out = attention(q, k, v, backend="flash")
+    out = attention(q, k, v, attn_backend="flash")
     assert len(fa3.calls) == 1 and not fa2.calls
     assert_close(out, attention_ref(q.double(), k.double(), v.double()))
     _cap(monkeypatch, (8, 6))  # FA3 is Hopper-only: Ampere falls back to FA2

@@ -74,7 +74,7 @@ def test_qk_norm_rope_at_sit_xl_heads(dtype):
 def test_inductor_compiled_block_equals_eager():
     from repa_fast.models.sit import SiTBlock
 
-    block = SiTBlock(1152, 16, qk_norm=True, kernels="triton").cuda()
+    block = SiTBlock(1152, 16, qk_norm=True, impl="triton").cuda()
     with torch.no_grad():
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.02)

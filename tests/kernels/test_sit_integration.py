@@ -1,5 +1,5 @@
-"""SiT with the Triton kernels (kernels="triton", through Triton's interpreter on CPU) equals SiT with the PyTorch
-references (kernels="ref"): loss and every parameter gradient; and a compiled SiT block equals the eager one."""
+"""SiT with the Triton kernels (impl="triton", through Triton's interpreter on CPU) equals SiT with the PyTorch
+references (impl="ref"): loss and every parameter gradient; and a compiled SiT block equals the eager one."""
 
 import pytest
 import torch
@@ -35,10 +35,10 @@ def test_sit_kernels_equal_references(name, size, extra):
     tokens = (size // 2) ** 2
     x, t, y = torch.randn(2, 4, size, size), torch.rand(2), torch.tensor([3, 7])
     target, z_target = torch.randn(2, 4, size, size), torch.randn(2, tokens, 64)
-    ref = SiT_models[name](kernels="ref", **kw).eval()
+    ref = SiT_models[name](impl="ref", **kw).eval()
     _perturb_(ref)
     loss_r, grads_r = _loss_and_grads(ref, x, t, y, target, z_target, "ref")
-    tri = SiT_models[name](kernels="triton", **kw).eval()
+    tri = SiT_models[name](impl="triton", **kw).eval()
     tri.load_state_dict(ref.state_dict())
     del ref  # SiT-B/2 is 130M parameters: keep at most two models' worth of tensors alive
     loss_t, grads_t = _loss_and_grads(tri, x, t, y, target, z_target, "triton")
@@ -54,7 +54,7 @@ def test_compiled_block_equals_eager():
     from repa_fast.kernels import rope_2d_cos_sin
 
     torch._dynamo.reset()
-    block = SiTBlock(384, 6, qk_norm=True, kernels="triton")
+    block = SiTBlock(384, 6, qk_norm=True, impl="triton")
     _perturb_(block)
     rope = rope_2d_cos_sin(64, 4, 4)
     x = torch.randn(2, 16, 384, requires_grad=True)
