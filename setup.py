@@ -12,6 +12,7 @@ EXTRAS = {
     ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
     "flash": ["flash-attn>=2.6"],
     "logging": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.16"],  # --report-to wandb
 }
 EXTRAS["dev"] = sorted(
     set(
