@@ -59,7 +59,7 @@ class MissingDependency(UserError, ImportError):
     """An optional package is not installed; the message names the pip extra that brings it."""
 
 
-class WriteError(RepaFastError):
+class WriteError(RepaFastError, OSError):
     """Writing a file failed (disk full, quota, I/O error); the message names the file and what is still intact."""
 
     exit_code = EXIT_WRITE
@@ -83,8 +83,8 @@ def require(module: str, extra: str, feature: str, package: str | None = None):
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependency(
-            f"{feature} needs the {package or module.split('.')[0]} package, which is not installed: "
-            f"pip install 'repa_fast[{extra}]'"
+            f"{feature} needs {package or module.split('.')[0]}: pip install 'repa_fast[{extra}]' "
+            "(it is not installed)"
         ) from e
 
 
