@@ -22,6 +22,7 @@ from repa_fast.config import (
     field_specs,
     load_config_file,
     micro_batch_size,
+    run_dir,
 )
 
 # Options that name a recipe rather than tweak the demo: given without --data-dir they are a mistake, not a demo.
@@ -138,6 +139,19 @@ def check_runtime(cfg: TrainConfig) -> None:
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     if int(os.environ.get("RANK", 0)) == 0:
         import_sink(cfg.run.report_to)  # a missing logging package is refused before anything is written
+    _check_writable(run_dir(cfg))
+
+
+def _check_writable(path: str) -> None:
+    """The nearest existing ancestor of ``path`` is a writable directory (checked without writing anything)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--output-dir: cannot write to {path} ({probe} is not a writable directory); "
+            "choose a writable --output-dir"
+        )
 
 
 def resume_command(argv: list[str]) -> str:

@@ -54,6 +54,20 @@ POSITIVE = Range(0, lo_open=True)
 PROBABILITY = Range(0, 1)
 
 
+def ranged(typ, check: Range):
+    """An argparse ``type`` for the flags of the other commands: parses with ``typ``, then checks ``check``."""
+    import argparse
+
+    def parse(text: str):
+        value = typ(text)
+        if value not in check:
+            raise argparse.ArgumentTypeError(f"must be {check}, got {text}")
+        return value
+
+    parse.__name__ = typ.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def _f(default, help: str, *, choices=None, check: Range | None = None, weights: bool = False):
     """A config field: its default, one-line doc, valid values (``choices`` or a ``check`` Range: every numeric
     option has one) and whether it defines the weights (``weights``: architecture or the meaning of the weights; a

@@ -83,8 +83,7 @@ def require(module: str, extra: str, feature: str, package: str | None = None):
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependency(
-            f"{feature} needs {package or module.split('.')[0]}: pip install 'repa_fast[{extra}]' "
-            "(it is not installed)"
+            f"{feature} needs {package or module.split('.')[0]}: pip install 'repa_fast[{extra}]' (it is not installed)"
         ) from e
 
 

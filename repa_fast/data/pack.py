@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from repa_fast import errors
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, ranged
 from repa_fast.io import TMP_PREFIX, write_error, write_json
 
 from .common import DataError
@@ -166,9 +167,13 @@ def main(argv=None) -> int:
         default="fp32",
         help="storage dtype of the moments (fp32 = the reference's bits; fp16 halves the size)",
     )
-    p.add_argument("--num-classes", type=int, default=1000, help="labels must lie in [0, num_classes)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding the source files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--num-classes", type=ranged(int, AT_LEAST_1), default=1000, help="labels must lie in [0, num_classes)"
+    )
+    p.add_argument(
+        "--workers", type=ranged(int, NON_NEGATIVE), default=4, help="DataLoader processes decoding the source files"
+    )
+    p.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=64)
     p.add_argument("--verify", action="store_true", help="fully verify a packed dataset (SHA-256 + every row)")
     errors.add_debug_flag(p)
     args = p.parse_args(argv)

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from repa_fast import errors
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ranged
 from repa_fast.io import write_error, write_json
 
 from .common import DataError
@@ -420,6 +421,16 @@ _FLAG_HELP = {
 }
 
 
+_FLAG_CHECK = {
+    "resolution": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,
+    "workers": AT_LEAST_1,
+    "loader_workers": NON_NEGATIVE,
+    "shard_size": AT_LEAST_1,
+    "wait_timeout_s": POSITIVE,
+}
+
+
 @errors.entry_point("preprocess")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.preprocess", description=__doc__.split("\n\n")[0])
@@ -432,12 +443,14 @@ def main(argv=None) -> int:
             choices = sorted(LATENT_DTYPES) if f.name == "latent_dtype" else None
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
-                type=type(f.default),
+                type=ranged(type(f.default), _FLAG_CHECK[f.name]) if f.name in _FLAG_CHECK else type(f.default),
                 default=f.default,
                 choices=choices,
                 help=f"{_FLAG_HELP[f.name]} (default {f.default})",
             )
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images (for a quick subset)")
+    p.add_argument(
+        "--max-images", type=ranged(int, AT_LEAST_1), default=None, help="only the first N images (for a quick subset)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     errors.add_debug_flag(p)
     args = p.parse_args(argv)
