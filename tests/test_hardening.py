@@ -258,3 +258,11 @@ def test_zero_max_grad_norm_means_no_clipping(tmp_path, monkeypatch):
     grads = [p.grad.clone() for p in params]
     torch.nn.utils.clip_grad_norm_(params, math.inf, foreach=True)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # bit for bit unchanged
+
+
+def test_help_shows_ranges_and_literal_percent_signs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and "effective 19% at 0.1" in out and "'option_strings'" not in out
+    assert "AdamW beta1 [in [0, 1)] (default: 0.9)" in out and "--debug" in out
