@@ -33,9 +33,6 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^\d{7,}$")
 
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "read_checkpoint", "write_checkpoint", "check_compatible"]
-
-
 class CheckpointWriteError(WriteError, CheckpointError):
     """Writing a checkpoint failed (exit code of WriteError); the message names what is still intact."""
 
