@@ -16,6 +16,7 @@ EXTRAS = {
     # --loader dali and preprocess --decoder dali (its CPU pipeline runs anywhere; CUDA 13 users may prefer
     # nvidia-dali-cuda130, same API).
     "dali": ["nvidia-dali-cuda120>=2.4"],
+    "wandb": ["wandb>=0.16"],  # --report-to wandb
 }
 EXTRAS["dev"] = sorted(
     set(

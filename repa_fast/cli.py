@@ -1,15 +1,19 @@
 """Command line of ``train.py``: every reference flag, plus --config, --preset, --dry-run and --resume.
 
 Resolution order: dataclass defaults < preset < the --config file's "trainer" section < flags given on the command
-line. ``python train.py`` with no data flags and no --config runs the ``demo`` preset.
+line. ``python train.py`` with no data flags and no --config runs the ``demo`` preset; naming a model or an encoder
+without ``--data-dir`` is an error (the demo is asked for, never fallen into). Every option is checked where it is
+declared (repa_fast/config.py), and the cross-option checks below run before anything is built or written.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import typing
 
+from repa_fast import errors
 from repa_fast.config import (
     PRESETS,
     ConfigError,
@@ -18,7 +22,11 @@ from repa_fast.config import (
     field_specs,
     load_config_file,
     micro_batch_size,
+    run_dir,
 )
+
+# Options that name a recipe rather than tweak the demo: given without --data-dir they are a mistake, not a demo.
+RECIPE_OPTIONS = ("model", "enc_type", "encoder_checkpoint_dir")
 
 
 def _arg_type(f):
@@ -41,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same information.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    errors.add_debug_flag(p)
     defaults = TrainConfig().flat()
     for name, f in field_specs():
-        kw = {"dest": name, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {defaults[name]})"}
+        check = f" [{f.metadata['check']}]" if "check" in f.metadata else ""
+        text = f"{f.metadata['help']}{check} (default: {defaults[name]})".replace("%", "%%")  # argparse %-formats
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": text}
         typ = _arg_type(f)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -58,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     args = vars(build_parser().parse_args(argv))
     config_path, preset, dry_run = args.pop("config"), args.pop("preset"), args.pop("dry_run")
-    args.pop("local_rank")
+    args.pop("local_rank"), args.pop("debug")
     trainer, deepspeed = load_config_file(config_path) if config_path else ({}, None)
-    if preset is None and config_path is None and "data_dir" not in args and "dataset" not in args:
+    implied_demo = preset is None and config_path is None and "data_dir" not in args and "dataset" not in args
+    if implied_demo:
         preset = "demo"
     cfg = TrainConfig()
     if preset:
@@ -71,6 +83,13 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
     validate(cfg)
+    named = [k for k in RECIPE_OPTIONS if k in args]
+    if implied_demo and named:
+        flags = " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in named)
+        raise ConfigError(
+            f"{flags} given without --data-dir: a named model or encoder trains on your data, not on the embedded "
+            "demo. Pass --data-dir DIR (REPA folder or packed dataset), or --preset demo to run the demo with it"
+        )
     if cfg.run.parallel == "deepspeed":  # the one resolution: the trainer's numbers fill/check DeepSpeed's
         from repa_fast.engine.parallel.dsconfig import resolve_deepspeed_config
 
@@ -84,7 +103,7 @@ def validate(cfg: TrainConfig) -> None:
     from repa_fast.models.encoders import VIT_SPECS, check_resolution, parse_encoder_name
     from repa_fast.models.sit import SIT_SIZES, SiT_models, parse_model_name
 
-    m, o, r = cfg.model, cfg.optim, cfg.run
+    m, r = cfg.model, cfg.run
     if m.model not in SiT_models:
         raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
     depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
@@ -98,28 +117,6 @@ def validate(cfg: TrainConfig) -> None:
                     check_resolution(VIT_SPECS[name.strip()], cfg.data.resolution, cfg.target.encoder_grid or None)
             except (ValueError, NotImplementedError) as e:
                 raise ConfigError(f"--enc-type: {e}") from e
-    for flag, value, low in [
-        ("--batch-size", o.batch_size, 1),
-        ("--gradient-accumulation-steps", o.gradient_accumulation_steps, 1),
-        ("--max-train-steps", r.max_train_steps, 1),
-        ("--checkpointing-steps", r.checkpointing_steps, 1),
-        ("--log-every", r.log_every, 1),
-        ("--sampling-steps", r.sampling_steps, 0),
-        ("--num-workers", cfg.data.num_workers, 0),
-        ("--resolution", cfg.data.resolution, 1),
-        ("--num-classes", cfg.data.num_classes, 1),
-    ]:
-        if value < low:
-            raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    if r.preview_num_steps < 1 or r.preview_cfg_scale < 1:
-        raise ConfigError(
-            f"--preview-num-steps must be >= 1 and --preview-cfg-scale >= 1 (1 = no guidance), got "
-            f"{r.preview_num_steps} and {r.preview_cfg_scale}"
-        )
-    if not 0 <= o.ema_decay <= 1:
-        raise ConfigError(f"--ema-decay must be in [0, 1], got {o.ema_decay}")
-    if not 0 <= m.cfg_prob < 1:
-        raise ConfigError(f"--cfg-prob must be in [0, 1), got {m.cfg_prob}")
     if r.resume and r.resume_step:
         raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
     if cfg.data.dataset == "auto" and not cfg.data.data_dir:
@@ -127,32 +124,73 @@ def validate(cfg: TrainConfig) -> None:
             "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
             "demo with `python train.py` (or --preset demo)"
         )
+    if cfg.data.vae:
+        from repa_fast.data.vae import read_vae_config
+
+        read_vae_config(cfg.data.vae)  # a DataError naming the path and how to get the weights
     micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def check_runtime(cfg: TrainConfig) -> None:
+    """Checks that need this machine (not done for --dry-run, which may run on a login node)."""
+    import torch
+
+    from repa_fast.engine.metrics import import_sink
+
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    if int(os.environ.get("RANK", 0)) == 0:
+        import_sink(cfg.run.report_to)  # a missing logging package is refused before anything is written
+    _check_writable(run_dir(cfg))
+
+
+def _check_writable(path: str) -> None:
+    """The nearest existing ancestor of ``path`` is a writable directory (checked without writing anything)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--output-dir: cannot write to {path} ({probe} is not a writable directory); "
+            "choose a writable --output-dir"
+        )
+
+
+def resume_command(argv: list[str]) -> str:
+    """``argv`` as a command continuing this run: --resume instead of any --resume-step."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume-step":
+            skip = True
+        elif not a.startswith("--resume-step=") and a != "--resume":
+            out.append(a)
+    return shlex.join(["python", "train.py", *out, "--resume"])
+
+
+@errors.entry_point("train.py")
 def main(argv=None) -> int:
-    from repa_fast.data import DataError
-    from repa_fast.engine.checkpoint import CheckpointError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, dry_run = resolve_config(argv)
+    if dry_run:
+        if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
+            print(json.dumps(cfg.to_json(), indent=2))
+        return errors.EXIT_OK
+    check_runtime(cfg)
+    from repa_fast.engine.parallel import PeerFailure
+    from repa_fast.engine.trainer import train
 
     try:
-        cfg, dry_run = resolve_config(argv)
-        if dry_run:
-            if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
-                print(json.dumps(cfg.to_json(), indent=2))
-            return 0
-        from repa_fast.engine.parallel import PeerFailure
-        from repa_fast.engine.trainer import TrainingStopped, train
-
-        try:
-            summary = train(cfg)
-        except TrainingStopped as e:
-            print(f"train.py: stopped: {e}", file=sys.stderr)
-            return 3
-        except PeerFailure as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            return 4
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        summary = train(cfg, resume_command=resume_command(argv))
+    except PeerFailure as e:
+        raise errors.PeerError(str(e)) from e
+    if summary.get("stopped_by"):
+        print(
+            f"train.py: stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint "
+            f"{summary['checkpoint']}. Continue with: {summary['resume_command']}",
+            file=sys.stderr,
+        )
+        return errors.EXIT_SIGNAL
     print(f"done: {summary['step']} steps, outputs in {summary['run_dir']}", file=sys.stderr)
-    return 0
+    return errors.EXIT_OK

@@ -4,43 +4,115 @@ Every field is a reference ``train.py`` flag (same name with ``-`` for ``_``, sa
 doc says otherwise) or a repa_fast addition. The CLI, the ``"trainer"`` section of a ``--config`` JSON file and the
 written ``<run_dir>/config.json`` all use the flat names, so a user's reference command line keeps working.
 Precedence: defaults < preset < --config file < explicit CLI flags.
+
+Each field declares, next to its default and doc, its valid values (``choices`` or a ``Range``) and whether it defines
+the weights (``weights``, read by ``--resume``'s compatibility check); ``_checked`` enforces them for flags, --config
+files and presets alike, before anything is built. Adding an option is one field here.
 """
 
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from repa_fast.errors import ConfigError
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: ``lo <= v`` (``<`` when ``lo_open``), ``v <= hi`` (``<`` when
+    ``hi_open``), finite; ``note`` says what a boundary value means (e.g. "0 = no clipping")."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def __contains__(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+PROBABILITY = Range(0, 1)
+
+
+def ranged(typ, check: Range):
+    """An argparse ``type`` for the flags of the other commands: parses with ``typ``, then checks ``check``."""
+    import argparse
+
+    def parse(text: str):
+        value = typ(text)
+        if value not in check:
+            raise argparse.ArgumentTypeError(f"must be {check}, got {text}")
+        return value
+
+    parse.__name__ = typ.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def _f(default, help: str, *, choices=None, check: Range | None = None, weights: bool = False):
+    """A config field: its default, one-line doc, valid values (``choices`` or a ``check`` Range: every numeric
+    option has one) and whether it defines the weights (``weights``: architecture or the meaning of the weights; a
+    checkpoint only continues a run that agrees on all of these)."""
+    meta = {"help": help, "weights": weights}
+    if choices is not None:
+        meta["choices"] = choices
+    if check is not None:
+        meta["check"] = check
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    model: str = _f("SiT-XL/2", "SiT_models name (SiT-{S,B,L,XL}/{2,4,8}; SiT-T/* is a tiny demo size)")
-    encoder_depth: int = _f(8, "1-indexed block whose output is aligned (8 for L/XL, 4 for B)")
-    projector_dim: int = _f(2048, "hidden width of the REPA projector MLP")
-    qk_norm: bool = _f(False, "per-head LayerNorm on q and k")
+    model: str = _f("SiT-XL/2", "SiT_models name (SiT-{S,B,L,XL}/{2,4,8}; SiT-T/* is a tiny demo size)", weights=True)
+    encoder_depth: int = _f(
+        8, "1-indexed block whose output is aligned (8 for L/XL, 4 for B)", check=AT_LEAST_1, weights=True
+    )
+    projector_dim: int = _f(2048, "hidden width of the REPA projector MLP", check=AT_LEAST_1, weights=True)
+    qk_norm: bool = _f(False, "per-head LayerNorm on q and k", weights=True)
     fused_attn: bool = _f(True, "fused attention (SDPA/FlashAttention); off = explicit softmax as timm's manual path")
-    use_rope: bool = _f(False, "2-D axial RoPE on q and k (ERW/LightningDiT); off in the reference")
+    use_rope: bool = _f(False, "2-D axial RoPE on q and k (ERW/LightningDiT); off in the reference", weights=True)
     kernels: str = _f("auto", "fused kernels: auto (Triton on CUDA), triton, ref", choices=("auto", "triton", "ref"))
     compile: bool = _f(False, "torch.compile each SiT block (repeated structure compiles once)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile (e.g. inductor, aot_eager, cudagraphs)")
-    cfg_prob: float = _f(0.1, "label dropout probability (the reference hard-codes 0.1 in the model; here it is real)")
+    cfg_prob: float = _f(
+        0.1,
+        "label dropout probability (the reference hard-codes 0.1 in the model; here it is real)",
+        check=Range(0, 1, hi_open=True),
+    )
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
 
 
 @dataclass
 class TargetConfig:
-    enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b,dinov2-vit-l")
+    enc_type: str = _f("dinov2-vit-b", "comma-separated target encoders, e.g. dinov2-vit-b,dinov2-vit-l", weights=True)
     encoder_checkpoint_dir: str | None = _f(None, "directory with the encoder weight files (default: torch hub cache)")
     encoder_pretrained: bool = _f(True, "load encoder weights; off = random init (demo and tests only)")
     encoder_grid: int | None = _f(
-        None, "encoder token grid (default resolution // 16 as the reference; the demo sets it to the SiT grid)"
+        None,
+        "encoder token grid (default resolution // 16 as the reference; the demo sets it to the SiT grid)",
+        check=AT_LEAST_1,
+        weights=True,
     )
     targets: str = _f(
         "computed",
@@ -56,16 +128,18 @@ class DataConfig:
     dataset: str = _f(
         "auto", "auto (from data_dir), digits (scikit-learn digits, the embedded demo)", choices=("auto", "digits")
     )
-    resolution: int = _f(256, "image resolution (256 or 512 in the reference)")
-    num_classes: int = _f(1000, "number of classes (the null class is num_classes)")
-    num_workers: int = _f(4, "DataLoader workers per process")
+    resolution: int = _f(256, "image resolution (256 or 512 in the reference)", check=AT_LEAST_1, weights=True)
+    num_classes: int = _f(1000, "number of classes (the null class is num_classes)", check=AT_LEAST_1, weights=True)
+    num_workers: int = _f(4, "DataLoader workers per process", check=NON_NEGATIVE)
     loader: str = _f(
         "auto",
         "REPA folder layout reader: dali (NVIDIA DALI decoding), dataloader (PIL in workers), auto (DALI when "
         "installed and on CUDA)",
         choices=("auto", "dataloader", "dali"),
     )
-    latent_scale: float = _f(0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space")
+    latent_scale: float = _f(
+        0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space", check=POSITIVE
+    )
     vae: str | None = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
 
 
@@ -74,36 +148,50 @@ class LossConfig:
     path_type: str = _f("linear", "interpolant path", choices=("linear", "cosine"))
     prediction: str = _f("v", "model prediction (the reference only has v)", choices=("v",))
     weighting: str = _f("uniform", "time sampling law (the reference's name)", choices=("uniform", "lognormal"))
-    proj_coeff: float = _f(0.5, "weight of the alignment loss (lambda)")
+    proj_coeff: float = _f(0.5, "weight of the alignment loss (lambda)", check=Range(0, note="0 = no alignment"))
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = _f(256, "GLOBAL batch size, split over processes")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (global batch = all of them)")
-    learning_rate: float = _f(1e-4, "AdamW learning rate (constant)")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip")
-    ema_decay: float = _f(0.9999, "EMA decay, updated every optimizer step (not on skipped steps)")
+    batch_size: int = _f(256, "GLOBAL batch size, split over processes", check=AT_LEAST_1)
+    gradient_accumulation_steps: int = _f(
+        1, "micro-batches per optimizer step (global batch = all of them)", check=AT_LEAST_1
+    )
+    learning_rate: float = _f(1e-4, "AdamW learning rate (constant)", check=POSITIVE)
+    adam_beta1: float = _f(0.9, "AdamW beta1", check=Range(0, 1, hi_open=True))
+    adam_beta2: float = _f(0.999, "AdamW beta2", check=Range(0, 1, hi_open=True))
+    adam_weight_decay: float = _f(0.0, "AdamW weight decay", check=NON_NEGATIVE)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", check=POSITIVE)
+    max_grad_norm: float = _f(
+        1.0,
+        "gradient-norm clip (0 = no clipping, as DeepSpeed's gradient_clipping)",
+        check=Range(0, note="0 = no clipping"),
+    )
+    ema_decay: float = _f(0.9999, "EMA decay, updated every optimizer step (not on skipped steps)", check=PROBABILITY)
 
 
 @dataclass
 class RunConfig:
     output_dir: str = _f("exps", "results go to <output_dir>/<exp_name>")
     exp_name: str | None = _f(None, "run name (default: derived from model and encoder)")
-    seed: int = _f(0, "global seed; each process uses seed + rank")
-    max_train_steps: int = _f(400000, "optimizer steps to train")
-    epochs: int = _f(1400, "upper bound on epochs (the loop stops at max_train_steps)")
-    checkpointing_steps: int = _f(50000, "save a checkpoint every N steps (and at the end)")
-    checkpoints_total_limit: int = _f(3, "keep the last N checkpoints (0 = keep all)")
-    sampling_steps: int = _f(10000, "preview grid from the EMA model every N steps (0 = never)")
-    preview_num_steps: int = _f(50, "Euler steps of the preview sampler (reference: 50)")
-    preview_cfg_scale: float = _f(4.0, "CFG scale of the preview sampler (reference: 4.0)")
-    log_every: int = _f(100, "read the on-device loss accumulators and log every N steps")
-    resume_step: int = _f(0, "resume from the checkpoint of this step (reference flag)")
+    seed: int = _f(0, "global seed; each process uses seed + rank", check=NON_NEGATIVE)
+    max_train_steps: int = _f(400000, "optimizer steps to train", check=AT_LEAST_1)
+    epochs: int = _f(1400, "upper bound on epochs (the loop stops at max_train_steps)", check=AT_LEAST_1)
+    checkpointing_steps: int = _f(50000, "save a checkpoint every N steps (and at the end)", check=AT_LEAST_1)
+    checkpoints_total_limit: int = _f(
+        3, "keep the last N checkpoints (0 = keep all)", check=Range(0, note="0 = keep all")
+    )
+    sampling_steps: int = _f(
+        10000, "preview grid from the EMA model every N steps (0 = never)", check=Range(0, note="0 = never")
+    )
+    preview_num_steps: int = _f(50, "Euler steps of the preview sampler (reference: 50)", check=AT_LEAST_1)
+    preview_cfg_scale: float = _f(
+        4.0, "CFG scale of the preview sampler (reference: 4.0)", check=Range(1, note="1 = no guidance")
+    )
+    log_every: int = _f(100, "read the on-device loss accumulators and log every N steps", check=AT_LEAST_1)
+    resume_step: int = _f(
+        0, "resume from the checkpoint of this step (reference flag)", check=Range(0, note="0 = not set")
+    )
     resume: bool = _f(False, "resume from the latest checkpoint in the run directory")
     mixed_precision: str = _f("bf16", "autocast dtype (reference default fp16)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere+")
@@ -119,7 +207,7 @@ class RunConfig:
         "process backend: auto, none, ddp, fsdp, deepspeed",
         choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
     )
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda (device LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -152,10 +240,6 @@ class TrainConfig:
         return {"trainer": self.flat(), **({"deepspeed": self.deepspeed} if self.deepspeed else {})}
 
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message says what to change."""
-
-
 def _checked(section, key: str, value, source: str):
     """``value`` as the field's type (ints widen to float), or a ConfigError naming the option and what it takes."""
     f = next(f for f in dataclasses.fields(section) if f.name == key)
@@ -171,7 +255,14 @@ def _checked(section, key: str, value, source: str):
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{source}: option {key!r} must be one of {list(choices)}, got {value!r}")
+    check = f.metadata.get("check")
+    if check is not None and value is not None and value not in check:
+        raise ConfigError(f"{source}: {_name(key, source)} must be {check}, got {value!r}")
     return value
+
+
+def _name(key: str, source: str) -> str:
+    return "--" + key.replace("_", "-") if source == "command line" else f"option {key!r} (--{key.replace('_', '-')})"
 
 
 def field_specs():
@@ -181,6 +272,12 @@ def field_specs():
         for cls in (ModelConfig, TargetConfig, DataConfig, LossConfig, OptimConfig, RunConfig)
         for f in dataclasses.fields(cls)
     ]
+
+
+def weight_options() -> tuple[str, ...]:
+    """Options that define the weights (field metadata ``weights``): a checkpoint continues only a run agreeing on
+    all of them (``--resume`` compatibility)."""
+    return tuple(name for name, f in field_specs() if f.metadata.get("weights"))
 
 
 # Presets by public name: flat overrides on top of the defaults.
@@ -225,9 +322,21 @@ def load_config_file(path: str) -> tuple[dict, dict | None]:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config {path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict) or not set(raw) <= {"trainer", "deepspeed", "comment"}:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: must be a JSON object with a 'trainer' section, got a {_json_type(raw)}")
+    if not set(raw) <= {"trainer", "deepspeed", "comment"}:
         raise ConfigError(f"--config {path}: top-level keys must be 'trainer' and/or 'deepspeed', got {sorted(raw)}")
+    for section in ("trainer", "deepspeed"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(
+                f"--config {path}: the {section!r} section must be a JSON object "
+                f'({{"option": value, ...}}), got a {_json_type(raw[section])}'
+            )
     return raw.get("trainer", {}), raw.get("deepspeed")
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:

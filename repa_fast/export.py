@@ -12,9 +12,10 @@ import os
 import sys
 
 import torch
-from safetensors.torch import load_file
 
-from repa_fast.engine.checkpoint import CheckpointError, list_checkpoints, step_dir
+from repa_fast import errors
+from repa_fast.engine.checkpoint import CheckpointError, list_checkpoints, load_tensors, step_dir
+from repa_fast.io import atomic_path
 
 
 def find_checkpoint_dir(path: str, step: int = 0) -> str:
@@ -34,13 +35,14 @@ def find_checkpoint_dir(path: str, step: int = 0) -> str:
 
 def export_ref_layout(src: str, out: str, *, step: int = 0, weights: str = "ema") -> str:
     ckpt = find_checkpoint_dir(src, step)
-    sd = load_file(os.path.join(ckpt, f"{weights}.safetensors"))
-    tmp = out + ".tmp"
-    torch.save({"ema": sd}, tmp)
-    os.replace(tmp, out)
+    sd = load_tensors(os.path.join(ckpt, f"{weights}.safetensors"))
+    size = sum(t.numel() * t.element_size() for t in sd.values())
+    with atomic_path(out, size_hint=size, intact=f"{ckpt} is untouched.") as tmp:
+        torch.save({"ema": sd}, tmp)
     return out
 
 
+@errors.entry_point("export")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m repa_fast.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,12 +57,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--step", type=int, default=0, help="checkpoint step (default: latest)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to export")
+    errors.add_debug_flag(p)
     args = p.parse_args(argv)
-    try:
-        path = export_ref_layout(args.src, args.out, step=args.step, weights=args.weights)
-    except CheckpointError as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
+    path = export_ref_layout(args.src, args.out, step=args.step, weights=args.weights)
     print(f"wrote {path}")
     return 0
 

@@ -22,9 +22,10 @@ import sys
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from repa_fast.engine.checkpoint import CheckpointError
+from repa_fast import errors
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, Range
+from repa_fast.engine.checkpoint import CheckpointError, load_tensors
 from repa_fast.export import find_checkpoint_dir
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, save_npz, shard_bounds
@@ -32,6 +33,34 @@ from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, s
 logger = logging.getLogger("repa_fast")
 
 PRESETS = {"paper": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.8, "guidance_low": 0.0, "guidance_high": 0.7}}
+
+# Valid values of the numeric flags (repa_fast.config.Range, as the training options).
+CHECKS = {
+    "num_fid_samples": AT_LEAST_1,
+    "per_proc_batch_size": AT_LEAST_1,
+    "num_steps": AT_LEAST_1,
+    "global_seed": NON_NEGATIVE,
+    "cfg_scale": Range(1, note="1 = no guidance"),
+    "guidance_low": PROBABILITY,
+    "guidance_high": PROBABILITY,
+    "resolution": AT_LEAST_1,
+    "num_classes": AT_LEAST_1,
+    "in_channels": AT_LEAST_1,
+    "latent_scale": Range(0, lo_open=True),
+}
+
+
+def check_args(args) -> None:
+    """Every numeric flag in its range, else a ConfigError naming flag, value and range."""
+    for name, check in CHECKS.items():
+        value = getattr(args, name)
+        if value is not None and value not in check:
+            raise errors.ConfigError(f"--{name.replace('_', '-')} must be {check}, got {value}")
+    if args.guidance_low > args.guidance_high:
+        raise errors.ConfigError(
+            f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}; the guidance "
+            "interval needs low <= high"
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,12 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Accepted for command-line compatibility with generate.py; read from the checkpoint's keys instead.
     for flag in ("--encoder-depth", "--projector-embed-dims", "--qk-norm", "--legacy"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
+    errors.add_debug_flag(p)
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     explicit = {a.dest for a in p._actions if any(g.split("=")[0] in a.option_strings for g in given)}
     for k, v in PRESETS.get(args.preset, {}).items():
         if k not in explicit:
             setattr(args, k, v)
+    check_args(args)
     return args
 
 
@@ -102,7 +133,7 @@ def load_weights(args) -> tuple[dict, dict]:
             with open(cand) as f:
                 config = json.load(f).get("trainer", {})
             break
-    return load_file(os.path.join(ckpt, f"{args.weights}.safetensors")), config
+    return load_tensors(os.path.join(ckpt, f"{args.weights}.safetensors")), config
 
 
 def build_model(args, sd: dict, config: dict) -> torch.nn.Module:
@@ -186,6 +217,7 @@ def generate_shard(args, model, vae, rank: int, world: int, device, latent_scale
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
+@errors.entry_point("generate")
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -225,9 +257,6 @@ def main(argv=None) -> int:
                 if os.path.exists(p):
                     os.remove(p)
             print(f"wrote {path}: {arr.shape}")
-    except CheckpointError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

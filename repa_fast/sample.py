@@ -25,7 +25,6 @@ atomic ``save_npz`` in the ADM evaluator's layout.
 import inspect
 import math
 import os
-import tempfile
 import warnings
 
 import numpy as np
@@ -293,16 +292,9 @@ def save_npz(path: str | os.PathLike, images) -> str:
             f"save_npz({os.fspath(path)!r}): expected uint8 (N, H, W, 3) with N >= 1, got {arr.dtype} {arr.shape}"
             " (decode_to_uint8 gives this layout)"
         )
+    from repa_fast.io import atomic_path
+
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=arr)  # a file object: np.savez would otherwise append ".npz" to the name
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, size_hint=arr.nbytes) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr)  # a file object: np.savez would otherwise append ".npz" to the name
     return path

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from repa_fast.errors import UserError
+
 FLOAT_MOMENT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data: the message names the file (or row), the field and the fix."""
 
 

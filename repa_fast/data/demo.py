@@ -19,11 +19,9 @@ from .common import DataError, LatentDataset
 
 
 def _load_digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise ImportError("the demo dataset needs scikit-learn: pip install 'repa_fast[demo]'") from exc
-    return load_digits()
+    from repa_fast.errors import require
+
+    return require("sklearn.datasets", "demo", "the demo dataset", "scikit-learn").load_digits()
 
 
 def digits_to_uint8(digits: np.ndarray, resolution: int) -> torch.Tensor:

@@ -22,6 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from repa_fast import errors
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, ranged
+from repa_fast.io import TMP_PREFIX, write_error, write_json
+
 from .common import DataError
 from .packed import (
     LATENT_DTYPES,
@@ -35,15 +39,6 @@ from .packed import (
 from .ref_layout import RefFolderDataset
 
 PROGRESS_FILE = "progress.json"
-
-
-def _atomic_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _plan(ds: RefFolderDataset, latent_dtype: str) -> dict:
@@ -71,12 +66,12 @@ def _start_or_resume(tmp: str, plan: dict, specs: dict) -> int:
             )
         return int(progress["done"])
     if os.path.exists(tmp):
-        ours = {spec["file"] for spec in specs.values()} | {PROGRESS_FILE + ".tmp"}
-        if not set(os.listdir(tmp)) <= ours:
+        ours = {spec["file"] for spec in specs.values()}
+        if not {f for f in os.listdir(tmp) if not f.startswith(TMP_PREFIX)} <= ours:
             raise DataError(f"{tmp}: exists and holds files pack did not write; move it away or delete it")
         shutil.rmtree(tmp)  # allocation itself was interrupted: nothing in it is worth keeping
     allocate_fields(tmp, specs)
-    _atomic_json(progress_path, {"plan": plan, "done": 0})
+    write_json(progress_path, {"plan": plan, "done": 0})
     return 0
 
 
@@ -117,6 +112,18 @@ def pack(
     specs = field_specs(len(ds), ds.resolution, ds.latent_shape, dtype)
     plan = _plan(ds, dtype)
     tmp = dst + ".tmp"
+    try:
+        return _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush_every, progress)
+    except OSError as e:  # memory-mapped rows and the index: the work area stays, rerunning continues from it
+        if not errors.is_write_failure(e):
+            raise
+        raise write_error(e.filename or tmp, e, intact=_KEPT.format(tmp=tmp)) from e
+
+
+_KEPT = "The work area {tmp} keeps the rows already written: rerun the same command to continue."
+
+
+def _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush_every, progress) -> dict:
     done = _start_or_resume(tmp, plan, specs)
     arrays = open_fields(tmp, specs, mode="r+")
     loader = DataLoader(Subset(ds, range(done, len(ds))), batch_size=batch_size, num_workers=workers)
@@ -134,7 +141,7 @@ def pack(
         if since_flush >= flush_every or row == len(ds):
             for a in arrays.values():
                 a.flush()  # rows reach the file before the progress file claims them
-            _atomic_json(os.path.join(tmp, PROGRESS_FILE), {"plan": plan, "done": row})
+            write_json(os.path.join(tmp, PROGRESS_FILE), {"plan": plan, "done": row}, intact=_KEPT.format(tmp=tmp))
             since_flush = 0
     bar.close()
     del arrays
@@ -145,6 +152,7 @@ def pack(
     return index
 
 
+@errors.entry_point("pack")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.pack", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -159,32 +167,33 @@ def main(argv=None) -> int:
         default="fp32",
         help="storage dtype of the moments (fp32 = the reference's bits; fp16 halves the size)",
     )
-    p.add_argument("--num-classes", type=int, default=1000, help="labels must lie in [0, num_classes)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding the source files")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--num-classes", type=ranged(int, AT_LEAST_1), default=1000, help="labels must lie in [0, num_classes)"
+    )
+    p.add_argument(
+        "--workers", type=ranged(int, NON_NEGATIVE), default=4, help="DataLoader processes decoding the source files"
+    )
+    p.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=64)
     p.add_argument("--verify", action="store_true", help="fully verify a packed dataset (SHA-256 + every row)")
+    errors.add_debug_flag(p)
     args = p.parse_args(argv)
-    try:
-        if args.verify:
-            if len(args.paths) != 1:
-                p.error("--verify takes exactly one path: the packed dataset")
-            index = verify_packed(args.paths[0], num_classes=args.num_classes)
-            print(f"{args.paths[0]}: OK ({index['count']} samples, all files match their SHA-256)")
-            return 0
-        if len(args.paths) != 2:
-            p.error("expected SRC DST")
-        index = pack(
-            *args.paths,
-            latent_dtype=args.latent_dtype,
-            num_classes=args.num_classes,
-            workers=args.workers,
-            batch_size=args.batch_size,
-        )
-        print(f"{args.paths[1]}: packed {index['count']} samples")
+    if args.verify:
+        if len(args.paths) != 1:
+            p.error("--verify takes exactly one path: the packed dataset")
+        index = verify_packed(args.paths[0], num_classes=args.num_classes)
+        print(f"{args.paths[0]}: OK ({index['count']} samples, all files match their SHA-256)")
         return 0
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if len(args.paths) != 2:
+        p.error("expected SRC DST")
+    index = pack(
+        *args.paths,
+        latent_dtype=args.latent_dtype,
+        num_classes=args.num_classes,
+        workers=args.workers,
+        batch_size=args.batch_size,
+    )
+    print(f"{args.paths[1]}: packed {index['count']} samples")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import os
 import numpy as np
 import torch
 
+from repa_fast.io import write_json
+
 from .common import DataError, LatentDataset, as_item, check_label, check_moments
 
 FORMAT = "repa_fast.packed"
@@ -112,12 +114,7 @@ def write_index(root: str, specs: dict, *, resolution: int, latent_shape, source
         "rows": sample_rows(index["count"]),
         "value": sample_checksum(root, index, arrays),
     }
-    tmp = os.path.join(root, INDEX_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, INDEX_FILE))
+    write_json(os.path.join(root, INDEX_FILE), index, indent=1)
     return index
 
 

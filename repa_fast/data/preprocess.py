@@ -32,6 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repa_fast import errors
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ranged
+from repa_fast.io import write_error, write_json
+
 from .common import DataError
 from .packed import LATENT_DTYPES, allocate_fields, field_specs, open_fields, write_index
 from .ref_layout import FEATURES_DIR, IMAGES_DIR, LABELS_FILE, RefFolderDataset, ref_feature_name, ref_image_name
@@ -114,13 +118,6 @@ class _CropDataset(Dataset):
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{path}: cannot decode source image ({exc}); remove or replace the file") from exc
         return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 class _RefWriter:
@@ -246,7 +243,7 @@ class Job:
         os.makedirs(self.progress, exist_ok=True)
         if self.cfg.layout == "packed":
             allocate_fields(self.work, self.specs)
-        _atomic_json(plan_path, self.plan)  # written last: its presence means the area is ready
+        write_json(plan_path, self.plan)  # written last: its presence means the area is ready
 
     def wait_prepared(self) -> None:
         plan_path = os.path.join(self.progress, "plan.json")
@@ -354,8 +351,8 @@ class Job:
         if self.cfg.layout == "ref":
             for sub, name in ((IMAGES_DIR, ref_image_name), (FEATURES_DIR, ref_feature_name)):
                 labels = [[name(i), lab] for i, lab in enumerate(self.labels)]
-                _atomic_json(os.path.join(self.work, sub, LABELS_FILE), {"labels": labels, "classes": self.classes})
-            _atomic_json(os.path.join(self.work, RECORD_FILE), {"plan": self.plan, "classes": self.classes})
+                write_json(os.path.join(self.work, sub, LABELS_FILE), {"labels": labels, "classes": self.classes})
+            write_json(os.path.join(self.work, RECORD_FILE), {"plan": self.plan, "classes": self.classes})
             shutil.rmtree(self.progress)  # last: from here on the dataset counts as finished
             RefFolderDataset(self.work, num_classes=len(self.classes), resolution=self.cfg.resolution)  # self-check
             return self.work
@@ -377,14 +374,29 @@ class Job:
 def _child(cfg: PreprocessConfig, rank: int, world: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        Job(cfg).run_shards(rank, world)
-    except DataError as exc:
+        _resumable_writes(Job(cfg).run_shards, cfg, rank, world)
+    except errors.RepaFastError as exc:
         print(f"error (worker {rank}): {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+
+
+def _resumable_writes(fn, cfg: PreprocessConfig, *args):
+    """``fn(*args)``; a full disk (or another write failure) becomes a WriteError saying that rerunning resumes."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        if not errors.is_write_failure(e):
+            raise
+        kept = "Finished shards are kept: rerun the same command to continue."
+        raise write_error(e.filename or cfg.dest, e, intact=kept) from e
 
 
 def preprocess(cfg: PreprocessConfig) -> str | None:
     """Run (or resume) a preprocessing job; returns the finished dataset path (None on non-zero ranks)."""
+    return _resumable_writes(_preprocess, cfg, cfg)
+
+
+def _preprocess(cfg: PreprocessConfig) -> str | None:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1 and cfg.workers > 1:
         raise DataError("use either torchrun (WORLD_SIZE > 1) or --workers N, not both")
@@ -427,6 +439,17 @@ _FLAG_HELP = {
 }
 
 
+_FLAG_CHECK = {
+    "resolution": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,
+    "workers": AT_LEAST_1,
+    "loader_workers": NON_NEGATIVE,
+    "shard_size": AT_LEAST_1,
+    "wait_timeout_s": POSITIVE,
+}
+
+
+@errors.entry_point("preprocess")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="ImageNet-style folder: one subfolder of images per class")
@@ -445,19 +468,18 @@ def main(argv=None) -> int:
             choices = sorted(LATENT_DTYPES) if f.name == "latent_dtype" else None
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
-                type=type(f.default),
+                type=ranged(type(f.default), _FLAG_CHECK[f.name]) if f.name in _FLAG_CHECK else type(f.default),
                 default=f.default,
                 choices=choices,
                 help=f"{_FLAG_HELP[f.name]} (default {f.default})",
             )
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images (for a quick subset)")
+    p.add_argument(
+        "--max-images", type=ranged(int, AT_LEAST_1), default=None, help="only the first N images (for a quick subset)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    errors.add_debug_flag(p)
     args = p.parse_args(argv)
-    try:
-        out = preprocess(PreprocessConfig(**vars(args)))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = preprocess(PreprocessConfig(**{k: v for k, v in vars(args).items() if k != "debug"}))
     if out is not None:
         print(f"{out}: done")
     return 0

@@ -28,12 +28,11 @@ def _resolve_vae_dir(path: str) -> str:
 
 def load_vae(path: str, device: torch.device | str = "cpu"):
     """diffusers ``AutoencoderKL`` in fp32, eval mode, frozen, from a local directory only."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as exc:
-        raise ImportError("VAE encoding needs diffusers: pip install 'repa_fast[vae]'") from exc
-    vae = AutoencoderKL.from_pretrained(
-        _resolve_vae_dir(str(path)), local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+    from repa_fast.errors import require
+
+    vae_dir = _resolve_vae_dir(str(path))  # a wrong path is a DataError naming it, also without diffusers
+    vae = require("diffusers", "vae", "--vae (SD-VAE encoding/decoding)").AutoencoderKL.from_pretrained(
+        vae_dir, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
     )  # plain load; no `accelerate` needed
     return vae.eval().requires_grad_(False).to(device)
 

@@ -7,8 +7,9 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/<step:07d>/``:
                         loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference stores an
                         argparse.Namespace that needs ``weights_only=False``)
     rng/rank<r>.pt      RNG states of process r (python, numpy, torch CPU, CUDA)
-Everything is written into ``.tmp-<step>-<pid>/``, fsynced, then renamed: a crash or a full disk mid-save leaves the
-previous checkpoint intact. Older checkpoints beyond ``keep`` are deleted only after the new one is in place.
+Everything is written into ``.tmp-<step>-<pid>/`` (repa_fast.io.atomic_path), fsynced, then renamed: a crash or a
+full disk mid-save leaves the previous checkpoint intact, and a failed save removes its partial files and says so.
+Older checkpoints beyond ``keep`` are deleted only after the new one is in place.
 """
 
 import logging
@@ -21,14 +22,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from repa_fast.config import weight_options
+from repa_fast.errors import CheckpointError, WriteError
+from repa_fast.io import TMP_PREFIX, atomic_path, fsync_dir
+
 logger = logging.getLogger("repa_fast")
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^\d{7,}$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and what to do."""
+class CheckpointWriteError(WriteError, CheckpointError):
+    """Writing a checkpoint failed (exit code of WriteError); the message names what is still intact."""
+
+    exit_code = WriteError.exit_code
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -44,22 +51,6 @@ def list_checkpoints(run_dir: str) -> list[int]:
 
 def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(checkpoint_root(run_dir), f"{step:07d}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(root)
 
 
 def rng_state() -> dict:
@@ -108,37 +99,26 @@ def write_checkpoint(
     keep: int = 0,
 ) -> str:
     """Write checkpoint ``step`` atomically (rank 0 calls this with everything gathered). Returns its path."""
-    root = checkpoint_root(run_dir)
     final = step_dir(run_dir, step)
-    tmp = os.path.join(root, f".tmp-{step:07d}-{os.getpid()}")
-    try:
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        save_file(_contiguous(model_sd), os.path.join(tmp, "model.safetensors"))
-        save_file(_contiguous(ema_sd), os.path.join(tmp, "ema.safetensors"))
-        torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, os.path.join(tmp, "state.pt"))
-        for rank, r in (rng or {}).items():
-            torch.save(r, os.path.join(tmp, "rng", f"rank{rank}.pt"))
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # re-saving a step: move the old one aside first, delete it after
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def intact() -> str:
         previous = [s for s in list_checkpoints(run_dir) if s != step]
-        kept = (
-            f"the previous checkpoint {step_dir(run_dir, previous[-1])} is intact"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {e}; {kept}. Free disk space (or choose another --output-dir) "
-            "and continue with --resume."
-        ) from e
+        if previous:
+            return f"The previous checkpoint {step_dir(run_dir, previous[-1])} is intact (continue with --resume)."
+        return "No earlier checkpoint exists."
+
+    size = _nbytes(model_sd) + _nbytes(ema_sd) + _nbytes(state)
+    try:
+        with atomic_path(final, directory=True, size_hint=size, intact=intact) as tmp:
+            os.makedirs(os.path.join(tmp, "rng"))
+            save_file(_contiguous(model_sd), os.path.join(tmp, "model.safetensors"))
+            save_file(_contiguous(ema_sd), os.path.join(tmp, "ema.safetensors"))
+            torch.save({**state, "step": step, "format_version": FORMAT_VERSION}, os.path.join(tmp, "state.pt"))
+            for rank, r in (rng or {}).items():
+                torch.save(r, os.path.join(tmp, "rng", f"rank{rank}.pt"))
+        fsync_dir(checkpoint_root(run_dir))
+    except WriteError as e:
+        raise CheckpointWriteError(f"checkpoint {step}: {e}") from e.__cause__
     if keep > 0:  # the one just written always stays, whatever newer steps an abandoned timeline left behind
         others = [s for s in list_checkpoints(run_dir) if s != step]
         for old_step in others[: max(len(others) - (keep - 1), 0)]:
@@ -146,12 +126,22 @@ def write_checkpoint(
     return final
 
 
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def clean_stale_tmp(run_dir: str) -> None:
     """Remove temporaries left by a crashed save (they were never renamed, so nothing references them)."""
     root = checkpoint_root(run_dir)
     if os.path.isdir(root):
         for d in os.listdir(root):
-            if d.startswith(".tmp-") or ".old-" in d:
+            if d.startswith(TMP_PREFIX) or ".old-" in d:
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
@@ -168,6 +158,11 @@ def _load_file(path: str, loader):
             f"cannot read checkpoint file {path}: {e}. Resume from an earlier step "
             "(--resume-step) or delete this checkpoint."
         ) from e
+
+
+def load_tensors(path: str) -> dict:
+    """A safetensors file's tensors, or a CheckpointError naming the file (missing, truncated or corrupt)."""
+    return _load_file(path, load_file)
 
 
 def read_checkpoint(path: str, rank: int | None = None) -> dict:
@@ -206,22 +201,9 @@ def resolve_resume(run_dir: str, resume: bool, resume_step: int) -> str | None:
     return None
 
 
-# Options that change the model's weights or function: a checkpoint only continues a run that agrees on all of them.
-ARCH_OPTIONS = (
-    "model",
-    "enc_type",
-    "projector_dim",
-    "qk_norm",
-    "use_rope",
-    "num_classes",
-    "resolution",
-    "encoder_depth",
-    "encoder_grid",
-)
-
-
 def check_compatible(path: str, saved_config: dict, config: dict) -> None:
-    diff = [k for k in ARCH_OPTIONS if k in saved_config and saved_config[k] != config.get(k)]
+    """Refuse to continue a run whose weight-defining options (config field metadata ``weights``) differ."""
+    diff = [k for k in weight_options() if k in saved_config and saved_config[k] != config.get(k)]
     if diff:
         pairs = ", ".join(f"--{k.replace('_', '-')} {saved_config[k]} (this run: {config.get(k)})" for k in diff)
         raise CheckpointError(

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from repa_fast.errors import require
+
 logger = logging.getLogger("repa_fast")
 
 _KEYS = ("loss", "denoising", "alignment", "grad_norm")
@@ -20,6 +22,7 @@ class LossMeter:
         self.sums = torch.zeros(len(_KEYS), device=device, dtype=torch.float64)
         self.counts = torch.zeros(3, device=device, dtype=torch.float64)  # micro-batches, non-finite losses, skipped
         self.steps = 0
+        self.stop_agreed = False  # some process asked to stop (set by read; engine/stop.py)
 
     def add_losses(self, losses: dict) -> None:
         vals = torch.stack([losses[k].detach().double() for k in _KEYS[:3]])
@@ -37,9 +40,15 @@ class LossMeter:
         """Non-finite losses counted since the last read, over all ranks (a sync: call it rarely)."""
         return round(backend.all_reduce_mean(self.counts[1:2].clone()).item() * backend.world_size)
 
-    def read(self, backend) -> dict:
-        """Mean over the interval across ranks, and the interval's non-finite / skipped counts. Resets."""
-        packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts])).tolist()  # the one sync
+    def read(self, backend, stop: bool = False) -> dict:
+        """Mean over the interval across ranks, and the interval's non-finite / skipped counts. Resets.
+
+        ``stop`` (this process got a signal) rides along in the same all-reduce; ``stop_agreed`` is then True on
+        every process if any asked, so all stop after the same step without another collective.
+        """
+        flag = torch.full((1,), float(stop), device=self.sums.device, dtype=self.sums.dtype)
+        packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts, flag])).tolist()  # the one sync
+        self.stop_agreed = self.stop_agreed or packed.pop() > 0
         sums, counts = packed[: len(_KEYS)], packed[len(_KEYS) :]
         out = {k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:3])}  # ratio of rank means = global mean
         out["grad_norm"] = sums[3] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
@@ -48,6 +57,21 @@ class LossMeter:
         self.sums.zero_(), self.counts.zero_()
         self.steps = 0
         return out
+
+
+# --report-to value -> (module, pip extra, package): the one place that knows what each sink needs.
+_SINKS = {
+    "tensorboard": ("torch.utils.tensorboard", "logging", "tensorboard"),
+    "wandb": ("wandb", "wandb", "wandb"),
+}
+
+
+def import_sink(report_to: str):
+    """The module behind a --report-to sink (None for "none"), or a MissingDependency naming the pip extra."""
+    if report_to not in _SINKS:
+        return None
+    module, extra, package = _SINKS[report_to]
+    return require(module, extra, f"--report-to {report_to} (or --report-to none)", package)
 
 
 class LogSinks:
@@ -59,23 +83,11 @@ class LogSinks:
             return
         self.path = os.path.join(run_dir, "log.jsonl")
         self.file = open(self.path, "a", buffering=1)
+        module = import_sink(report_to)
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError(
-                    "--report-to tensorboard needs the tensorboard package: "
-                    "pip install 'repa_fast[logging]' (or --report-to none)"
-                ) from e
-            self.tb = SummaryWriter(os.path.join(run_dir, config.get("logging_dir") or "tensorboard"))
+            self.tb = module.SummaryWriter(os.path.join(run_dir, config.get("logging_dir") or "tensorboard"))
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError as e:
-                raise RuntimeError(
-                    "--report-to wandb needs the wandb package: pip install wandb (or --report-to tensorboard / none)"
-                ) from e
-            self.wandb = wandb.init(
+            self.wandb = module.init(
                 project="repa_fast", name=config.get("exp_name"), config=config, dir=run_dir, resume="allow"
             )
 

@@ -9,13 +9,13 @@ shown as is; latents without a VAE are shown as their first three channels, and 
 import json
 import logging
 import math
-import os
 
 import numpy as np
 import torch
 from PIL import Image
 
 from repa_fast.data.vae import load_vae
+from repa_fast.io import atomic_path
 from repa_fast.sample import class_balanced_labels, decode_to_uint8, euler_sampler
 
 logger = logging.getLogger("repa_fast")
@@ -72,10 +72,8 @@ def save_grid(images: np.ndarray, path: str) -> None:
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img
     scale = max(1, 256 // max(h, w))  # upscale tiny demo images so the PNG is legible
     image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def plot_loss_curve(log_path: str, out_path: str) -> str | None:

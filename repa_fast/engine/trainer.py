@@ -5,7 +5,9 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches per process:
     z_k = encoder_k(image)                           frozen targets under no_grad (§Alignment targets)
     loss = L_den + proj_coeff * L_proj               repa_fast.objective.training_loss (§Losses)
 then unscale (fp16) -> clip -> fused AdamW step (skipped on non-finite gradients) -> EMA (not on skipped steps).
-Losses stay on device and are read every ``log_every`` steps.
+Losses stay on device and are read every ``log_every`` steps. Everything that can refuse a command (options,
+resume compatibility, data, weights) is checked before the first write to the run directory. SIGTERM / SIGINT /
+SIGUSR1 stop the run after the current step with a checkpoint (engine/stop.py).
 """
 
 import logging
@@ -24,6 +26,9 @@ from repa_fast.engine.ema import EMA
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.preview import Previewer, plot_loss_curve
+from repa_fast.engine.stop import StopRequest, ignore_in_worker
+from repa_fast.errors import TrainingStopped
+from repa_fast.io import write_json
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.objective import training_loss
@@ -31,10 +36,6 @@ from repa_fast.objective import training_loss
 logger = logging.getLogger("repa_fast")
 
 AMP_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (--on-nan stop); the message says why and which checkpoint is good."""
 
 
 @dataclass
@@ -49,10 +50,13 @@ class State:
     sampler: ResumableDistributedSampler
     step: int = 0
     nonfinite_total: int = 0
+    stop: StopRequest | None = None  # signals asking for a graceful stop (engine/stop.py)
+    stopped_by: str = ""  # set when the loop ended early on a signal
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns a summary (final step, run directory, last logged metrics).
+def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
+    """Run training as configured; returns a summary (final step, run directory, last logged metrics; after a
+    signal also ``stopped_by``, ``checkpoint`` and ``resume_command``, the command that continues the run).
 
     A collective that fails because another process died or hung (bounded by REPA_FAST_DIST_TIMEOUT) is raised as
     ``PeerFailure``; the process group is destroyed on every exit path.
@@ -60,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
     backend = make_backend(cfg.run.parallel, cfg.run.device, cfg.deepspeed)
     clean = False
     try:
-        summary = _train(cfg, backend)
+        summary = _train(cfg, backend, resume_command or "the same command with --resume")
         clean = True
         return summary
     except Exception as e:
@@ -71,6 +75,15 @@ def train(cfg: TrainConfig) -> dict:
         raise failure from e
     finally:
         backend.shutdown(clean=clean)
+
+
+def check_resume(cfg: TrainConfig, backend: Backend) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its contents, refused before anything is written if it does not fit."""
+    resume_from = ckpt.resolve_resume(run_dir(cfg), cfg.run.resume, cfg.run.resume_step)
+    saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
+    if saved is not None:
+        ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
+    return resume_from, saved
 
 
 def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
@@ -130,6 +143,7 @@ def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.d
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.run.seed + rank),
+        worker_init_fn=ignore_in_worker,
     )
 
 
@@ -213,9 +227,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(cfg: TrainConfig, backend: Backend) -> dict:
-    out = prepare_run_dir(cfg, backend)
-    setup_logging(backend.is_main, out)
+def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
+    setup_logging(backend.is_main)  # stderr only: nothing is written before every check has passed
+    resume_from, saved = check_resume(cfg, backend)
     seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -223,14 +237,13 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     micro = micro_batch_size(cfg, backend.world_size)
     dataset = build_dataset(cfg)
     model, encoders = build_models(cfg, dataset, device)
+    dataset, encoders = build_targets(cfg, dataset, encoders)  # --targets cached: checked against the encoders
+    out = prepare_run_dir(cfg, backend)  # the first write to the run directory
+    setup_logging(backend.is_main, out)
     if backend.is_main:
         save_resolved_config(cfg, out)
         _log_setup(cfg, model, encoders, dataset, backend, micro)
-    dataset, encoders = build_targets(cfg, dataset, encoders)
-    resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
-    saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
-        ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
         backend.load_model_state_dict(model, saved["model"])
     train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
     optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
@@ -248,12 +261,24 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
     previewer = _make_previewer(cfg, dataset, device) if backend.is_main and cfg.run.sampling_steps else None
     try:
-        last = run_loop(cfg, state, backend, loader, encoders, sinks, previewer, out)
+        with StopRequest() as state.stop:
+            last = run_loop(cfg, state, backend, loader, encoders, sinks, previewer, out)
     finally:
         sinks.close()
     if backend.is_main and os.path.exists(os.path.join(out, "log.jsonl")):
         plot_loss_curve(os.path.join(out, "log.jsonl"), os.path.join(out, "loss_curve.png"))
-    return {"step": state.step, "run_dir": out, "metrics": last, "nonfinite_losses": state.nonfinite_total}
+    summary = {"step": state.step, "run_dir": out, "metrics": last, "nonfinite_losses": state.nonfinite_total}
+    if state.stopped_by:
+        summary.update(stopped_by=state.stopped_by, checkpoint=ckpt.step_dir(out, state.step))
+        summary["resume_command"] = resume_command
+        logger.warning(
+            "stopped by %s at step %d, checkpoint %s; continue with: %s",
+            state.stopped_by,
+            state.step,
+            summary["checkpoint"],
+            resume_command,
+        )
+    return summary
 
 
 def _make_previewer(cfg: TrainConfig, dataset, device):
@@ -297,15 +322,10 @@ def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
 
 
 def save_resolved_config(cfg: TrainConfig, out: str) -> None:
-    import json
-
     data = cfg.to_json()
     if "deepspeed" in data:  # derived from batch / (processes x accumulation): the file stays valid at any world size
         data["deepspeed"] = {**data["deepspeed"], "train_micro_batch_size_per_gpu": "auto"}
-    tmp = os.path.join(out, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, os.path.join(out, "config.json"))
+    write_json(os.path.join(out, "config.json"), data, indent=2)
 
 
 def get_batch(data_iter, device, need_images: bool = True):
@@ -354,7 +374,8 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
 
 
 def optimizer_step(cfg: TrainConfig, state: State, backend: Backend, meter: LossMeter) -> None:
-    grad_norm, skipped = backend.clip_and_step(state.model, cfg.optim.max_grad_norm, state.scaler)
+    max_norm = cfg.optim.max_grad_norm or float("inf")  # 0 = no clipping (the norm is still computed and logged)
+    grad_norm, skipped = backend.clip_and_step(state.model, max_norm, state.scaler)
     backend.update_ema(state.ema, state.model, cfg.optim.ema_decay, skipped)
     meter.add_step(grad_norm, skipped)
     state.sampler.advance()
@@ -380,14 +401,15 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
         progress.update(1)
         step = state.step
         if step % cfg.run.log_every == 0 or step == cfg.run.max_train_steps:
-            metrics = meter.read(backend)  # the interval's one host sync
+            metrics = meter.read(backend, stop=state.stop is not None and state.stop.requested)  # the one sync
             now = time.perf_counter()
             metrics["img_per_s"] = (step - step_last) * cfg.optim.batch_size / (now - t_last)
             t_last, step_last, last_metrics = now, step, metrics
             _check_nonfinite(cfg, state, metrics, out)
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
-        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps
+        stopping = _stop_agreed(state, backend, meter) and step < cfg.run.max_train_steps
+        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps or stopping
         preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
         if (save_due or preview_due) and backend.device.type == "cuda":
             torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
@@ -407,8 +429,18 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
                 )
                 sinks.add_image("samples", path, step)
         t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
+        if stopping:
+            state.stopped_by = state.stop.name or "a signal to another process"
+            break
     progress.close()
     return last_metrics
+
+
+def _stop_agreed(state: State, backend: Backend, meter: LossMeter) -> bool:
+    """One process stops after any step; several stop together at the --log-every read (engine/stop.py)."""
+    if backend.world_size == 1:
+        return state.stop is not None and state.stop.requested
+    return meter.stop_agreed
 
 
 def _next_batch(data_iter, device, need_images):

@@ -211,7 +211,7 @@ def test_train_py_is_thin():
         ({"path_type": "edm"}, r"'path_type' must be one of"),
         ({"batch_size": "64"}, r"'batch_size' takes a int, got '64'"),
         ({"qk_norm": 1}, r"'qk_norm' takes a bool, got 1"),
-        ({"preview_cfg_scale": 0.5}, r"--preview-cfg-scale >= 1"),
+        ({"preview_cfg_scale": 0.5}, r"'preview_cfg_scale' \(--preview-cfg-scale\) must be >= 1 \(1 = no guidance\)"),
     ],
 )
 def test_config_file_values_are_type_and_choice_checked(tmp_path, capsys, trainer, message):
