@@ -20,6 +20,9 @@ from repa_fast.config import (
     micro_batch_size,
 )
 
+# Options that ERW's train.py spells with an underscore (LINs-lab/ERW train.py:50); both spellings are accepted.
+UNDERSCORE_ALIASES = ("use_rope",)
+
 
 def _arg_type(f):
     hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))  # noqa: S307 (own annotations)
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = typ
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+        flags = ["--" + name.replace("_", "-")]
+        if name in UNDERSCORE_ALIASES:  # ERW's spelling (--use_rope / --no-use_rope) besides ours
+            flags.append("--" + name)
+        p.add_argument(*flags, **kw)
     return p
 
 
@@ -120,12 +126,46 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--cfg-prob must be in [0, 1), got {m.cfg_prob}")
     if r.resume and r.resume_step:
         raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
+    _validate_recipe(cfg, depth)
     if cfg.data.dataset == "auto" and not cfg.data.data_dir:
         raise ConfigError(
             "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
             "demo with `python train.py` (or --preset demo)"
         )
     micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
+    """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
+    m, loss, r = cfg.model, cfg.loss, cfg.run
+    for flag, value in [("--warmup-steps", loss.warmup_steps), ("--align-stop-step", loss.align_stop_step)]:
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if loss.proj_half_life < 1:
+        raise ConfigError(f"--proj-half-life must be >= 1, got {loss.proj_half_life}")
+    if loss.warmup_steps:
+        if loss.warmup_steps >= r.max_train_steps:
+            raise ConfigError(
+                f"--warmup-steps {loss.warmup_steps} leaves no full training before --max-train-steps "
+                f"{r.max_train_steps}; use fewer warm-up steps or more training steps"
+            )
+        if not 1 <= m.l2r_depth <= depth:
+            raise ConfigError(f"--l2r-depth {m.l2r_depth} is outside 1..{depth} for {m.model}")
+        if not cfg.target.enc_type or loss.proj_coeff == 0:
+            raise ConfigError(
+                "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
+            )
+        if r.parallel in ("fsdp", "deepspeed"):
+            raise ConfigError(
+                f"--warmup-steps with --parallel {r.parallel}: the ERW phase change rebuilds the parallel wrapper, "
+                "which this release does for --parallel none/ddp/auto only; use --parallel ddp"
+            )
+    if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
+        raise ConfigError(
+            f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
+        )
+    if r.init_from and (r.resume or r.resume_step):
+        raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
 
 
 def main(argv=None) -> int:
@@ -136,7 +176,9 @@ def main(argv=None) -> int:
         cfg, dry_run = resolve_config(argv)
         if dry_run:
             if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
-                print(json.dumps(cfg.to_json(), indent=2))
+                from repa_fast.recipe import build_recipe
+
+                print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))
             return 0
         from repa_fast.engine.parallel import PeerFailure
         from repa_fast.engine.trainer import TrainingStopped, train

@@ -27,7 +27,8 @@ from repa_fast.engine.parallel import Backend, make_backend
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit
-from repa_fast.objective import training_loss
+from repa_fast.objective import training_loss, warmup_loss
+from repa_fast.recipe import Phase, Recipe, build_recipe
 
 logger = logging.getLogger("repa_fast")
 
@@ -50,6 +51,9 @@ class State:
     sampler: ResumableDistributedSampler
     step: int = 0
     nonfinite_total: int = 0
+    recipe: Recipe | None = None  # which phase each step is in (repa_fast.recipe)
+    phase: Phase | None = None  # the phase the wrapper, optimizer and EMA were built for
+    fixed: frozenset = frozenset()  # parameters that never train (pos_embed)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -183,16 +187,17 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
         ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
         backend.load_model_state_dict(model, saved["model"])
-    train_model = backend.wrap(model, build_optimizer(cfg, model))
-    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
-    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    recipe = build_recipe(cfg)
+    phase = recipe.phase(int(saved["state"]["step"]) if saved else 0)
+    fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+    train_model, optimizer, ema = enter_phase(cfg, backend, model, phase, fixed)
     seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
     use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     sampler = ResumableDistributedSampler(
         len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
     )
-    state = State(model, train_model, ema, optimizer, scaler, sampler)
+    state = State(model, train_model, ema, optimizer, scaler, sampler, recipe=recipe, phase=phase, fixed=fixed)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
     if cfg.model.compile:
@@ -217,6 +222,36 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if backend.is_main and os.path.exists(os.path.join(out, "log.jsonl")):
         plot_loss_curve(os.path.join(out, "log.jsonl"), os.path.join(out, "loss_curve.png"))
     return {"step": state.step, "run_dir": out, "metrics": last, "nonfinite_losses": state.nonfinite_total}
+
+
+def enter_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
+    """Freeze what the phase does not train, then wrap for it: (train_model, optimizer, ema).
+
+    The wrapper and a fresh optimizer are built over the phase's trainable set only (DDP and ZeRO reject parameters
+    that get no gradient), and the EMA starts from the current weights, as ERW's full phase does
+    (LINs-lab/ERW train.py:604-660: fresh AdamW, EMA initialised from the warmed-up weights).
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in fixed and phase.trains(name))
+    train_model = backend.wrap(model, build_optimizer(cfg, model))
+    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
+    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    return train_model, optimizer, ema
+
+
+def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase) -> None:
+    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase."""
+    state.train_model = state.optimizer = state.ema = None  # release the old wrapper (and its DDP hooks) first
+    state.train_model, state.optimizer, state.ema = enter_phase(cfg, backend, state.model, phase, state.fixed)
+    state.train_model.train()
+    state.phase = phase
+    n = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+    logger.info(
+        "step %d: phase %s (%.2fM trainable params): fresh optimizer, EMA restarts from the weights",
+        state.step,
+        phase.name,
+        n / 1e6,
+    )
 
 
 def _make_previewer(cfg: TrainConfig, dataset, device):
@@ -287,25 +322,39 @@ def sample_posterior(moments: torch.Tensor, scale: float) -> torch.Tensor:
 def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders, amp_dtype, last: bool) -> dict:
     """Forward and backward of one micro-batch; returns the (device) loss dict."""
     image, moments, labels = batch
+    phase = state.phase
     x0 = sample_posterior(moments, cfg.data.latent_scale)
     with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        targets = [enc(image) for enc in encoders]
+        targets = [enc(image) for enc in encoders] if phase.align else []
     if cfg.model.legacy:  # reference --legacy: labels dropped here and again inside the model
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
+    weight = phase.align_weight(state.step)  # a host float from the step: no sync
     with backend.no_sync(state.train_model, last):
-        losses = training_loss(
-            state.train_model,
-            x0,
-            labels,
-            targets,
-            path_type=cfg.loss.path_type,
-            prediction=cfg.loss.prediction,
-            weighting=cfg.loss.weighting,
-            proj_coeff=cfg.loss.proj_coeff,
-            autocast_dtype=amp_dtype,
-            kernels=cfg.model.kernels,
-        )
+        if phase.clean_input:  # ERW warm-up
+            losses = warmup_loss(
+                state.train_model,
+                x0,
+                labels,
+                targets,
+                num_blocks=phase.num_blocks,
+                proj_coeff=weight,
+                autocast_dtype=amp_dtype,
+                kernels=cfg.model.kernels,
+            )
+        else:
+            losses = training_loss(
+                state.train_model,
+                x0,
+                labels,
+                targets,
+                path_type=cfg.loss.path_type,
+                prediction=cfg.loss.prediction,
+                weighting=cfg.loss.weighting,
+                proj_coeff=weight,
+                autocast_dtype=amp_dtype,
+                kernels=cfg.model.kernels,
+            )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
 
@@ -327,6 +376,9 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
     data_iter = iter(loader)
     state.train_model.train()
     while state.step < cfg.run.max_train_steps and state.sampler.epoch < cfg.run.epochs:
+        phase = state.recipe.phase(state.step)
+        if phase is not state.phase:
+            change_phase(cfg, state, backend, phase)
         for i in range(accum):
             batch = _next_batch(data_iter, backend.device, bool(encoders))
             if batch is None:  # epoch over (the sampler has already rolled to the next one)
@@ -345,7 +397,8 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
             _check_nonfinite(cfg, state, metrics, out)
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
-        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps
+        boundary = step in state.recipe.boundaries()  # the end of a phase is always saved
+        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps or boundary
         preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
         if (save_due or preview_due) and backend.device.type == "cuda":
             torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
@@ -423,6 +476,7 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
             "config": cfg.flat(),
             "world_size": backend.world_size,
             "nonfinite_total": state.nonfinite_total,
+            "phase": state.phase.name,
         }
         path = ckpt.write_checkpoint(
             out,
@@ -438,9 +492,21 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
 
 
 def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
-    """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG."""
-    backend.load_ema_state_dict(state.ema, saved["ema"])
-    backend.load_optimizer_state_dict(state.model, saved["state"]["optimizer"])
+    """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG.
+
+    A checkpoint written at the end of a phase (``phase`` differs from the step's) continues into the next phase as
+    an uninterrupted run does: weights only, EMA from the weights and a fresh optimizer.
+    """
+    if saved["state"].get("phase", state.phase.name) == state.phase.name:
+        backend.load_ema_state_dict(state.ema, saved["ema"])
+        backend.load_optimizer_state_dict(state.model, saved["state"]["optimizer"])
+    else:
+        logger.info(
+            "%s ends phase %s: phase %s starts from its weights (EMA restarts from them, fresh optimizer)",
+            path,
+            saved["state"]["phase"],
+            state.phase.name,
+        )
     if state.scaler is not None and saved["state"].get("scaler"):
         state.scaler.load_state_dict(saved["state"]["scaler"])
     state.sampler.load_state_dict(saved["state"]["sampler"])
