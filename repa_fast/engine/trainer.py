@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
+from repa_fast.engine import compat
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.faults import maybe_kill
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
@@ -182,12 +183,18 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     if backend.is_main:
         save_resolved_config(cfg, out)
         _log_setup(cfg, model, encoders, dataset, backend, micro)
-    resume_from = ckpt.resolve_resume(out, cfg.run.resume, cfg.run.resume_step)
-    saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
+    recipe = build_recipe(cfg)
+    resume_from, foreign = compat.resolve_any_resume(out, cfg.run.resume, cfg.run.resume_step)
+    if foreign:  # a reference / ERW .pt file (read without unpickling anything but argparse.Namespace)
+        saved = compat.read_as_saved(resume_from, model, cfg.run.resume_step, lambda s: recipe.phase(s).name)
+    else:
+        saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
         ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
         backend.load_model_state_dict(model, saved["model"])
-    recipe = build_recipe(cfg)
+    elif cfg.run.init_from:  # a new run (step 0) from existing weights; the EMA starts from them
+        backend.load_model_state_dict(model, compat.init_weights(cfg.run.init_from, model))
+        logger.info("initialised the model from %s", cfg.run.init_from)
     phase = recipe.phase(int(saved["state"]["step"]) if saved else 0)
     fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
     train_model, optimizer, ema = enter_phase(cfg, backend, model, phase, fixed)
@@ -509,8 +516,12 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
         )
     if state.scaler is not None and saved["state"].get("scaler"):
         state.scaler.load_state_dict(saved["state"]["scaler"])
-    state.sampler.load_state_dict(saved["state"]["sampler"])
     state.step = int(saved["state"]["step"])
+    if saved["state"].get("foreign"):  # the reference saved no data position or RNG: fresh, distinct streams
+        seed_everything(int(saved["state"]["step"]) * 1_000_003 + backend.rank)
+        logger.info("resumed from %s at step %d (data order restarts at epoch 0)", path, state.step)
+        return
+    state.sampler.load_state_dict(saved["state"]["sampler"])
     state.nonfinite_total = int(saved["state"].get("nonfinite_total", 0))
     same_world = int(saved["state"].get("world_size", 1)) == backend.world_size
     if "rng" in saved and same_world:
