@@ -55,7 +55,7 @@ class DataConfig:
     num_classes: int = _f(1000, "number of classes (the null class is num_classes)")
     num_workers: int = _f(4, "DataLoader workers per process")
     latent_scale: float = _f(0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space")
-    vae: str | None = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
+    vae: str | None = _f(None, "VAE to decode preview samples: ema, mse, a hub id or a local diffusers directory")
 
 
 @dataclass

@@ -413,7 +413,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="ImageNet-style folder: one subfolder of images per class")
     p.add_argument("--dest", required=True, help="output dataset directory")
-    p.add_argument("--vae", required=True, help="local diffusers directory of stabilityai/sd-vae-ft-mse")
+    p.add_argument(
+        "--vae",
+        required=True,
+        help="mse (stabilityai/sd-vae-ft-mse, as the reference), ema, a hub id or a local diffusers directory",
+    )
     p.add_argument("--layout", choices=["ref", "packed"], default="ref")
     for f in dataclasses.fields(PreprocessConfig):
         if f.name in _FLAG_HELP:
