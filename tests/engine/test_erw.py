@@ -141,3 +141,57 @@ def test_kill_and_resume_across_the_erw_boundary_is_bitwise(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "ends phase warmup" in resumed.stderr
     _assert_same(_final(run_a, 6), _final(str(c / "run"), 6))
+
+
+def _foreign_file(path, sd, *, steps, opt=None, **args):
+    import argparse
+
+    blob = {"model": sd, "ema": sd, "args": argparse.Namespace(**args), "steps": steps}
+    if opt is not None:
+        blob["opt"] = opt
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(blob, path)
+
+
+def test_erw_release_warmup_file_starts_the_full_phase_and_reference_files_resume(tmp_path):
+    from repa_fast.engine import trainer as T
+
+    cfg = tiny_cfg(tmp_path, *ERW, steps=4)
+    T.seed_everything(cfg.run.seed)
+    model, _ = T.build_models(cfg, T.build_dataset(cfg), torch.device("cpu"))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    # ERW's released warm-up file: blocks < l2r-depth, embedders, projectors; no final layer. Weights moved by +0.5.
+    warm = {k: v + 0.5 for k, v in init.items() if k.startswith(WARM_PREFIXES) or k == "pos_embed"}
+    warm["pos_embed"] = init["pos_embed"]
+    run = os.path.join(cfg.run.output_dir, cfg.run.exp_name)
+    _foreign_file(os.path.join(run, "checkpoints", "0000003.pt"), warm, steps=3, model=cfg.model.model, use_rope=False)
+    summary = T.train(tiny_cfg(tmp_path, *ERW, "--resume-step", 3, steps=4))
+    assert summary["step"] == 4
+    log = open(os.path.join(run, "train.log")).read()
+    assert "ends phase warmup" in log and "not restored: data position, RNG streams" in log
+    after = load_file(os.path.join(ckpt.step_dir(run, 4), "model.safetensors"))
+    k_warm, k_rest = "blocks.1.mlp.fc1.weight", "blocks.4.mlp.fc1.weight"
+    assert (after[k_warm] - warm[k_warm]).abs().max() < 0.01 < 0.4 < (after[k_warm] - init[k_warm]).abs().min()
+    assert (after[k_rest] - init[k_rest]).abs().max() < 0.01  # one step from the fresh init
+    assert torch.load(os.path.join(ckpt.step_dir(run, 4), "state.pt"), weights_only=True)["phase"] == "full"
+
+    # A reference train.py checkpoint (full model, index-keyed AdamW with frozen pos_embed) resumes with its moments.
+    ref_out = tmp_path / "ref"
+    cfg_r = tiny_cfg(ref_out, steps=3)
+    T.seed_everything(1)
+    ref_model, _ = T.build_models(cfg_r, T.build_dataset(cfg_r), torch.device("cpu"))
+    opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
+    for p in ref_model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    ref_run = os.path.join(cfg_r.run.output_dir, cfg_r.run.exp_name)
+    _foreign_file(os.path.join(ref_run, "checkpoints", "0000002.pt"), ref_model.state_dict(), steps=2,
+                  opt=opt.state_dict(), model=cfg_r.model.model)  # fmt: skip
+    assert T.train(tiny_cfg(ref_out, "--resume-step", 2, steps=3))["step"] == 3
+    saved = torch.load(os.path.join(ckpt.step_dir(ref_run, 3), "state.pt"), weights_only=True)
+    w = ref_model.get_parameter(k_warm)
+    # Two AdamW steps in all: the reference's step and ours (the moments continued, not restarted).
+    assert int(saved["optimizer"]["state"][k_warm]["step"]) == 2
+    assert "pos_embed" not in saved["optimizer"]["state"]
+    assert not torch.equal(saved["optimizer"]["state"][k_warm]["exp_avg"], torch.zeros_like(w))
