@@ -173,6 +173,7 @@ def seed_everything(seed: int) -> None:
 def _train(cfg: TrainConfig, backend: Backend) -> dict:
     out = prepare_run_dir(cfg, backend)
     setup_logging(backend.is_main, out)
+    _report_launcher(cfg, backend)
     seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -259,6 +260,21 @@ def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase)
         phase.name,
         n / 1e6,
     )
+
+
+def _report_launcher(cfg: TrainConfig, backend: Backend) -> None:
+    """`accelerate launch` (REPA's README launcher) sets the same RANK/WORLD_SIZE/LOCAL_RANK as torchrun; its
+    mixed-precision setting is not ours to follow: a disagreement is reported and --mixed-precision wins."""
+    acc = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if backend.is_main and acc and acc != "no" and acc != cfg.run.mixed_precision:
+        logger.warning(
+            "ACCELERATE_MIXED_PRECISION=%s (from accelerate launch) differs from --mixed-precision %s: training uses "
+            "--mixed-precision %s; pass --mixed-precision %s to train in accelerate's precision",
+            acc,
+            cfg.run.mixed_precision,
+            cfg.run.mixed_precision,
+            acc,
+        )
 
 
 def _make_previewer(cfg: TrainConfig, dataset, device):
