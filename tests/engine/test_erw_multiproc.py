@@ -13,6 +13,7 @@ from .helpers import tiny_args
 
 pytestmark = pytest.mark.multiproc
 
+TRAIN = os.path.join(H.REPO, "train.py")  # the real entry point, as users launch it
 ERW = ["--warmup-steps", 2, "--l2r-depth", 2, "--encoder-depth", 3, "--proj-coeff-schedule", "exp"]
 
 
@@ -39,10 +40,10 @@ def _assert_bitwise(a, b):
 def test_accelerate_launch_equals_torchrun_and_ddp_resumes_across_the_boundary(tmp_path):
     if shutil.which("accelerate", path=H.BIN) is None:
         pytest.skip("accelerate is not installed (pip install accelerate; it is in the [dev] extra)")
-    H.check_ok(H.torchrun(_args(tmp_path / "tr")))
+    H.check_ok(H.torchrun(_args(tmp_path / "tr"), script=TRAIN))
     acc = H._run(
         [os.path.join(H.BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "fp16", "--main_process_port", str(H.free_port()), H.ENTRY, *_args(tmp_path / "acc")]
+         "--mixed_precision", "fp16", "--main_process_port", str(H.free_port()), TRAIN, *_args(tmp_path / "acc")]
     )  # fmt: skip
     H.check_ok(acc)
     assert "ACCELERATE_MIXED_PRECISION=fp16" in acc.stderr and "training uses --mixed-precision no" in acc.stderr
@@ -54,7 +55,7 @@ def test_accelerate_launch_equals_torchrun_and_ddp_resumes_across_the_boundary(t
     _assert_bitwise(final, _state(tmp_path / "acc" / "run", 4))
 
     # Killed after step 2 (the boundary) before its save: the resumed DDP run rebuilds its wrapper live.
-    killed = H.torchrun(_args(tmp_path / "k"), {"REPA_FAST_FAULT": "after_step:2"})
+    killed = H.torchrun(_args(tmp_path / "k"), {"REPA_FAST_FAULT": "after_step:2"}, script=TRAIN)
     assert killed.returncode != 0 and ckpt.list_checkpoints(str(tmp_path / "k" / "run")) == [1]
-    H.check_ok(H.torchrun(_args(tmp_path / "k", "--resume")))
+    H.check_ok(H.torchrun(_args(tmp_path / "k", "--resume"), script=TRAIN))
     _assert_bitwise(final, _state(tmp_path / "k" / "run", 4))
