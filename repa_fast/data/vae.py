@@ -14,7 +14,7 @@ from .common import DataError
 VAE_HELP = (
     "pass --vae ema or mse (stabilityai/sd-vae-ft-ema|mse from the Hugging Face hub or its local cache), another "
     "hub id, or a local diffusers directory (config.json + diffusion_pytorch_model.safetensors), e.g. from "
-    "`huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir PATH`"
+    "`huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir PATH` and --vae PATH"
 )
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # The reference's --vae names (REPA generate.py: AutoencoderKL.from_pretrained(f"stabilityai/sd-vae-ft-{vae}")).
@@ -41,8 +41,8 @@ def resolve_vae(spec: str) -> str:
     if os.path.isdir(spec):
         return _resolve_vae_dir(spec)
     repo = VAE_ALIASES.get(spec, spec)
-    if repo.count("/") != 1 or repo.startswith((".", "/")):
-        raise DataError(f"--vae {spec}: no such directory and not a hub id; {VAE_HELP}")
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or os.path.exists(os.path.dirname(repo) or "."):
+        raise DataError(f"{spec}: no VAE weights in diffusers layout (no such directory, not a hub id); {VAE_HELP}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
