@@ -82,6 +82,11 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
         cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)
+        if cfg.loss.warmup_steps and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError(
+                f"{where}: --warmup-steps with ZeRO stage 3: the ERW phase change rebuilds the engine over the new "
+                "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
+            )
     return cfg, dry_run
 
 
@@ -155,10 +160,11 @@ def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
             raise ConfigError(
                 "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
             )
-        if r.parallel in ("fsdp", "deepspeed"):
+        if r.parallel == "fsdp":
             raise ConfigError(
-                f"--warmup-steps with --parallel {r.parallel}: the ERW phase change rebuilds the parallel wrapper, "
-                "which this release does for --parallel none/ddp/auto only; use --parallel ddp"
+                "--warmup-steps with --parallel fsdp: the ERW phase change rebuilds the parallel wrapper over the "
+                "new trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp "
+                "or deepspeed with ZeRO stage 1/2"
             )
     if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
         raise ConfigError(

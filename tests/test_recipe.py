@@ -113,6 +113,7 @@ def test_erw_flag_spellings_are_accepted():
         (["--warmup-steps", "5", "--l2r-depth", "99"], "--l2r-depth 99"),
         (["--warmup-steps", "5", "--proj-coeff", "0"], "needs --enc-type"),
         (["--warmup-steps", "5", "--align-stop-step", "3"], "must be after --warmup-steps"),
+        (["--warmup-steps", "5", "--parallel", "fsdp"], "use --parallel ddp or deepspeed with ZeRO stage 1/2"),
     ],
 )
 def test_bad_recipe_options_are_config_errors(extra, words):

@@ -59,3 +59,27 @@ def test_accelerate_launch_equals_torchrun_and_ddp_resumes_across_the_boundary(t
     assert killed.returncode != 0 and ckpt.list_checkpoints(str(tmp_path / "k" / "run")) == [1]
     H.check_ok(H.torchrun(_args(tmp_path / "k", "--resume"), script=TRAIN))
     _assert_bitwise(final, _state(tmp_path / "k" / "run", 4))
+
+
+def test_zero2_resumes_across_the_erw_boundary_bitwise(tmp_path):
+    pytest.importorskip("deepspeed")
+    ds = ["--parallel", "deepspeed", "--config", H.ds_config(tmp_path / "z2.json", 2)]
+    args = lambda out, *x: _args(out, *x, *ds)  # noqa: E731  (the later --parallel wins)
+    H.check_ok(H.torchrun(args(tmp_path / "a"), script=TRAIN))
+    straight = _state(tmp_path / "a" / "run", 4)
+    assert straight["state"]["phase"] == "full" and len(straight["state"]["optimizer"]["state"]) > 20
+    killed = H.torchrun(args(tmp_path / "b"), {"REPA_FAST_FAULT": "after_step:2"}, script=TRAIN)
+    assert killed.returncode != 0 and ckpt.list_checkpoints(str(tmp_path / "b" / "run")) == [1]
+    H.check_ok(H.torchrun(args(tmp_path / "b", "--resume"), script=TRAIN))
+    _assert_bitwise(straight, _state(tmp_path / "b" / "run", 4))
+
+
+def test_single_process_accelerate_launch_runs_single_process(tmp_path):
+    if shutil.which("accelerate", path=H.BIN) is None:
+        pytest.skip("accelerate is not installed (pip install accelerate; it is in the [dev] extra)")
+    out = H._run(
+        [os.path.join(H.BIN, "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", TRAIN, *tiny_args(tmp_path, "--mixed-precision", "no", steps=1, ckpt_every=1)]
+    )  # fmt: skip
+    H.check_ok(out)
+    assert "1 process(es) [none]" in out.stderr and "ACCELERATE_MIXED_PRECISION" not in out.stderr
