@@ -5,7 +5,11 @@
         --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7            # = --preset paper
 
 ``--ckpt`` takes a repa_fast run or checkpoint directory (its config.json supplies model, resolution and classes),
-or a reference-layout ``{'ema': state_dict}`` file (then pass --model/--resolution like generate.py). Defaults are
+a reference/ERW train.py checkpoint, REPA's released last.pt (a bare state dict) or an exported ``{'ema': ...}``
+file (then pass --model like generate.py; files are read with weights_only, argparse.Namespace the only class).
+``--vae ema|mse`` is stabilityai/sd-vae-ft-ema|mse (hub or local cache) as in generate.py, or a local directory;
+it is loaded before the first sample. ``--legacy`` remaps decoder_blocks.* keys; RoPE (ERW) comes from the file's
+saved args, else ``--use-rope``, else config.json, and the choice is printed. Defaults are
 generate.py's (ode, 50 steps, cfg 1.5); ``--preset paper`` sets REPA's README evaluation (SDE, 250 steps, cfg 1.8,
 guidance interval [0, 0.7]). Differences from generate.py, on purpose: images are rounded, not truncated
 (``--rounding truncate`` restores it); labels are class-balanced (``--labels random`` restores generate.py's draws);

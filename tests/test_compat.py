@@ -102,6 +102,10 @@ def test_erw_warmup_file_is_recognised_by_its_keys_and_completed_with_the_init(t
     os.makedirs(tmp_path / "run" / "checkpoints")
     os.replace(tmp_path / "0000005.pt", tmp_path / "run" / "checkpoints" / "warmup_final.pt")
     assert compat.find_foreign_resume(str(tmp_path / "run"), 5).endswith("warmup_final.pt")
+    os.replace(tmp_path / "run" / "checkpoints" / "warmup_final.pt", tmp_path / "run" / "checkpoints" / "erw_100k.pt")
+    assert compat.find_foreign_resume(str(tmp_path / "run"), 5).endswith("erw_100k.pt")  # any name: by its keys
+    assert compat.find_foreign_resume(str(tmp_path / "run"), 6) is None  # another step
+    os.replace(tmp_path / "run" / "checkpoints" / "erw_100k.pt", tmp_path / "run" / "checkpoints" / "warmup_final.pt")
     assert generate_main(["--ckpt", str(tmp_path / "run" / "checkpoints" / "warmup_final.pt"), "--model", "x"]) == 2
     assert "ERW warm-up checkpoint" in capsys.readouterr().err
 

@@ -202,11 +202,13 @@ def find_foreign_resume(run_dir: str, step: int) -> str | None:
     for name in (f"{step:07d}.pt", f"warmup_{step:07d}.pt"):
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
-    final = os.path.join(root, "warmup_final.pt")  # ERW's end-of-warm-up file, recognised by its step and keys
-    if os.path.isfile(final):
-        f = read_foreign(final)
+    # ERW's warm-up files under any other name (warmup_final.pt, a renamed release), recognised by their keys and
+    # saved step; read only when no name matched.
+    others = sorted(n for n in os.listdir(root) if n.endswith(".pt")) if os.path.isdir(root) else []
+    for name in sorted(others, key=lambda n: n != "warmup_final.pt"):
+        f = read_foreign(os.path.join(root, name))
         if f["kind"] == "erw-warmup" and f["step"] == step:
-            return final
+            return os.path.join(root, name)
     return None
 
 
