@@ -66,9 +66,10 @@ class LossConfig:
     proj_coeff: float = _f(0.5, "weight of the alignment loss (lambda); ERW: the warm-up phase's weight")
     warmup_steps: int = _f(0, "ERW representation warm-up steps before full training (0 = plain REPA)")
     proj_coeff_schedule: str = _f(
-        "constant",
-        "alignment weight over the full phase: constant, exp (ERW's 2^(-s/half-life)), cosine (to 0 at the end)",
-        choices=("constant", "exp", "cosine"),
+        "auto",
+        "alignment weight over the full phase: constant, exp (ERW's 2^(-s/half-life)), cosine (to 0 at the end); "
+        "auto = exp with --warmup-steps > 0 (ERW's command line gives ERW's recipe), else constant",
+        choices=("auto", "constant", "exp", "cosine"),
     )
     proj_coeff_start: float | None = _f(
         None, "alignment weight at the start of the full phase (default: --proj-coeff; ERW exp: 6 XL, 3 L, 1 other)"
@@ -226,7 +227,6 @@ PRESETS["erw"] = {
     "l2r_depth": 4,
     "use_rope": True,
     "warmup_steps": 100000,
-    "proj_coeff_schedule": "exp",
     "max_train_steps": 300000,
     "checkpointing_steps": 10000,
     "mixed_precision": "fp16",
@@ -238,7 +238,6 @@ PRESETS["erw-demo"] = {
     "l2r_depth": 2,
     "use_rope": True,
     "warmup_steps": 100,
-    "proj_coeff_schedule": "exp",
     "proj_half_life": 150,
     "max_train_steps": 400,
     "checkpointing_steps": 100,

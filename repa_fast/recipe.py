@@ -153,10 +153,13 @@ def build_recipe(cfg) -> Recipe:
                 trainable_prefixes=WARMUP_MODULES + blocks,
             )
         )
+    schedule = loss.proj_coeff_schedule
+    if schedule == "auto":  # ERW's command line (--warmup-steps) gives ERW's decay, REPA's gives a constant
+        schedule = "exp" if warm > 0 else "constant"
     c0 = loss.proj_coeff_start
     if c0 is None:
-        c0 = erw_c0(m.model) if warm > 0 and loss.proj_coeff_schedule == "exp" else loss.proj_coeff
-    weight = Weight(c0, loss.proj_coeff_schedule, warm, total, float(loss.proj_half_life))
+        c0 = erw_c0(m.model) if warm > 0 and schedule == "exp" else loss.proj_coeff
+    weight = Weight(c0, schedule, warm, total, float(loss.proj_half_life))
     name = "full" if warm > 0 else "repa"
     phases.append(Phase(name, warm, min(stop, total), weight, align_depth=m.encoder_depth))
     if stop < total:  # HASTE: the alignment term (and the target encoders) stop at step S

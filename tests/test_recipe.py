@@ -23,7 +23,7 @@ def test_erw_c0_follows_erw_name_tests_xl_before_l(name, c0):
 @pytest.mark.parametrize("model, c0", [("SiT-XL/2", 6.0), ("SiT-L/2", 3.0), ("SiT-B/2", 1.0)])
 def test_erw_lambda_at_w_and_one_and_two_half_lives(model, c0):
     w = 100_000
-    cfg = _cfg("--model", model, "--warmup-steps", w, "--proj-coeff-schedule", "exp", "--max-train-steps", 400_000)
+    cfg = _cfg("--model", model, "--warmup-steps", w, "--max-train-steps", 400_000)  # auto: ERW's exp decay
     recipe = build_recipe(cfg)
     full = recipe.phase(w)
     assert full.name == "full" and recipe.phase(w - 1).name == "warmup"
@@ -34,6 +34,25 @@ def test_erw_lambda_at_w_and_one_and_two_half_lives(model, c0):
     assert full.align_weight(10**7) == c0 * 2.0 ** (-300_000 / 50_000)
     # The warm-up phase's weight is --proj-coeff, constant.
     assert recipe.phase(0).align_weight(0) == recipe.phase(w - 1).align_weight(w - 1) == 0.5
+
+
+def test_erw_readme_command_line_gives_erws_recipe(capsys):
+    import json
+
+    from repa_fast.cli import main
+
+    # LINs-lab/ERW README "Training from Scratch", verbatim flags (accelerate launch train.py ...).
+    argv = ["--report-to=wandb", "--allow-tf32", "--mixed-precision=fp16", "--seed=0", "--path-type=linear",
+            "--prediction=v", "--weighting=uniform", "--model=SiT-XL/2", "--enc-type=dinov2-vit-b",
+            "--encoder-depth=14", "--output-dir=exps", "--exp-name=erw-linear-dinov2-b-enc14",
+            "--max-train-steps", "300000", "--checkpointing-steps", "50000", "--warmup-steps", "100000",
+            "--use_rope", "--data-dir=/data/imagenet256", "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    warm, full = out["recipe"]
+    assert warm["steps"] == [0, 100000] and warm["forward"] == "first 4 blocks" and warm["rope"] == "off"
+    assert full["loss"] == "L_den + 6 * 2^(-(step - 100000) / 50000) x L_proj" and full["align_block"] == 14
+    assert out["trainer"]["use_rope"] is True and out["trainer"]["l2r_depth"] == 4
 
 
 def test_our_flags_override_c0_and_half_life():

@@ -11,7 +11,7 @@ from repa_fast.objective import warmup_loss
 
 from .helpers import StepRig, run_train, tiny_args, tiny_cfg
 
-ERW = ["--warmup-steps", 3, "--l2r-depth", 2, "--encoder-depth", 3, "--proj-coeff-schedule", "exp"]
+ERW = ["--warmup-steps", 3, "--l2r-depth", 2, "--encoder-depth", 3]
 WARM_PREFIXES = ("blocks.0.", "blocks.1.", "x_embedder.", "t_embedder.", "y_embedder.", "projectors.")
 
 

@@ -14,7 +14,7 @@ from .helpers import tiny_args
 pytestmark = pytest.mark.multiproc
 
 TRAIN = os.path.join(H.REPO, "train.py")  # the real entry point, as users launch it
-ERW = ["--warmup-steps", 2, "--l2r-depth", 2, "--encoder-depth", 3, "--proj-coeff-schedule", "exp"]
+ERW = ["--warmup-steps", 2, "--l2r-depth", 2, "--encoder-depth", 3]
 
 
 def _args(out, *extra):
