@@ -125,7 +125,7 @@ def warmup_loss(
 
     The model runs truncated (nothing after block ``num_blocks``), its projectors read that block, RoPE is off and
     there is no denoising term (LINs-lab/ERW loss.py:66-69, train.py:278-284). L_proj is averaged over every sample
-    of the batch; ERW's released loss (loss.py:56-61) only counts the last one (docs/objective.md §ERW).
+    of the batch; ERW's released loss (loss.py:56-61) only counts the last one (README §ERW).
     Returns scalar tensors {"loss", "denoising" (0), "alignment"}.
     """
     t = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)

@@ -11,7 +11,7 @@ Recipes built from the configuration (``build_recipe``):
            1 (others)                                                (LINs-lab/ERW train.py:162-176, 286-295)
     HASTE  alignment off from step S on (--align-stop-step): the target encoders are no longer run.
 The weight of the alignment term can also follow a constant, exp-decay or cosine law (--proj-coeff-schedule).
-See docs/objective.md §Alignment loss and §ERW.
+See docs/objective.md §Alignment loss and README §ERW.
 """
 
 import math

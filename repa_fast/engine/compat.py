@@ -1,6 +1,6 @@
 """Checkpoints users already have: the reference REPA train.py's, REPA's released ``last.pt`` and ERW's, read safely.
 
-Layouts (docs/checkpoints.md §Reference checkpoints):
+Layouts (README §Checkpoints you already have):
     reference train.py   ``{"model", "ema", "opt", "args": argparse.Namespace, "steps"}``     (REPA train.py:328-339)
     REPA release         a bare SiT state dict, or ``{"ema": ...}`` as generate.py reads it     (REPA generate.py:78)
     ERW train.py         the reference's keys; warm-up files hold only blocks < l2r-depth, the embedders and

@@ -293,7 +293,7 @@ class SiT(nn.Module):
 
         zs is one (N, T, z_dim) tensor per projector, or [] when ``return_zs`` is False (projectors skipped).
         ``num_blocks`` truncates the forward after that many blocks and returns (None, zs): ERW's warm-up phase,
-        where nothing after them is computed (docs/objective.md §ERW). ``align_depth`` overrides the block the
+        where nothing after them is computed (README §ERW). ``align_depth`` overrides the block the
         projectors read (default ``encoder_depth``) and ``use_rope=False`` turns RoPE off for this call.
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -302,7 +302,8 @@ class SiT(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.use_rope and use_rope is not False else None
         align_at = align_depth or self.encoder_depth
         zs = []
-        for i, block in enumerate(self.blocks[:num_blocks]):
+        blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+        for i, block in enumerate(blocks):
             x = block(x, c, rope)
             if return_zs and self.projectors and i + 1 == align_at:
                 zs = [proj(x.reshape(-1, D)).reshape(N, T, -1) for proj in self.projectors]
