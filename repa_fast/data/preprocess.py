@@ -89,6 +89,11 @@ def scan_image_folder(source: str, max_images: int | None = None) -> tuple[list[
         )
     top = [f.split("/")[0] if "/" in f else "" for f in files]  # "" for images directly in --source, as the tool
     classes = sorted(set(top))
+    if classes == [""]:  # the reference leaves such a dataset unlabelled; a class-conditional model needs labels
+        raise DataError(
+            f"{source}: no class subfolders; --source must hold one folder per class (ImageFolder layout), labels "
+            "are the sorted folder index"
+        )
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] for c in top]
     if max_images is not None:

@@ -220,7 +220,7 @@ def resolve_any_resume(run_dir: str, resume: bool, resume_step: int) -> tuple[st
             raise CheckpointError(
                 f"--resume-step {resume_step}: neither {step_dir(run_dir, resume_step)} nor a reference/ERW file "
                 f"({resume_step:07d}.pt, warmup_{resume_step:07d}.pt, warmup_final.pt) is in "
-                f"{os.path.join(run_dir, 'checkpoints')}; our steps there: {list_checkpoints(run_dir) or 'none'}"
+                f"{os.path.join(run_dir, 'checkpoints')}; available steps: {list_checkpoints(run_dir) or 'none'}"
             )
         return path, True
     return resolve_resume(run_dir, resume, resume_step), False
