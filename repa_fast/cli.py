@@ -82,9 +82,9 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
         cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)
-        if cfg.loss.warmup_steps and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
+        if _phase_flag(cfg) and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
             raise ConfigError(
-                f"{where}: --warmup-steps with ZeRO stage 3: the ERW phase change rebuilds the engine over the new "
+                f"{where}: {_phase_flag(cfg)} with ZeRO stage 3: the phase change rebuilds the engine over the new "
                 "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
             )
     return cfg, dry_run
@@ -140,6 +140,13 @@ def validate(cfg: TrainConfig) -> None:
     micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def _phase_flag(cfg: TrainConfig) -> str | None:
+    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
+    if cfg.loss.warmup_steps:
+        return "--warmup-steps"
+    return "--align-stop-step" if cfg.loss.align_stop_step else None
+
+
 def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
     """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
     m, loss, r = cfg.model, cfg.loss, cfg.run
@@ -160,12 +167,12 @@ def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
             raise ConfigError(
                 "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
             )
-        if r.parallel == "fsdp":
-            raise ConfigError(
-                "--warmup-steps with --parallel fsdp: the ERW phase change rebuilds the parallel wrapper over the "
-                "new trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp "
-                "or deepspeed with ZeRO stage 1/2"
-            )
+    if r.parallel == "fsdp" and _phase_flag(cfg):
+        raise ConfigError(
+            f"{_phase_flag(cfg)} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
+            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
+            "deepspeed with ZeRO stage 1/2"
+        )
     if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
         raise ConfigError(
             f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"

@@ -133,6 +133,7 @@ def test_erw_flag_spellings_are_accepted():
         (["--warmup-steps", "5", "--proj-coeff", "0"], "needs --enc-type"),
         (["--warmup-steps", "5", "--align-stop-step", "3"], "must be after --warmup-steps"),
         (["--warmup-steps", "5", "--parallel", "fsdp"], "use --parallel ddp or deepspeed with ZeRO stage 1/2"),
+        (["--align-stop-step", "5", "--parallel", "fsdp"], "--align-stop-step with --parallel fsdp"),
     ],
 )
 def test_bad_recipe_options_are_config_errors(extra, words):

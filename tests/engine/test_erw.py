@@ -195,3 +195,20 @@ def test_erw_release_warmup_file_starts_the_full_phase_and_reference_files_resum
     assert int(saved["optimizer"]["state"][k_warm]["step"]) == 2
     assert "pos_embed" not in saved["optimizer"]["state"]
     assert not torch.equal(saved["optimizer"]["state"][k_warm]["exp_avg"], torch.zeros_like(w))
+
+
+def test_haste_alignment_stops_and_projectors_freeze(tmp_path):
+    import json
+
+    from repa_fast.engine import trainer as T
+
+    cfg = tiny_cfg(tmp_path, "--align-stop-step", 2, steps=3, ckpt_every=1)
+    assert T.train(cfg)["step"] == 3
+    run = os.path.join(cfg.run.output_dir, cfg.run.exp_name)
+    logs = {r["step"]: r for r in map(json.loads, open(os.path.join(run, "log.jsonl")))}
+    assert logs[2]["alignment"] < 0 and logs[3]["alignment"] == 0.0 and logs[3]["denoising"] > 0
+    before, after = _ckpt_model(run, 2), _ckpt_model(run, 3)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("projectors."))
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+    state = torch.load(os.path.join(ckpt.step_dir(run, 3), "state.pt"), weights_only=True)
+    assert state["phase"] == "no-align" and not any(k.startswith("projectors.") for k in state["optimizer"]["state"])
