@@ -30,6 +30,7 @@ EXTRAS["dev"] = sorted(
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter
             "timm>=1.0",  # only as an oracle for the in-package DINOv2 (it pulls torchvision)
             "ruff==0.17.6",  # pinned: .ci/run checks `ruff check` and `ruff format --check`, whose rules move
+            "accelerate>=0.30",  # `accelerate launch` is tested as a launcher (REPA's README command)
         ]
     )
 )

@@ -27,6 +27,8 @@ from repa_fast.config import (
 
 # Options that name a recipe rather than tweak the demo: given without --data-dir they are a mistake, not a demo.
 RECIPE_OPTIONS = ("model", "enc_type", "encoder_checkpoint_dir")
+# Options that ERW's train.py spells with an underscore (LINs-lab/ERW train.py:50); both spellings are accepted.
+UNDERSCORE_ALIASES = ("use_rope",)
 
 
 def _arg_type(f):
@@ -62,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = typ
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+        flags = ["--" + name.replace("_", "-")]
+        if name in UNDERSCORE_ALIASES:  # ERW's spelling (--use_rope / --no-use_rope) besides ours
+            flags.append("--" + name)
+        p.add_argument(*flags, **kw)
     return p
 
 
@@ -95,6 +100,11 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
         cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)
+        if _phase_flag(cfg) and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError(
+                f"{where}: {_phase_flag(cfg)} with ZeRO stage 3: the phase change rebuilds the engine over the new "
+                "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
+            )
     return cfg, dry_run
 
 
@@ -119,6 +129,7 @@ def validate(cfg: TrainConfig) -> None:
                 raise ConfigError(f"--enc-type: {e}") from e
     if r.resume and r.resume_step:
         raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
+    _validate_recipe(cfg, depth)
     if cfg.data.dataset == "auto" and not cfg.data.data_dir:
         raise ConfigError(
             "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
@@ -169,13 +180,51 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "train.py", *out, "--resume"])
 
 
+def _phase_flag(cfg: TrainConfig) -> str | None:
+    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
+    if cfg.loss.warmup_steps:
+        return "--warmup-steps"
+    return "--align-stop-step" if cfg.loss.align_stop_step else None
+
+
+def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
+    """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
+    m, loss, r = cfg.model, cfg.loss, cfg.run  # the ranges of each option are checked on its field (config.py)
+    if loss.warmup_steps:
+        if loss.warmup_steps >= r.max_train_steps:
+            raise ConfigError(
+                f"--warmup-steps {loss.warmup_steps} leaves no full training before --max-train-steps "
+                f"{r.max_train_steps}; use fewer warm-up steps or more training steps"
+            )
+        if not 1 <= m.l2r_depth <= depth:
+            raise ConfigError(f"--l2r-depth {m.l2r_depth} is outside 1..{depth} for {m.model}")
+        if not cfg.target.enc_type or loss.proj_coeff == 0:
+            raise ConfigError(
+                "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
+            )
+    if r.parallel == "fsdp" and _phase_flag(cfg):
+        raise ConfigError(
+            f"{_phase_flag(cfg)} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
+            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
+            "deepspeed with ZeRO stage 1/2"
+        )
+    if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
+        raise ConfigError(
+            f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
+        )
+    if r.init_from and (r.resume or r.resume_step):
+        raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
+
+
 @errors.entry_point("train.py")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, dry_run = resolve_config(argv)
     if dry_run:
         if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
-            print(json.dumps(cfg.to_json(), indent=2))
+            from repa_fast.recipe import build_recipe
+
+            print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))
         return errors.EXIT_OK
     check_runtime(cfg)
     from repa_fast.engine.parallel import PeerFailure

@@ -101,6 +101,7 @@ class ModelConfig:
         check=Range(0, 1, hi_open=True),
     )
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
+    l2r_depth: int = _f(4, "ERW warm-up: blocks 1..N (with the embedders and projectors) train in the warm-up phase")
 
 
 @dataclass
@@ -140,7 +141,7 @@ class DataConfig:
     latent_scale: float = _f(
         0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space", check=POSITIVE
     )
-    vae: str | None = _f(None, "local diffusers AutoencoderKL directory to decode preview samples (optional)")
+    vae: str | None = _f(None, "VAE to decode preview samples: ema, mse, a hub id or a local diffusers directory")
 
 
 @dataclass
@@ -148,7 +149,31 @@ class LossConfig:
     path_type: str = _f("linear", "interpolant path", choices=("linear", "cosine"))
     prediction: str = _f("v", "model prediction (the reference only has v)", choices=("v",))
     weighting: str = _f("uniform", "time sampling law (the reference's name)", choices=("uniform", "lognormal"))
-    proj_coeff: float = _f(0.5, "weight of the alignment loss (lambda)", check=Range(0, note="0 = no alignment"))
+    proj_coeff: float = _f(
+        0.5,
+        "weight of the alignment loss (lambda); ERW: the warm-up phase's weight",
+        check=Range(0, note="0 = no alignment"),
+    )
+    warmup_steps: int = _f(
+        0, "ERW representation warm-up steps before full training (0 = plain REPA)", check=NON_NEGATIVE
+    )
+    proj_coeff_schedule: str = _f(
+        "auto",
+        "alignment weight over the full phase: constant, exp (ERW's 2^(-s/half-life)), cosine (to 0 at the end); "
+        "auto = exp with --warmup-steps > 0 (ERW's command line gives ERW's recipe), else constant",
+        choices=("auto", "constant", "exp", "cosine"),
+    )
+    proj_coeff_start: float | None = _f(
+        None,
+        "alignment weight at the start of the full phase (default: --proj-coeff; ERW exp: 6 XL, 3 L, 1 other)",
+        check=NON_NEGATIVE,
+    )
+    proj_half_life: int = _f(
+        50000, "steps for the exp schedule to halve the alignment weight (ERW: 50000)", check=AT_LEAST_1
+    )
+    align_stop_step: int = _f(
+        0, "HASTE: alignment term off from this step on (0 = never)", check=Range(0, note="0 = never")
+    )
 
 
 @dataclass
@@ -193,6 +218,9 @@ class RunConfig:
         0, "resume from the checkpoint of this step (reference flag)", check=Range(0, note="0 = not set")
     )
     resume: bool = _f(False, "resume from the latest checkpoint in the run directory")
+    init_from: str | None = _f(
+        None, "start from these weights (a repa_fast checkpoint, a reference/ERW .pt, REPA's last.pt); step 0"
+    )
     mixed_precision: str = _f("bf16", "autocast dtype (reference default fp16)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere+")
     report_to: str = _f(
@@ -310,6 +338,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "demo_out",
         "report_to": "tensorboard",
     },
+}
+# ERW (LINs-lab/ERW README, SiT-XL/2): 100K warm-up steps of blocks 1-4, then full training to 300K with the
+# projectors at block 14 and lambda = 6 * 2^(-(step - 100K) / 50K); RoPE on; a checkpoint every 10K steps as ERW.
+# fp16 as ERW's command; our bf16 default applies unless the preset says otherwise, so it is set here.
+PRESETS["erw"] = {
+    "model": "SiT-XL/2",
+    "encoder_depth": 14,
+    "l2r_depth": 4,
+    "use_rope": True,
+    "warmup_steps": 100000,
+    "max_train_steps": 300000,
+    "checkpointing_steps": 10000,
+    "mixed_precision": "fp16",
+}
+# The digits demo the ERW way: 100 warm-up steps of blocks 1-2, then 300 full steps (the demo's half-life scaled).
+PRESETS["erw-demo"] = {
+    **PRESETS["demo"],
+    "encoder_depth": 3,
+    "l2r_depth": 2,
+    "use_rope": True,
+    "warmup_steps": 100,
+    "proj_half_life": 150,
+    "max_train_steps": 400,
+    "checkpointing_steps": 100,
+    "exp_name": "erw-demo",
 }
 
 

@@ -5,7 +5,11 @@
         --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7            # = --preset paper
 
 ``--ckpt`` takes a repa_fast run or checkpoint directory (its config.json supplies model, resolution and classes),
-or a reference-layout ``{'ema': state_dict}`` file (then pass --model/--resolution like generate.py). Defaults are
+a reference/ERW train.py checkpoint, REPA's released last.pt (a bare state dict) or an exported ``{'ema': ...}``
+file (then pass --model like generate.py; files are read with weights_only, argparse.Namespace the only class).
+``--vae ema|mse`` is stabilityai/sd-vae-ft-ema|mse (hub or local cache) as in generate.py, or a local directory;
+it is loaded before the first sample. ``--legacy`` remaps decoder_blocks.* keys; RoPE (ERW) comes from the file's
+saved args, else ``--use-rope``, else config.json, and the choice is printed. Defaults are
 generate.py's (ode, 50 steps, cfg 1.5); ``--preset paper`` sets REPA's README evaluation (SDE, 250 steps, cfg 1.8,
 guidance interval [0, 0.7]). Differences from generate.py, on purpose: images are rounded, not truncated
 (``--rounding truncate`` restores it); labels are class-balanced (``--labels random`` restores generate.py's draws);
@@ -70,14 +74,37 @@ def parse_args(argv=None) -> argparse.Namespace:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoint dir, or a reference {'ema': ...} .pt file")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="run dir, checkpoint dir, a reference/ERW train.py .pt file or REPA's released last.pt (bare state dict)",
+    )
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of a repa_fast checkpoint")
     p.add_argument("--model", default=None, help="SiT_models name (default: from the run's config.json)")
     p.add_argument("--resolution", type=int, default=None, help="256 or 512 (default: from config.json, else 256)")
     p.add_argument("--num-classes", type=int, default=None, help="default: from config.json, else 1000")
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--latent-scale", type=float, default=None, help="default: config.json's, else 0.18215")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL dir (sd-vae-ft-ema); none = pixel space")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="ema | mse (stabilityai/sd-vae-ft-*, hub or local cache), a hub id or a local diffusers directory; "
+        "none = pixel space. Default: ema for latent models (as generate.py), none for pixel-space runs",
+    )
+    p.add_argument(
+        "--use-rope",
+        "--use_rope",
+        dest="use_rope",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="RoPE (ERW); it leaves no key, so: the file's saved args, else this flag, else the run's config.json",
+    )
+    p.add_argument(
+        "--legacy",
+        action="store_true",
+        help="remap the old decoder_blocks.i keys to blocks.(i + --encoder-depth) as generate.py --legacy",
+    )
+    p.add_argument("--encoder-depth", type=int, default=None, help="projector block (default: config.json, else 8)")
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--num-fid-samples", type=int, default=50000)
     p.add_argument("--per-proc-batch-size", type=int, default=32)
@@ -100,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SDPA/FlashAttention (generate.py defaults to explicit fp32 softmax; same function)",
     )
     # Accepted for command-line compatibility with generate.py; read from the checkpoint's keys instead.
-    for flag in ("--encoder-depth", "--projector-embed-dims", "--qk-norm", "--legacy"):
+    for flag in ("--projector-embed-dims", "--qk-norm"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
     errors.add_debug_flag(p)
     args = p.parse_args(argv)
@@ -114,18 +141,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_weights(args) -> tuple[dict, dict]:
-    """(state_dict, run config or {}) from a run dir, a checkpoint dir or a reference .pt file."""
+    """(state_dict, settings) from a run dir, a checkpoint dir, or a reference/ERW/REPA .pt file.
+
+    settings: the run's config.json "trainer" section, or for a .pt file the architecture options its saved
+    argparse.Namespace gives (read with weights_only; nothing else in the file is unpickled).
+    """
+    from repa_fast.engine import compat
+
     if os.path.isfile(args.ckpt):
-        try:
-            sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:
+        f = compat.read_foreign(args.ckpt)
+        if f["kind"] == "erw-warmup":
             raise CheckpointError(
-                f"--ckpt {args.ckpt}: cannot load with weights_only=True ({e}); convert it with "
-                "python -m repa_fast.export or pass a repa_fast run directory"
-            ) from e
-        if not isinstance(sd, dict) or "ema" not in sd:
-            raise CheckpointError(f"--ckpt {args.ckpt}: expected the reference layout {{'ema': state_dict}}")
-        return sd["ema"], {}
+                f"--ckpt {args.ckpt} is an ERW warm-up checkpoint (blocks and projectors only, no final layer): it "
+                "cannot sample. Train the full phase from it (train.py --resume-step N --warmup-steps N)"
+            )
+        sd = f[args.weights]
+        if sd is None:
+            raise CheckpointError(
+                f"--ckpt {args.ckpt}: no {args.weights!r} weights (expected the reference layout "
+                f"{{'ema': state_dict}}, or a bare state dict as REPA's last.pt); "
+                f"pass --weights {'model' if args.weights == 'ema' else 'ema'} to sample the other weights"
+            )
+        sd, _ = compat.clean_state_dict(sd)
+        settings = {k: f["args"][k] for k in ("model", "encoder_depth", "use_rope", "resolution") if k in f["args"]}
+        settings["_file"] = True
+        return sd, settings
     ckpt = find_checkpoint_dir(args.ckpt)
     config = {}
     for cand in (os.path.join(ckpt, "..", "..", "config.json"), os.path.join(args.ckpt, "config.json")):
@@ -136,42 +176,78 @@ def load_weights(args) -> tuple[dict, dict]:
     return load_tensors(os.path.join(ckpt, f"{args.weights}.safetensors")), config
 
 
+def rope_setting(args, config: dict) -> tuple[bool, str]:
+    """(use_rope, where it came from): the file's saved args, else --use-rope, else config.json, else off."""
+    if config.get("_file") and "use_rope" in config:
+        if args.use_rope is not None and args.use_rope != config["use_rope"]:
+            logger.warning(
+                "--use-rope %s ignored: the checkpoint's saved args say %s", args.use_rope, config["use_rope"]
+            )
+        return bool(config["use_rope"]), "the checkpoint's saved args"
+    if args.use_rope is not None:
+        return args.use_rope, "--use-rope"
+    if "use_rope" in config:
+        return bool(config["use_rope"]), "the run's config.json"
+    return False, "default (no saved args, no --use-rope)"
+
+
 def build_model(args, sd: dict, config: dict) -> torch.nn.Module:
-    """SiT with the projector widths, encoder depth and qk-norm that the checkpoint's keys imply."""
+    """SiT with the projector widths, depth and qk-norm its keys imply and RoPE from ``rope_setting``."""
+    from repa_fast.engine import compat
+
     name = args.model or config.get("model")
     if not name:
         raise CheckpointError("--model is required when --ckpt is a reference .pt file (e.g. --model SiT-XL/2)")
-    k = 0
-    z_dims = []
-    while f"projectors.{k}.4.weight" in sd:
-        z_dims.append(sd[f"projectors.{k}.4.weight"].shape[0])
-        k += 1
+    encoder_depth = int(args.encoder_depth or config.get("encoder_depth", 8))  # generate.py's default: 8
+    has_old = any(k.startswith("decoder_blocks.") for k in sd)
+    if args.legacy:
+        sd = compat.legacy_remap(sd, encoder_depth)
+    elif has_old:
+        raise CheckpointError(
+            f"--ckpt {args.ckpt} uses the old decoder_blocks.* layout; pass --legacy (and its --encoder-depth)"
+        )
+    arch = compat.arch_from_keys(sd)
+    use_rope, source = rope_setting(args, config)
+    print(f"generate: RoPE {'on' if use_rope else 'off'} (from {source})", file=sys.stderr)
     try:
         patch = parse_model_name(name)[1]
     except ValueError as e:
         raise CheckpointError(f"--model: {e}") from e
-    input_size = math.isqrt(sd["pos_embed"].shape[1]) * patch
-    in_channels = sd["x_embedder.proj.weight"].shape[1]
-    num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-    depth = 1 + max(int(key.split(".")[1]) for key in sd if key.startswith("blocks."))
     model = build_sit(
         name,
-        input_size=input_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        z_dims=z_dims,
-        depth=depth,
-        encoder_depth=int(args.encoder_depth or config.get("encoder_depth", 1)) if z_dims else 1,
-        projector_dim=sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
-        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        input_size=math.isqrt(arch["num_patches"]) * patch,
+        in_channels=arch["in_channels"],
+        num_classes=arch["num_classes"],
+        z_dims=arch["z_dims"],
+        depth=arch["depth"],
+        encoder_depth=min(encoder_depth, arch["depth"]) if arch["z_dims"] else 1,  # projectors do not sample
+        projector_dim=arch["projector_dim"],
+        qk_norm=arch["qk_norm"],
         fused_attn=args.fused_attn,
-        use_rope=bool(config.get("use_rope", False)),
+        use_rope=use_rope,
     )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"--ckpt {args.ckpt} does not fit --model {name}: {str(e)[:300]}") from e
     return model.eval()
+
+
+def resolve_vae_choice(args, in_channels: int, latent_scale: float) -> str | None:
+    """The --vae to load, or None for pixel space; a latent model without a VAE is an error here, before sampling.
+
+    A model with 3 channels samples RGB pixels (the demo); any other width is a VAE latent (4 for SD-VAE).
+    """
+    pixel = in_channels == 3
+    choice = args.vae if args.vae is not None else (None if pixel else "ema")  # generate.py's default: ema
+    if choice in ("none", None):
+        if not pixel:
+            raise CheckpointError(
+                f"--ckpt {args.ckpt} is a latent-space model (latent scale {latent_scale}) and --vae none was given: "
+                "its samples need a VAE to become images; pass --vae ema (generate.py's default), mse or a directory"
+            )
+        return None
+    return choice
 
 
 def output_name(args, model_name: str) -> str:
@@ -233,10 +309,11 @@ def main(argv=None) -> int:
         model = build_model(args, sd, config).to(device)
         latent_scale = args.latent_scale or float(config.get("latent_scale", 0.18215))
         vae = None
-        if args.vae:
+        vae_choice = resolve_vae_choice(args, model.in_channels, latent_scale)
+        if vae_choice is not None:  # before the first sample: a missing VAE fails now, not after 50,000 images
             from repa_fast.data.vae import load_vae
 
-            vae = load_vae(args.vae, device)
+            vae = load_vae(vae_choice, device)
         name = output_name(args, args.model or config["model"])
         os.makedirs(args.sample_dir, exist_ok=True)
         part = generate_shard(args, model, vae, rank, world, device, latent_scale)

@@ -116,6 +116,33 @@ def training_loss(
     return {"loss": den + proj_coeff * align, "denoising": den, "alignment": align}
 
 
+def warmup_loss(
+    model,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    *,
+    num_blocks: int,
+    proj_coeff: float = 0.5,
+    autocast_dtype: torch.dtype | None = None,
+    impl: str = "auto",
+) -> dict:
+    """ERW's warm-up loss: proj_coeff x L_proj of the first ``num_blocks`` blocks on the clean latent at t = 0.
+
+    The model runs truncated (nothing after block ``num_blocks``), its projectors read that block, RoPE is off and
+    there is no denoising term (LINs-lab/ERW loss.py:66-69, train.py:278-284). L_proj is averaged over every sample
+    of the batch; ERW's released loss (loss.py:56-61) only counts the last one (README §ERW).
+    Returns scalar tensors {"loss", "denoising" (0), "alignment"}.
+    """
+    t = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
+    amp = torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with amp:
+        _, zs = model(x0, t, y, num_blocks=num_blocks, align_depth=num_blocks, use_rope=False)
+    check_token_grid(zs, targets)
+    align = alignment_loss(list(zs), list(targets), impl=impl)
+    return {"loss": proj_coeff * align, "denoising": torch.zeros((), device=x0.device), "alignment": align}
+
+
 def check_token_grid(zs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
     """Clear error when the SiT token grid does not match the encoder's (e.g. SiT-XL/4 against DINOv2 at 256px)."""
     if len(zs) != len(targets):

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 -m repa_fast.data.preprocess ...      (one process per GPU)
 
 What it computes (docs/objective.md §Latents, REPA ``dataset_tools.py convert`` + ``encode``): image i is the i-th
-file in class-major order (classes = sorted subfolders of --source, label = class index, as torchvision ImageFolder;
-files sorted by relative path within a class; for ImageNet this is the reference's global sorted order), ADM
+image file in sorted path order, labelled with the index of its top-level folder among the sorted folders that hold images
+(the reference tool's rule: empty folders are no class; for ImageNet this is torchvision ImageFolder's), ADM
 center-cropped to --resolution (``transforms.adm_center_crop``), and its SD-VAE posterior [mean, std] from pixels
 x / 127.5 - 1 in fp32. The ref layout uses the reference's file names (``00000/img00000000.png``,
 ``00000/img-mean-std-00000000.npy``, uncompressed PNG) and dataset.json files.
@@ -66,7 +66,13 @@ class PreprocessConfig:
 
 
 def scan_image_folder(source: str, max_images: int | None = None) -> tuple[list[str], list[int], list[str]]:
-    """(relative paths, labels, class names) in class-major ImageFolder order (module doc)."""
+    """(relative paths, labels, class names) exactly as the reference's dataset tool assigns them.
+
+    REPA preprocessing/dataset_tools.py:65-102 (``open_image_folder``): every image file under --source, at any
+    depth, in sorted path order; its label is the index of its top-level folder among the sorted top-level folders
+    that hold images. A folder without images is no class (it shifts no label), so a dataset preprocessed by either
+    tool has the same labels. (The reference leaves a single-class folder unlabelled; here its label is 0.)
+    """
     from .ref_layout import supported_extensions
 
     if not os.path.isdir(source):
@@ -74,26 +80,27 @@ def scan_image_folder(source: str, max_images: int | None = None) -> tuple[list[
             f"{source}: --source does not exist or is not a directory; point it at the ImageNet train "
             "folder (one subfolder per class, e.g. ILSVRC/Data/CLS-LOC/train)"
         )
-    classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
-    if not classes:
-        raise DataError(
-            f"{source}: no class subfolders; --source must hold one folder per class (ImageFolder "
-            "layout), labels are the sorted folder index"
-        )
     exts = supported_extensions() - {".npy"}
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        root = os.path.join(source, cls)
-        found = sorted(
-            os.path.relpath(os.path.join(d, f), source).replace(os.sep, "/")
-            for d, _, fs in os.walk(root)
-            for f in fs
-            if os.path.splitext(f)[1].lower() in exts
-        )
-        files += found
-        labels += [label] * len(found)
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), source).replace(os.sep, "/")
+        for d, _, fs in os.walk(source)
+        for f in fs
+        if os.path.splitext(f)[1].lower() in exts
+    )
     if not files:
-        raise DataError(f"{source}: the class folders hold no images (extensions PIL can read)")
+        raise DataError(
+            f"{source}: no images (extensions PIL can read); --source must hold one folder of images per class "
+            "(ImageFolder layout), labels are the sorted folder index"
+        )
+    top = [f.split("/")[0] if "/" in f else "" for f in files]  # "" for images directly in --source, as the tool
+    classes = sorted(set(top))
+    if classes == [""]:  # the reference leaves such a dataset unlabelled; a class-conditional model needs labels
+        raise DataError(
+            f"{source}: no class subfolders; --source must hold one folder per class (ImageFolder layout), labels "
+            "are the sorted folder index"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[c] for c in top]
     if max_images is not None:
         files, labels = files[:max_images], labels[:max_images]
     return files, labels, classes
@@ -454,7 +461,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="ImageNet-style folder: one subfolder of images per class")
     p.add_argument("--dest", required=True, help="output dataset directory")
-    p.add_argument("--vae", required=True, help="local diffusers directory of stabilityai/sd-vae-ft-mse")
+    p.add_argument(
+        "--vae",
+        required=True,
+        help="mse (stabilityai/sd-vae-ft-mse, as the reference), ema, a hub id or a local diffusers directory",
+    )
     p.add_argument("--layout", choices=["ref", "packed"], default="ref")
     p.add_argument(
         "--decoder",

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from repa_fast.config import ConfigError, ModelConfig, TrainConfig, micro_batch_size, run_dir
 from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
 from repa_fast.engine import checkpoint as ckpt
+from repa_fast.engine import compat
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend, parallelize
@@ -31,7 +32,8 @@ from repa_fast.errors import TrainingStopped
 from repa_fast.io import write_json
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit, parse_model_name
-from repa_fast.objective import training_loss
+from repa_fast.objective import training_loss, warmup_loss
+from repa_fast.recipe import Phase, Recipe, build_recipe
 
 logger = logging.getLogger("repa_fast")
 
@@ -52,6 +54,9 @@ class State:
     nonfinite_total: int = 0
     stop: StopRequest | None = None  # signals asking for a graceful stop (engine/stop.py)
     stopped_by: str = ""  # set when the loop ended early on a signal
+    recipe: Recipe | None = None  # which phase each step is in (repa_fast.recipe)
+    phase: Phase | None = None  # the phase the wrapper, optimizer and EMA were built for
+    fixed: frozenset = frozenset()  # parameters that never train (pos_embed)
 
 
 def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
@@ -77,13 +82,16 @@ def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
         backend.shutdown(clean=clean)
 
 
-def check_resume(cfg: TrainConfig, backend: Backend) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume from and its contents, refused before anything is written if it does not fit."""
-    resume_from = ckpt.resolve_resume(run_dir(cfg), cfg.run.resume, cfg.run.resume_step)
+def check_resume(cfg: TrainConfig, backend: Backend) -> tuple[str | None, dict | None, bool]:
+    """(path, contents, foreign) of the checkpoint to resume from, refused before anything is written if it does not
+    fit. A reference / ERW ``.pt`` file (``foreign``) is read once the model exists (``compat.read_as_saved``)."""
+    resume_from, foreign = compat.resolve_any_resume(run_dir(cfg), cfg.run.resume, cfg.run.resume_step)
+    if foreign:
+        return resume_from, None, True
     saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
     if saved is not None:
         ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
-    return resume_from, saved
+    return resume_from, saved, False
 
 
 def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
@@ -229,7 +237,8 @@ def seed_everything(seed: int) -> None:
 
 def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     setup_logging(backend.is_main)  # stderr only: nothing is written before every check has passed
-    resume_from, saved = check_resume(cfg, backend)
+    _report_launcher(cfg, backend)
+    resume_from, saved, foreign = check_resume(cfg, backend)
     seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
     if cfg.run.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -238,6 +247,10 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     dataset = build_dataset(cfg)
     model, encoders = build_models(cfg, dataset, device)
     dataset, encoders = build_targets(cfg, dataset, encoders)  # --targets cached: checked against the encoders
+    recipe = build_recipe(cfg)
+    if foreign:  # a reference / ERW .pt file (read without unpickling anything but argparse.Namespace)
+        saved = compat.read_as_saved(resume_from, model, cfg.run.resume_step, lambda s: recipe.phase(s).name)
+    init_sd = compat.init_weights(cfg.run.init_from, model) if cfg.run.init_from and saved is None else None
     out = prepare_run_dir(cfg, backend)  # the first write to the run directory
     setup_logging(backend.is_main, out)
     if backend.is_main:
@@ -245,16 +258,19 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
         _log_setup(cfg, model, encoders, dataset, backend, micro)
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
         backend.load_model_state_dict(model, saved["model"])
-    train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
-    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
-    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    elif init_sd is not None:  # a new run (step 0) from existing weights; the EMA starts from them
+        backend.load_model_state_dict(model, init_sd)
+        logger.info("initialised the model from %s", cfg.run.init_from)
+    phase = recipe.phase(int(saved["state"]["step"]) if saved else 0)
+    fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+    train_model, optimizer, ema = enter_phase(cfg, backend, model, phase, fixed)
     seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
     use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     sampler = ResumableDistributedSampler(
         len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
     )
-    state = State(model, train_model, ema, optimizer, scaler, sampler)
+    state = State(model, train_model, ema, optimizer, scaler, sampler, recipe=recipe, phase=phase, fixed=fixed)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
     loader = build_loader(cfg, dataset, sampler, micro, device, backend.rank)
@@ -279,6 +295,51 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
             resume_command,
         )
     return summary
+
+
+def enter_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
+    """Freeze what the phase does not train, then wrap for it: (train_model, optimizer, ema).
+
+    The wrapper and a fresh optimizer are built over the phase's trainable set only (DDP and ZeRO reject parameters
+    that get no gradient), and the EMA starts from the current weights, as ERW's full phase does
+    (LINs-lab/ERW train.py:604-660: fresh AdamW, EMA initialised from the warmed-up weights).
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in fixed and phase.trains(name))
+    train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
+    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
+    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    return train_model, optimizer, ema
+
+
+def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase) -> None:
+    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase."""
+    state.train_model = state.optimizer = state.ema = None  # release the old wrapper (and its DDP hooks) first
+    state.train_model, state.optimizer, state.ema = enter_phase(cfg, backend, state.model, phase, state.fixed)
+    state.train_model.train()
+    state.phase = phase
+    n = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+    logger.info(
+        "step %d: phase %s (%.2fM trainable params): fresh optimizer, EMA restarts from the weights",
+        state.step,
+        phase.name,
+        n / 1e6,
+    )
+
+
+def _report_launcher(cfg: TrainConfig, backend: Backend) -> None:
+    """`accelerate launch` (REPA's README launcher) sets the same RANK/WORLD_SIZE/LOCAL_RANK as torchrun; its
+    mixed-precision setting is not ours to follow: a disagreement is reported and --mixed-precision wins."""
+    acc = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if backend.is_main and acc and acc != "no" and acc != cfg.run.mixed_precision:
+        logger.warning(
+            "ACCELERATE_MIXED_PRECISION=%s (from accelerate launch) differs from --mixed-precision %s: training uses "
+            "--mixed-precision %s; pass --mixed-precision %s to train in accelerate's precision",
+            acc,
+            cfg.run.mixed_precision,
+            cfg.run.mixed_precision,
+            acc,
+        )
 
 
 def _make_previewer(cfg: TrainConfig, dataset, device):
@@ -347,8 +408,11 @@ def sample_posterior(moments: torch.Tensor, scale: float) -> torch.Tensor:
 def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders, amp_dtype, last: bool) -> dict:
     """Forward and backward of one micro-batch; returns the (device) loss dict."""
     image, moments, labels = batch
+    phase = state.phase
     x0 = sample_posterior(moments, cfg.data.latent_scale)
-    if isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.data.cache_targets)
+    if not phase.align:
+        targets = []
+    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.data.cache_targets)
         targets = [z.float() for z in image]
     else:
         with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -356,19 +420,32 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
     if cfg.model.legacy:  # reference --legacy: labels dropped here and again inside the model
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
+    weight = phase.align_weight(state.step)  # a host float from the step: no sync
     with backend.no_sync(state.train_model, last):
-        losses = training_loss(
-            state.train_model,
-            x0,
-            labels,
-            targets,
-            path_type=cfg.loss.path_type,
-            prediction=cfg.loss.prediction,
-            weighting=cfg.loss.weighting,
-            proj_coeff=cfg.loss.proj_coeff,
-            autocast_dtype=amp_dtype,
-            impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (set by model_kwargs)
-        )
+        if phase.clean_input:  # ERW warm-up
+            losses = warmup_loss(
+                state.train_model,
+                x0,
+                labels,
+                targets,
+                num_blocks=phase.num_blocks,
+                proj_coeff=weight,
+                autocast_dtype=amp_dtype,
+                impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+            )
+        else:
+            losses = training_loss(
+                state.train_model,
+                x0,
+                labels,
+                targets,
+                path_type=cfg.loss.path_type,
+                prediction=cfg.loss.prediction,
+                weighting=cfg.loss.weighting,
+                proj_coeff=weight,
+                autocast_dtype=amp_dtype,
+                impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+            )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
 
@@ -391,6 +468,9 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
     data_iter = iter(loader)
     state.train_model.train()
     while state.step < cfg.run.max_train_steps and state.sampler.epoch < cfg.run.epochs:
+        phase = state.recipe.phase(state.step)
+        if phase is not state.phase:
+            change_phase(cfg, state, backend, phase)
         for i in range(accum):
             batch = _next_batch(data_iter, backend.device, bool(encoders))
             if batch is None:  # epoch over (the sampler has already rolled to the next one)
@@ -409,7 +489,8 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
         stopping = _stop_agreed(state, backend, meter) and step < cfg.run.max_train_steps
-        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps or stopping
+        boundary = step in state.recipe.boundaries()  # the end of a phase is always saved
+        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps or boundary or stopping
         preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
         if (save_due or preview_due) and backend.device.type == "cuda":
             torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
@@ -497,6 +578,7 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
             "config": cfg.flat(),
             "world_size": backend.world_size,
             "nonfinite_total": state.nonfinite_total,
+            "phase": state.phase.name,
         }
         path = ckpt.write_checkpoint(
             out,
@@ -512,13 +594,29 @@ def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> No
 
 
 def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
-    """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG."""
-    backend.load_ema_state_dict(state.ema, saved["ema"])
-    backend.load_optimizer_state_dict(state.model, saved["state"]["optimizer"])
+    """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG.
+
+    A checkpoint written at the end of a phase (``phase`` differs from the step's) continues into the next phase as
+    an uninterrupted run does: weights only, EMA from the weights and a fresh optimizer.
+    """
+    if saved["state"].get("phase", state.phase.name) == state.phase.name:
+        backend.load_ema_state_dict(state.ema, saved["ema"])
+        backend.load_optimizer_state_dict(state.model, saved["state"]["optimizer"])
+    else:
+        logger.info(
+            "%s ends phase %s: phase %s starts from its weights (EMA restarts from them, fresh optimizer)",
+            path,
+            saved["state"]["phase"],
+            state.phase.name,
+        )
     if state.scaler is not None and saved["state"].get("scaler"):
         state.scaler.load_state_dict(saved["state"]["scaler"])
-    state.sampler.load_state_dict(saved["state"]["sampler"])
     state.step = int(saved["state"]["step"])
+    if saved["state"].get("foreign"):  # the reference saved no data position or RNG: fresh, distinct streams
+        seed_everything(int(saved["state"]["step"]) * 1_000_003 + backend.rank)
+        logger.info("resumed from %s at step %d (data order restarts at epoch 0)", path, state.step)
+        return
+    state.sampler.load_state_dict(saved["state"]["sampler"])
     state.nonfinite_total = int(saved["state"].get("nonfinite_total", 0))
     same_world = int(saved["state"].get("world_size", 1)) == backend.world_size
     if "rng" in saved and same_world:

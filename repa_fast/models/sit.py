@@ -292,20 +292,37 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y, return_logvar: bool = False, return_zs: bool = True):
+    def forward(
+        self,
+        x,
+        t,
+        y,
+        return_logvar: bool = False,
+        return_zs: bool = True,
+        num_blocks: int | None = None,
+        align_depth: int | None = None,
+        use_rope: bool | None = None,
+    ):
         """x (N, C, H, W) noisy input, t (N,) in [0, 1], y (N,) labels -> (velocity (N, C, H, W), zs).
 
         zs is one (N, T, z_dim) tensor per projector, or [] when ``return_zs`` is False (projectors skipped).
+        ``num_blocks`` truncates the forward after that many blocks and returns (None, zs): ERW's warm-up phase,
+        where nothing after them is computed (README §ERW). ``align_depth`` overrides the block the
+        projectors read (default ``encoder_depth``) and ``use_rope=False`` turns RoPE off for this call.
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         N, T, D = x.shape
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        rope = (self.rope_cos, self.rope_sin) if self.use_rope else None
+        rope = (self.rope_cos, self.rope_sin) if self.use_rope and use_rope is not False else None
+        align_at = align_depth or self.encoder_depth
         zs = []
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+        for i, block in enumerate(blocks):
             x = block(x, c, rope)
-            if return_zs and self.projectors and i + 1 == self.encoder_depth:
+            if return_zs and self.projectors and i + 1 == align_at:
                 zs = [proj(x.reshape(-1, D)).reshape(N, T, -1) for proj in self.projectors]
+        if num_blocks is not None:
+            return None, zs
         x = self.unpatchify(self.final_layer(x, c))
         return x, zs
 

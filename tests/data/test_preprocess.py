@@ -103,14 +103,21 @@ def test_grey_and_rgba_sources_become_rgb():
     assert out.shape == (32, 32, 3) and np.array_equal(out[..., 0], out[..., 2])
 
 
-def test_scan_is_imagefolder_order(tmp_path):
-    make_jpeg_folder(str(tmp_path), {"b": [(8, 8)], "a": [(8, 8), (8, 8)], "c": []})
+def test_scan_labels_as_the_reference_dataset_tool(tmp_path):
+    # REPA dataset_tools.py open_image_folder: sorted paths, label = index among top-level folders WITH images.
+    make_jpeg_folder(str(tmp_path), {"b": [(8, 8)], "a": [(8, 8), (8, 8)], "a_empty": [], "c": [(8, 8)]})
     os.makedirs(tmp_path / "b" / "sub")
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "b" / "sub" / "x.png")
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     files, labels, classes = scan_image_folder(str(tmp_path))
-    assert classes == ["a", "b", "c"]
-    assert files == ["a/a_000.JPEG", "a/a_001.JPEG", "b/b_000.JPEG", "b/sub/x.png"] and labels == [0, 0, 1, 1]
+    assert classes == ["a", "b", "c"]  # the empty folder is no class: "b" and "c" keep labels 1 and 2
+    assert files == ["a/a_000.JPEG", "a/a_001.JPEG", "b/b_000.JPEG", "b/sub/x.png", "c/c_000.JPEG"]
+    assert labels == [0, 0, 1, 1, 2]
+    # Names where class-major order and sorted paths differ ("-" sorts before "/"): labels still follow the names.
+    other = tmp_path / "other"
+    make_jpeg_folder(str(other), {"x": [(8, 8)], "x-y": [(8, 8)]})
+    files, labels, classes = scan_image_folder(str(other))
+    assert files == ["x-y/x-y_000.JPEG", "x/x_000.JPEG"] and classes == ["x", "x-y"] and labels == [1, 0]
 
 
 def test_ref_layout_output(env, ref_out):

@@ -86,11 +86,20 @@ class StepRig:
         fp16 = cfg.run.mixed_precision == "fp16"
         scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         sampler = T.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
-        self.state = T.State(self.model, self.backend.wrap(self.model, opt), EMA(self.model), opt, scaler, sampler)
+        recipe = T.build_recipe(cfg)
+        self.state = T.State(
+            self.model, self.backend.wrap(self.model, opt), EMA(self.model), opt, scaler, sampler, recipe=recipe
+        )
+        self.state.phase = recipe.phase(0)
+        self.state.fixed = frozenset(n for n, p in self.model.named_parameters() if not p.requires_grad)
         self.meter = LossMeter(self.device)
         items = [dataset[i] for i in range(cfg.optim.batch_size)]
         self.batch = tuple(torch.stack([it[k] for it in items]).to(self.device) for k in range(3))
         self.amp = T.AMP_DTYPES[cfg.run.mixed_precision]
+
+    def enter(self, phase):
+        """Rebuild optimizer and EMA for ``phase`` as the trainer does at a phase boundary."""
+        self.T.change_phase(self.cfg, self.state, self.backend, phase)
 
     def micro_step(self):
         return self.T.micro_step(self.cfg, self.state, self.backend, self.batch, self.encoders, self.amp, last=True)
