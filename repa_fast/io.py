@@ -59,7 +59,9 @@ def _is_write_error(e: BaseException) -> bool:
     return isinstance(e, OSError) or is_write_failure(e) or type(e).__name__ == "SafetensorError"
 
 
-def write_error(path: str, e: BaseException, size_hint: int | None = None, intact: str = "") -> WriteError:
+def write_error(
+    path: str, e: BaseException, size_hint: int | None = None, intact: str = "", removed: bool = True
+) -> WriteError:
     """The WriteError for a failed write of ``path``: the reason, the space needed and free, what is intact."""
     reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
     space = ""
@@ -71,8 +73,8 @@ def write_error(path: str, e: BaseException, size_hint: int | None = None, intac
             space = f" ({need}{_gb(free)} free on that file system)"
     tail = f" {intact}" if intact else ""
     return WriteError(
-        f"could not write {path}: {reason}{space}; the partial file was removed.{tail} Free disk space (or write "
-        "somewhere else) and rerun."
+        f"could not write {path}: {reason}{space}{'; the partial file was removed' if removed else ''}.{tail} "
+        "Free disk space (or write somewhere else) and rerun."
     )
 
 
@@ -106,6 +108,21 @@ def atomic_path(
         if isinstance(e, Exception) and not isinstance(e, WriteError) and _is_write_error(e):
             raise write_error(path, e, size_hint, intact() if callable(intact) else intact) from e
         raise
+
+
+@contextlib.contextmanager
+def resumable_work(path: str, note: str) -> Iterator[None]:
+    """For resumable jobs (pack, preprocess): a write failure inside (a WriteError from ``atomic_path``, or an OSError
+    such as ENOSPC from a plain or memory-mapped write) ends as one WriteError naming the file, plus ``note`` (what
+    is kept and how to continue)."""
+    try:
+        yield
+    except WriteError as e:
+        raise WriteError(f"{e} {note}") from e
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_error(e.filename or path, e, intact=note, removed=False) from e
 
 
 def write_text(path: str, text: str, **kw) -> str:

@@ -266,3 +266,27 @@ def test_help_shows_ranges_and_literal_percent_signs(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0 and "effective 19% at 0.1" in out and "'option_strings'" not in out
     assert "AdamW beta1 [in [0, 1)] (default: 0.9)" in out and "--debug" in out
+
+
+def test_pack_on_a_full_disk_keeps_its_work_area_and_continues(tmp_path, capsys, monkeypatch):
+    from repa_fast.data import packed
+    from repa_fast.data.pack import main as pack_main
+
+    from .data.helpers import make_ref_dataset
+
+    make_ref_dataset(tmp_path / "ref", [0, 1, 2], num_classes=3)
+    src, dst = str(tmp_path / "ref"), str(tmp_path / "packed")
+    real = packed.write_json
+
+    def full(path, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(packed, "write_json", full)  # the index, the last file written
+    assert pack_main([src, dst, "--num-classes", "3", "--workers", "0"]) == errors.EXIT_WRITE
+    err = capsys.readouterr().err
+    assert f"could not write {dst}.tmp/index.json: No space left on device" in err
+    assert f"The work area {dst}.tmp keeps the rows already written" in err and "Traceback" not in err
+    assert not os.path.exists(dst)
+    monkeypatch.setattr(packed, "write_json", real)
+    assert pack_main([src, dst, "--num-classes", "3", "--workers", "0"]) == 0
+    assert os.path.isfile(os.path.join(dst, "index.json")) and not os.path.exists(dst + ".tmp")

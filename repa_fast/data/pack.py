@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from repa_fast import errors
 from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, ranged
-from repa_fast.io import TMP_PREFIX, write_error, write_json
+from repa_fast.io import TMP_PREFIX, resumable_work, write_json
 
 from .common import DataError
 from .packed import (
@@ -112,15 +112,8 @@ def pack(
     specs = field_specs(len(ds), ds.resolution, ds.latent_shape, dtype)
     plan = _plan(ds, dtype)
     tmp = dst + ".tmp"
-    try:
+    with resumable_work(tmp, f"The work area {tmp} keeps the rows already written: rerun the same command."):
         return _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush_every, progress)
-    except OSError as e:  # memory-mapped rows and the index: the work area stays, rerunning continues from it
-        if not errors.is_write_failure(e):
-            raise
-        raise write_error(e.filename or tmp, e, intact=_KEPT.format(tmp=tmp)) from e
-
-
-_KEPT = "The work area {tmp} keeps the rows already written: rerun the same command to continue."
 
 
 def _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush_every, progress) -> dict:
@@ -141,7 +134,7 @@ def _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush
         if since_flush >= flush_every or row == len(ds):
             for a in arrays.values():
                 a.flush()  # rows reach the file before the progress file claims them
-            write_json(os.path.join(tmp, PROGRESS_FILE), {"plan": plan, "done": row}, intact=_KEPT.format(tmp=tmp))
+            write_json(os.path.join(tmp, PROGRESS_FILE), {"plan": plan, "done": row})
             since_flush = 0
     bar.close()
     del arrays

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from repa_fast import errors
 from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ranged
-from repa_fast.io import write_error, write_json
+from repa_fast.io import resumable_work, write_json
 
 from .common import DataError
 from .packed import LATENT_DTYPES, allocate_fields, field_specs, open_fields, write_index
@@ -389,13 +389,8 @@ def _child(cfg: PreprocessConfig, rank: int, world: int) -> None:
 
 def _resumable_writes(fn, cfg: PreprocessConfig, *args):
     """``fn(*args)``; a full disk (or another write failure) becomes a WriteError saying that rerunning resumes."""
-    try:
+    with resumable_work(cfg.dest, "Finished shards are kept: rerun the same command to continue."):
         return fn(*args)
-    except OSError as e:
-        if not errors.is_write_failure(e):
-            raise
-        kept = "Finished shards are kept: rerun the same command to continue."
-        raise write_error(e.filename or cfg.dest, e, intact=kept) from e
 
 
 def preprocess(cfg: PreprocessConfig) -> str | None:
