@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 -m repa_fast.data.preprocess ...      (one process per GPU)
 
 What it computes (docs/objective.md §Latents, REPA ``dataset_tools.py convert`` + ``encode``): image i is the i-th
-image file in sorted path order, labelled with the index of its top-level folder among the sorted folders that hold images
-(the reference tool's rule: empty folders are no class; for ImageNet this is torchvision ImageFolder's), ADM
+image file in sorted path order, labelled with the index of its top-level folder among the sorted folders that hold
+images (the reference tool's rule: empty folders are no class; for ImageNet this is torchvision ImageFolder's), ADM
 center-cropped to --resolution (``transforms.adm_center_crop``), and its SD-VAE posterior [mean, std] from pixels
 x / 127.5 - 1 in fp32. The ref layout uses the reference's file names (``00000/img00000000.png``,
 ``00000/img-mean-std-00000000.npy``, uncompressed PNG) and dataset.json files.
