@@ -19,9 +19,13 @@ run time, and compiles each distinct launch with ``triton.compile(ASTSource(...)
 
 Compilation runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it, and it is read when
 ``@triton.jit`` decorates a function, so in this process the kernels are interpreter objects). The same file is
-the worker: ``python tests/kernels/test_aot_sm90.py OUT.json``. Two toy kernels prove the checks can fail: one
-that spills (a 32K-value row held by one warp) and one that does not compile (``tl.dot`` on 8x8 tiles, below
-the 16 that compiled Triton needs; the interpreter runs it).
+the worker: ``python tests/kernels/test_aot_sm90.py OUT.json [CASE-SUBSTRING]``. Two toy kernels prove the checks
+can fail: one that spills (an 8K-value row held by one warp) and one that does not compile (a 24-wide tile).
+
+What this test found and what was changed (sm_90a, triton 3.8): the adaLN backward used ~255 registers at 4 warps
+and spilled (gated, D=384 and D=1152); it now runs 2K-value tiles at 8 warps (98-127 registers). The RoPE kernels
+loaded even and odd channels with stride-2 scalar loads (no LDG.E.128), used 150-255 registers and spilled in the
+backward; they now load whole contiguous head rows and pair channels in registers (38-128 registers, LDG.E.128).
 """
 
 import json
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -179,11 +184,11 @@ def _adaln_calls(adaln):
             w = _m(D) if rms else None
             x, br = _m(BATCH, TOKENS, D, dtype=xd), _m(BATCH, TOKENS, D)
             tag = f"D={D} {scheme}"
-            yield f"adaln fwd {tag}", lambda: adaln.adaln_fwd(x, None, None, mods[0], mods[1], w, 1e-6, rms, None, yd)
-            yield f"gated fwd {tag}", lambda: adaln.adaln_fwd(x, br, mods[2], mods[0], mods[1], w, 1e-6, rms, xd, yd)
+            yield f"adaln fwd {tag}", partial(adaln.adaln_fwd, x, None, None, mods[0], mods[1], w, 1e-6, rms, None, yd)
+            yield f"gated fwd {tag}", partial(adaln.adaln_fwd, x, br, mods[2], mods[0], mods[1], w, 1e-6, rms, xd, yd)
             dy = _m(BATCH, TOKENS, D, dtype=yd)
-            yield f"adaln bwd {tag}", lambda: adaln.adaln_bwd(dy, None, x, None, None, mods[1], w, 1e-6, rms, xd)
-            yield f"gated bwd {tag}", lambda: adaln.adaln_bwd(dy, x, x, br, mods[2], mods[1], w, 1e-6, rms, xd)
+            yield f"adaln bwd {tag}", partial(adaln.adaln_bwd, dy, None, x, None, None, mods[1], w, 1e-6, rms, xd)
+            yield f"gated bwd {tag}", partial(adaln.adaln_bwd, dy, x, x, br, mods[2], mods[1], w, 1e-6, rms, xd)
 
 
 def _rope_calls(rope):
@@ -200,9 +205,9 @@ def _rope_calls(rope):
                  ("rms+rope", w, None, cos, sin, 2, f32))  # fmt: skip
         for name, w_, b_, c, s, norm, yd in cases:
             tag = f"Dh={dh} {name}"
-            yield f"rope fwd {tag}", lambda: rope.norm_rope_fwd(q, w_, b_, c, s, 1e-5, norm, yd)
+            yield f"rope fwd {tag}", partial(rope.norm_rope_fwd, q, w_, b_, c, s, 1e-5, norm, yd)
             dy = _m(BATCH, TOKENS, H, dh, dtype=yd)
-            yield f"rope bwd {tag}", lambda: rope.norm_rope_bwd(dy, q, w_, c, s, 1e-5, norm, bf16)
+            yield f"rope bwd {tag}", partial(rope.norm_rope_bwd, dy, q, w_, c, s, 1e-5, norm, bf16)
 
 
 def _align_calls(align):
@@ -213,14 +218,21 @@ def _align_calls(align):
             p, z = _m(BATCH * TOKENS, D, dtype=pd), _m(BATCH * TOKENS, D, dtype=zd)
             dcos = _m(1, dtype=torch.float32).expand(BATCH * TOKENS)
             tag = f"D={D} {str(pd)[6:]}/{str(zd)[6:]}"
-            yield f"cos fwd {tag}", lambda: align.cos_rows_fwd(p, z, 1e-12)
-            yield f"cos bwd {tag}", lambda: align.cos_rows_bwd(dcos, p, z, 1e-12, True, False)
-            yield f"cos bwd dz {tag}", lambda: align.cos_rows_bwd(dcos, p, z, 1e-12, True, True)
+            yield f"cos fwd {tag}", partial(align.cos_rows_fwd, p, z, 1e-12)
+            yield f"cos bwd {tag}", partial(align.cos_rows_bwd, dcos, p, z, 1e-12, True, False)
+            yield f"cos bwd dz {tag}", partial(align.cos_rows_bwd, dcos, p, z, 1e-12, True, True)
 
 
-# Loads that cannot be 16 bytes wide, per kernel: the per-row scalar loads the kernel makes by design. Everything
-# else (rows of activations, modulation vectors, weights, rotation tables) must use LDG.E.128.
-NARROW_LOADS_ALLOWED = {"_cos_rows_bwd_kernel": 1}  # the upstream gradient, one fp32 per row
+# Loads that cannot be 16 bytes wide, per kernel: vectors loaded once per program and spread over all its threads
+# (fewer than 16 bytes each), and per-row scalars. Everything else (rows of activations, the (B, D) modulation
+# rows of the forward, rotation tables) must use LDG.E.128.
+NARROW_LOADS_ALLOWED = {
+    "_adaln_fwd_kernel": 1,  # the RMSNorm weight, (D,) once per program
+    "_adaln_bwd_kernel": 3,  # scale, gate, weight: (D,) vectors of one sample, loaded once per program
+    "_cos_rows_bwd_kernel": 4,  # the upstream gradient, one fp32 per row (BLOCK_M rows, stride 0 after .mean())
+    "_norm_rope_fwd_kernel": 2,  # qk-norm weight and bias, (HEAD_DIM,) once per program
+    "_norm_rope_bwd_kernel": 1,  # qk-norm weight
+}
 
 
 def record_launches() -> list:
@@ -282,27 +294,38 @@ def _run(cmd: list) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
-def worker(out_path: str) -> None:
-    """Compile every distinct recorded launch and the two toy kernels; write the reports as JSON."""
+_PENDING: list = []  # (fn, args, kwargs) to compile, shared with forked pool workers by index
+
+
+def _compile_pending(i: int) -> dict:
+    return compile_sm90(*_PENDING[i])
+
+
+def worker(out_path: str, only: str = "") -> None:
+    """Compile every distinct recorded launch (whose case name contains ``only``) and the two toy kernels, in
+    parallel over the CPU's cores (forked processes), and write the reports as JSON."""
     launches, kernels = record_launches()
     by_key = {}
-    for case, fn, args, kwargs in launches:
+    for case, fn, args, kwargs in (launch for launch in launches if only in launch[0]):
         sig, const, attrs, opts = specialize(fn, args, kwargs)
         key = repr((fn.__name__, sig, sorted(const.items()), sorted(attrs), sorted(opts.items())))
         by_key.setdefault(key, (fn, args, kwargs, []))[3].append(case)
-    reports = []
-    for fn, args, kwargs, cases in by_key.values():
-        reports.append(compile_sm90(fn, args, kwargs) | {"cases": cases})
-    toys = {
-        "toy_spill": compile_sm90(_toy_spill_kernel, (_m(1 << 15, dtype=torch.float32),), _TOY_SPILL_META, False),
-        "toy_bad_dot": compile_sm90(_toy_bad_dot_kernel, (_m(8, 8, dtype=torch.float32),), {"BLOCK": 8}, False),
-    }
+    toy_spill = (_toy_spill_kernel, (_m(_TOY_SPILL_BLOCK, dtype=torch.float32),), _TOY_SPILL_META, False)
+    toy_bad_tile = (_toy_bad_tile_kernel, (_m(24, dtype=torch.float32),), {"BLOCK": 24}, False)
+    _PENDING[:] = [(fn, args, kwargs) for fn, args, kwargs, _ in by_key.values()] + [toy_spill, toy_bad_tile]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+        done = pool.map(_compile_pending, range(len(_PENDING)), chunksize=1)
+    reports = [r | {"cases": cases} for r, (*_, cases) in zip(done, by_key.values())]
+    toys = {"toy_spill": done[-2], "toy_bad_tile": done[-1]}
     Path(out_path).write_text(json.dumps({"kernels": kernels, "reports": reports, "toys": toys}, indent=1))
 
 
-# Toy kernels for the negative tests. A warp holding a 32K-value fp32 row needs 1024 registers per thread for it
-# (ptxas allows 255): the rest goes to local memory.
-_TOY_SPILL_META = {"BLOCK": 1 << 15, "num_warps": 1}
+# Toy kernels for the negative tests. One warp holding an 8K-value fp32 row and its running sum needs 512 registers
+# per thread (ptxas allows 255): the rest goes to local memory.
+_TOY_SPILL_BLOCK = 1 << 13
+_TOY_SPILL_META = {"BLOCK": _TOY_SPILL_BLOCK, "num_warps": 1}
 
 
 @triton.jit
@@ -314,10 +337,9 @@ def _toy_spill_kernel(x_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _toy_bad_dot_kernel(x_ptr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    a = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
-    tl.store(x_ptr + offs[:, None] * BLOCK + offs[None, :], tl.dot(a, a))  # compiled tl.dot needs M, N, K >= 16
+def _toy_bad_tile_kernel(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)  # compiled Triton needs power-of-2 tiles: BLOCK = 24 (a head dim of 24) fails
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,6 +368,7 @@ def _failures(aot, check) -> str:
     return "\n".join(bad)
 
 
+@pytest.mark.slow
 def test_every_kernel_is_covered(aot):
     launched = {r["kernel"] for r in aot["reports"]}
     assert set(aot["kernels"]) == launched, f"kernels never launched by the cases: {set(aot['kernels']) - launched}"
@@ -353,33 +376,39 @@ def test_every_kernel_is_covered(aot):
     assert all(r.get("ptx_target") == "sm_90a" for r in aot["reports"] if not r.get("error"))
 
 
+@pytest.mark.slow
 def test_every_launch_compiles_for_sm90(aot):
     assert not (msg := _failures(aot, lambda r: [p for p in problems(r) if "compile" in p])), msg
 
 
+@pytest.mark.slow
 def test_no_register_spills(aot):
     assert not (msg := _failures(aot, lambda r: [p for p in problems(r) if p.startswith("spills")])), msg
 
 
+@pytest.mark.slow
 def test_occupancy_budget(aot):
     assert not (msg := _failures(aot, lambda r: [p for p in problems(r) if p.startswith("occupancy")])), msg
 
 
+@pytest.mark.slow
 def test_sixteen_byte_global_loads(aot):
     assert not (msg := _failures(aot, lambda r: [p for p in problems(r) if p.startswith("global loads")])), msg
 
 
+@pytest.mark.slow
 def test_planted_spill_is_caught(aot):
     report = aot["toys"]["toy_spill"]
     assert not report.get("error"), report
     found = problems(report)
     assert any(p.startswith("spills") for p in found), (report, found)
-    assert report["stack"] > 0 and report["accesses"].get("STL", 0) + report["accesses"].get("STL.128", 0) >= 0
+    assert report["stack"] > 0 and any(k.startswith("STL") for k in report["accesses"]), report
 
 
+@pytest.mark.slow
 def test_kernel_that_does_not_compile_is_caught(aot):
-    found = problems(aot["toys"]["toy_bad_dot"])
-    assert len(found) == 1 and "does not compile" in found[0], found
+    found = problems(aot["toys"]["toy_bad_tile"])
+    assert len(found) == 1 and "does not compile" in found[0] and "power of 2" in found[0], found
 
 
 def test_occupancy_model():
@@ -392,4 +421,4 @@ def test_occupancy_model():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(*sys.argv[1:3])
