@@ -255,7 +255,7 @@ def adaln_fwd(x, branch, gate, shift, scale, weight, eps: float, rms: bool, xnew
 
 
 def _num_chunks(N: int, D: int, device: torch.device, n_rows: int) -> int:
-    _, _, rows_per_chunk, _ = _launch_config(n_rows, N, D, device)
+    _, _, rows_per_chunk, _ = _launch_config(n_rows, N, D, device, backward=True)
     return cdiv(N, rows_per_chunk)
 
 
