@@ -67,6 +67,7 @@ class Check:
         self.cuda = torch.cuda.is_available() and not smoke
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.compile_backend = "inductor" if self.cuda else "aot_eager"
+        self.step_batches: tuple[int, ...] = (32, 64, 128)
         self.copy_gbps: float | None = None
         self.matmul_tflops: float | None = None
         self.sections: list[str] = []
@@ -279,9 +280,18 @@ def part_c(check: Check) -> str:
                         p50, p20, p80 = bench_ms(check, _timed_fn(fn, inputs, mode))
                         b = getattr(nbytes[kind], mode)
                         gbps = b / (p50 * 1e-3) / 1e9
-                        rows.append(row | {"mode": mode, "ms_p50": round(p50, 4), "ms_p20": round(p20, 4),
-                                           "ms_p80": round(p80, 4), "bytes": b, "GB_per_s": round(gbps, 1),
-                                           "frac_copy_bw": round(gbps / check.copy_gbps, 3) if check.copy_gbps else ""})  # fmt: skip
+                        rows.append(
+                            row
+                            | {
+                                "mode": mode,
+                                "ms_p50": round(p50, 4),
+                                "ms_p20": round(p20, 4),
+                                "ms_p80": round(p80, 4),
+                                "bytes": b,
+                                "GB_per_s": round(gbps, 1),
+                                "frac_copy_bw": round(gbps / check.copy_gbps, 3) if check.copy_gbps else "",
+                            }
+                        )
                 except Exception as e:  # one provider failing (compile error, OOM) must not hide the others
                     rows.append(row | {"mode": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 finally:
@@ -364,7 +374,7 @@ def part_d(check: Check) -> str:
 
     from repa_fast.kernels.attention import select_backend
 
-    batches = (32, 64, 128) if not check.smoke else (2,)
+    batches = check.step_batches if not check.smoke else (2,)
     providers = ("reference", "repa_fast eager", "repa_fast compile")
     probe = torch.empty(1, 1, 1, 8, device=check.device, dtype=torch.bfloat16)
     attn = f"repa_fast {select_backend(probe)}; SDPA kernel {sdpa_kernel(check)}"
@@ -385,13 +395,17 @@ def part_d(check: Check) -> str:
                 step = _build_step(check, provider, args)
                 sec, first = throughput.time_provider(step, data, args, check.device)
                 tflops = flops / sec / 1e12
-                row |= {"ms_per_step": round(sec * 1e3, 2), "img_per_s": round(batch / sec, 1),
-                        "tflops": round(tflops, 1),
-                        "mfu_measured": round(tflops / check.matmul_tflops, 3) if check.matmul_tflops else "",
-                        "mfu_989": round(tflops / H100_BF16_PEAK, 3),
-                        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if check.cuda else "",
-                        "first_step_s": round(first, 1), "compile_s": round(max(0.0, first - sec), 1),
-                        "attention": attn if provider != "reference" else "math (explicit softmax)"}  # fmt: skip
+                row |= {
+                    "ms_per_step": round(sec * 1e3, 2),
+                    "img_per_s": round(batch / sec, 1),
+                    "tflops": round(tflops, 1),
+                    "mfu_measured": round(tflops / check.matmul_tflops, 3) if check.matmul_tflops else "",
+                    "mfu_989": round(tflops / H100_BF16_PEAK, 3),
+                    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if check.cuda else "",
+                    "first_step_s": round(first, 1),
+                    "compile_s": round(max(0.0, first - sec), 1),
+                    "attention": attn if provider != "reference" else "math (explicit softmax)",
+                }
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:
@@ -459,11 +473,20 @@ def part_e(check: Check) -> str:
     for e in kernels:
         groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + getattr(e, attr)
     enc_us = sum(getattr(e, dev, 0) for e in events if e.key == "encoder forward")
-    top = [{"kernel": e.key[:90].replace("|", "/"), "group": kernel_group(e.key), "calls": e.count,
+    top = [
+        {
+            "kernel": e.key[:90].replace("|", "/"),
+            "group": kernel_group(e.key),
+            "calls": e.count,
             "ms_per_step": round(getattr(e, attr) / 1e3 / n_steps, 3),
-            "share": f"{100 * getattr(e, attr) / total:.1f}%"} for e in kernels[:25]]  # fmt: skip
-    grouped = [{"group": g, "ms_per_step": round(us / 1e3 / n_steps, 3), "share": f"{100 * us / total:.1f}%"}
-               for g, us in sorted(groups.items(), key=lambda kv: -kv[1])]  # fmt: skip
+            "share": f"{100 * getattr(e, attr) / total:.1f}%",
+        }
+        for e in kernels[:25]
+    ]
+    grouped = [
+        {"group": g, "ms_per_step": round(us / 1e3 / n_steps, 3), "share": f"{100 * us / total:.1f}%"}
+        for g, us in sorted(groups.items(), key=lambda kv: -kv[1])
+    ]
     kind = "CUDA kernels" if check.cuda else "CPU ops (smoke: no GPU)"
     text = (
         f"# Profile of the compiled repa_fast step ({args.model} + {args.enc_type}, batch {args.batch_size})\n\n"
@@ -572,8 +595,15 @@ def _compare(straight: dict, resumed: dict, losses: list, log: list, resumed_fro
     # CUDA kernels may be nondeterministic (atomics in cuBLAS/attention backward): then report the difference.
     matches = bitwise or diff < 1e-2
     log.append(f"losses: {losses}\nbitwise equal: {bitwise}; largest |straight - resumed|: {diff:.3e}\n")
-    return {"steps": steps, "resumed_from": resumed_from, "log_rows": len(losses), "losses_finite": finite,
-            "bitwise": bitwise, "max_abs_diff": f"{diff:.3e}", "resume_matches": matches}  # fmt: skip
+    return {
+        "steps": steps,
+        "resumed_from": resumed_from,
+        "log_rows": len(losses),
+        "losses_finite": finite,
+        "bitwise": bitwise,
+        "max_abs_diff": f"{diff:.3e}",
+        "resume_matches": matches,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,11 +619,16 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder for env.json, pytest_gpu.log, ops.csv, ... report.md")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of a,b,c,d,e,f (g always runs)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), ~1 min")
+    p.add_argument("--step-batches", default="32,64,128", help="per-GPU batch sizes of part d (OOM is reported)")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     bad = [s for s in parts if s not in PART_FNS]
     if bad:
         p.error(f"--parts: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+    try:
+        args.step_batches = tuple(int(b) for b in args.step_batches.split(",") if b.strip())
+    except ValueError:
+        p.error(f"--step-batches: comma-separated integers, e.g. 32,64; got {args.step_batches!r}")
     return args, parts
 
 
@@ -603,6 +638,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before their import
     os.makedirs(args.out, exist_ok=True)
     check = Check(args.out, args.smoke)
+    check.step_batches = args.step_batches
     if "a" not in parts and any(p in parts for p in "cd"):
         parts.insert(0, "a")  # per-op GB/s and MFU need this run's ceilings
     for part in parts:

@@ -200,9 +200,13 @@ def _rope_calls(rope):
         q = _m(BATCH, TOKENS, 3, H, dh).unbind(2)[0]
         cos, sin = _m(TOKENS, dh, dtype=f32), _m(TOKENS, dh, dtype=f32)
         w, b = _m(dh, dtype=f32), _m(dh, dtype=f32)
-        cases = (("qknorm+rope amp", w, b, cos, sin, 1, f32), ("qknorm+rope bf16", w.bfloat16(), b.bfloat16(), cos,
-                 sin, 1, bf16), ("qknorm", w, b, None, None, 1, f32), ("rope", None, None, cos, sin, 0, bf16),
-                 ("rms+rope", w, None, cos, sin, 2, f32))  # fmt: skip
+        cases = (
+            ("qknorm+rope amp", w, b, cos, sin, 1, f32),
+            ("qknorm+rope bf16", w.bfloat16(), b.bfloat16(), cos, sin, 1, bf16),
+            ("qknorm", w, b, None, None, 1, f32),
+            ("rope", None, None, cos, sin, 0, bf16),
+            ("rms+rope", w, None, cos, sin, 2, f32),
+        )
         for name, w_, b_, c, s, norm, yd in cases:
             tag = f"Dh={dh} {name}"
             yield f"rope fwd {tag}", partial(rope.norm_rope_fwd, q, w_, b_, c, s, 1e-5, norm, yd)
@@ -363,8 +367,11 @@ def aot():
 
 
 def _failures(aot, check) -> str:
-    bad = [f"{r['kernel']} {r['constexprs']} warps={r['num_warps']} ({r['cases'][0]}, ...): {p}"
-           for r in aot["reports"] for p in check(r)]  # fmt: skip
+    bad = [
+        f"{r['kernel']} {r['constexprs']} warps={r['num_warps']} ({r['cases'][0]}, ...): {p}"
+        for r in aot["reports"]
+        for p in check(r)
+    ]
     return "\n".join(bad)
 
 
@@ -409,6 +416,22 @@ def test_planted_spill_is_caught(aot):
 def test_kernel_that_does_not_compile_is_caught(aot):
     found = problems(aot["toys"]["toy_bad_tile"])
     assert len(found) == 1 and "does not compile" in found[0] and "power of 2" in found[0], found
+
+
+def test_fake_shapes_match_the_launchers(monkeypatch):
+    """The register_fake of each backward sizes its partial sums from the same launch config as the launcher (on
+    a GPU: torch.compile traces the fake, then runs the launcher)."""
+    from repa_fast.kernels import adaln, rope
+
+    monkeypatch.setattr(adaln, "_adaln_bwd_kernel", _Recorder(None, [], [""]))
+    monkeypatch.setattr(rope, "_norm_rope_bwd_kernel", _Recorder(None, [], [""]))
+    for B, N, D in ((32, 256, 1152), (64, 290, 256), (3, 9, 384)):  # (64, 290, 256): fwd and bwd chunk counts differ
+        h, dy, mods = _m(B, N, D), _m(B, N, D), _m(B, 2 * D).chunk(2, dim=1)
+        part = adaln.adaln_bwd(dy, None, h, None, None, mods[0], None, 1e-6, False, torch.bfloat16)[2]
+        assert part.shape[2] == adaln._num_chunks(N, D, h.device, B * N), (B, N, D)
+        q = _m(B, N, 3, D // 64, 64).unbind(2)[0]
+        part = rope.norm_rope_bwd(_m(B, N, D // 64, 64), q, None, None, None, 1e-5, 1, torch.bfloat16)[1]
+        assert part.shape[1] == rope._num_progs(B * N * (D // 64), 64, q.device), (B, N, D)
 
 
 def test_occupancy_model():
