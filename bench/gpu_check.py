@@ -459,6 +459,7 @@ def part_e(check: Check) -> str:
     check.sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if check.cuda else [])
     n_steps = 3
+    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(n_steps):
             step(data)
@@ -466,13 +467,19 @@ def part_e(check: Check) -> str:
     events = prof.key_averages()
     dev = "device_time_total" if check.cuda else "cpu_time_total"
     attr = "self_device_time_total" if check.cuda else "self_cpu_time_total"
-    kernels = [e for e in events if getattr(e, attr, 0) > 0 and (not check.cuda or e.device_type.name == "CUDA")]
+    wall_ms = (time.perf_counter() - t0) * 1e3 / n_steps  # profiler overhead included
+    ranges = ("encoder forward", "ProfilerStep")
+    kernels = [
+        e
+        for e in events
+        if getattr(e, attr, 0) > 0 and not e.key.startswith(ranges) and (not check.cuda or e.device_type.name == "CUDA")
+    ]
     total = sum(getattr(e, attr) for e in kernels) or 1.0
     kernels.sort(key=lambda e: getattr(e, attr), reverse=True)
     groups: dict[str, float] = {}
     for e in kernels:
         groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + getattr(e, attr)
-    enc_us = sum(getattr(e, dev, 0) for e in events if e.key == "encoder forward")
+    enc_us = max((getattr(e, dev, 0) for e in events if e.key == "encoder forward"), default=0.0)
     top = [
         {
             "kernel": e.key[:90].replace("|", "/"),
@@ -490,7 +497,8 @@ def part_e(check: Check) -> str:
     kind = "CUDA kernels" if check.cuda else "CPU ops (smoke: no GPU)"
     text = (
         f"# Profile of the compiled repa_fast step ({args.model} + {args.enc_type}, batch {args.batch_size})\n\n"
-        f"{n_steps} steps, {total / 1e3 / n_steps:.2f} ms of {kind} per step; encoder forward range: "
+        f"{n_steps} steps of {wall_ms:.1f} ms wall (under the profiler), {total / 1e3 / n_steps:.2f} ms of {kind} "
+        "per step; shares below are of the latter. Encoder forward range: "
         f"{enc_us / 1e3 / n_steps:.2f} ms per step ({100 * enc_us / total:.1f}%).\n\n## By group\n\n"
         + md_table(grouped)
         + f"\n## Top 25 {kind}\n\n"
@@ -561,6 +569,7 @@ def part_f(check: Check) -> str:
             argv += ["--exp-name", "run", "--max-train-steps", str(steps), "--checkpointing-steps", str(every)]
             argv += ["--no-encoder-pretrained", "--report-to", "none", "--sampling-steps", "0", "--log-every", "1"]
             argv += ["--num-classes", "10", "--num-workers", "2" if not check.smoke else "0", "--compile"]
+            argv += ["--learning-rate", str(TRAIN_LR)]
             if check.smoke:
                 argv += ["--model", "SiT-T/2", "--enc-type", "dinov2-vit-t", "--encoder-depth", "2"]
                 argv += ["--batch-size", "4", "--mixed-precision", "no", "--compile-backend", "eager"]
@@ -584,6 +593,9 @@ def part_f(check: Check) -> str:
     return f"resumed == straight ({result['max_abs_diff']}), {result['log_rows']} finite losses"
 
 
+TRAIN_LR = 1e-4  # the reference's --learning-rate default, passed explicitly: the resume tolerance depends on it
+
+
 def _compare(straight: dict, resumed: dict, losses: list, log: list, resumed_from: int, steps: int) -> dict:
     diff, bitwise = 0.0, True
     for f, tensors in straight.items():
@@ -592,8 +604,9 @@ def _compare(straight: dict, resumed: dict, losses: list, log: list, resumed_fro
             bitwise &= torch.equal(a, b)
             diff = max(diff, (a.double() - b.double()).abs().max().item())
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    # CUDA kernels may be nondeterministic (atomics in cuBLAS/attention backward): then report the difference.
-    matches = bitwise or diff < 1e-2
+    # CUDA kernels may be nondeterministic (atomics in cuBLAS / attention backward). An Adam step moves each weight by
+    # at most about lr, so two runs that differ only by rounding stay within 2 * lr per resumed step.
+    matches = bitwise or diff <= 2 * TRAIN_LR * (steps - resumed_from)
     log.append(f"losses: {losses}\nbitwise equal: {bitwise}; largest |straight - resumed|: {diff:.3e}\n")
     return {
         "steps": steps,

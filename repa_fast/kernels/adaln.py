@@ -188,10 +188,11 @@ def _adaln_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device, backward: bool = False):
     """(BLOCK_M, BLOCK_D, rows_per_chunk, num_warps). Untuned heuristics (no GPU was available to tune them):
-    tiles of about 4K fp32 values on a GPU; under the interpreter, whose cost is per program, large tiles.
-    The backward holds 3 accumulator tiles next to 3-4 input tiles: with 4K-value tiles at 4 warps ptxas needs ~255
-    registers and spills (sm_90 resource report of tests/kernels/test_aot_sm90.py), so it takes 2K-value tiles at 8
-    warps (8 values per thread and tile: <= 128 registers, 16 resident warps per SM)."""
+    tiles of about 4K (forward) or 2K (backward) fp32 values at 8 warps on a GPU; under the interpreter, whose cost
+    is per program, large tiles. From the sm_90a resource report (tests/kernels/test_aot_sm90.py): the backward
+    holds 3 accumulator tiles next to 3-4 input tiles, and with 4K-value tiles at 4 warps ptxas needs ~255
+    registers and spills; at 2K values and 8 warps it needs <= 128 (16 resident warps per SM). The forward at 4
+    warps spilled under triton 3.6 (RMSNorm + weight, D=384); at 8 warps it needs 40-56 registers."""
     block_d = next_power_of_2(D)
     if interpreted(device):
         block_m = max(1, min(next_power_of_2(n_tok), 131072 // block_d, 256))
@@ -202,7 +203,7 @@ def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device, backwa
     # 2-3 fp32 partial rows, which must stay small next to the bf16 rows it reads (<= ~12% at 32 tokens).
     chunks = max(1, min(cdiv(n_tok, MIN_CHUNK_TOKENS), cdiv(4 * num_sms(device), n_batch)))
     rows_per_chunk = cdiv(cdiv(n_tok, chunks), block_m) * block_m
-    return block_m, block_d, rows_per_chunk, 8 if backward or block_m * block_d >= 8192 else 4
+    return block_m, block_d, rows_per_chunk, 8
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
