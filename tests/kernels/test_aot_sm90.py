@@ -22,10 +22,12 @@ Compilation runs in a subprocess without TRITON_INTERPRET (tests/conftest.py set
 the worker: ``python tests/kernels/test_aot_sm90.py OUT.json [CASE-SUBSTRING]``. Two toy kernels prove the checks
 can fail: one that spills (an 8K-value row held by one warp) and one that does not compile (a 24-wide tile).
 
-What this test found and what was changed (sm_90a, triton 3.8): the adaLN backward used ~255 registers at 4 warps
-and spilled (gated, D=384 and D=1152); it now runs 2K-value tiles at 8 warps (98-127 registers). The RoPE kernels
-loaded even and odd channels with stride-2 scalar loads (no LDG.E.128), used 150-255 registers and spilled in the
-backward; they now load whole contiguous head rows and pair channels in registers (38-128 registers, LDG.E.128).
+What this test found and what was changed (sm_90a; triton 3.8, and 3.6 as on the device): the adaLN backward used
+~255 registers at 4 warps and spilled (gated, D=384 and D=1152); it now runs 2K-value tiles at 8 warps (98-127
+registers). The adaLN forward spilled 8 bytes at 4 warps under triton 3.6 (RMSNorm + weight, D=384); it runs at 8
+warps (40-56 registers). The RoPE kernels loaded even and odd channels with stride-2 scalar loads (no LDG.E.128),
+used 150-255 registers and spilled in the backward; they now load whole contiguous head rows and pair channels in
+registers (38-128 registers, LDG.E.128).
 """
 
 import json
