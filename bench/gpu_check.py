@@ -431,7 +431,10 @@ def part_d(check: Check) -> str:
 KERNEL_GROUPS = (  # first match wins; lower-case substrings of CUDA kernel names
     ("fused (repa_fast)", ("_adaln_", "_cos_rows_", "_norm_rope_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "mm_")),
+    (
+        "GEMM",
+        ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "matmul", "mm_", "aten::mm", "addmm", "bmm"),
+    ),
     ("optimizer/EMA", ("adam", "multi_tensor", "foreach", "lerp")),
     ("reduction", ("triton_red", "triton_per", "reduce", "norm")),
     ("elementwise", ("triton_poi", "elementwise", "vectorized", "unrolled", "fill")),
@@ -452,8 +455,11 @@ def part_e(check: Check) -> str:
     torch.manual_seed(0)
     data = __import__("throughput").synthetic_batch(args, check.device)
     step = _build_step(check, "repa_fast compile", args)
-    for enc in step.encoders:  # a profiler range around each encoder forward: its share of the step
-        enc.forward = (lambda f: lambda *a, **k: _ranged(record_function, f, *a, **k))(enc.forward)
+    # Profiler ranges around the encoders, the optimizer and the EMA update: their share of the step's GPU time.
+    for enc in step.encoders:
+        enc.forward = _ranged(record_function, "encoder forward", enc.forward)
+    step.backend.clip_and_step = _ranged(record_function, "clip + optimizer", step.backend.clip_and_step)
+    step.backend.update_ema = _ranged(record_function, "EMA update", step.backend.update_ema)
     for _ in range(3):
         step(data)
     check.sync()
@@ -468,18 +474,18 @@ def part_e(check: Check) -> str:
     dev = "device_time_total" if check.cuda else "cpu_time_total"
     attr = "self_device_time_total" if check.cuda else "self_cpu_time_total"
     wall_ms = (time.perf_counter() - t0) * 1e3 / n_steps  # profiler overhead included
-    ranges = ("encoder forward", "ProfilerStep")
+    ranges = ("encoder forward", "clip + optimizer", "EMA update")
     kernels = [
         e
         for e in events
-        if getattr(e, attr, 0) > 0 and not e.key.startswith(ranges) and (not check.cuda or e.device_type.name == "CUDA")
+        if getattr(e, attr, 0) > 0 and e.key not in ranges and (not check.cuda or e.device_type.name == "CUDA")
     ]
     total = sum(getattr(e, attr) for e in kernels) or 1.0
     kernels.sort(key=lambda e: getattr(e, attr), reverse=True)
     groups: dict[str, float] = {}
     for e in kernels:
         groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + getattr(e, attr)
-    enc_us = max((getattr(e, dev, 0) for e in events if e.key == "encoder forward"), default=0.0)
+    in_range = {r: max((getattr(e, dev, 0) for e in events if e.key == r), default=0.0) for r in ranges}
     top = [
         {
             "kernel": e.key[:90].replace("|", "/"),
@@ -494,24 +500,34 @@ def part_e(check: Check) -> str:
         {"group": g, "ms_per_step": round(us / 1e3 / n_steps, 3), "share": f"{100 * us / total:.1f}%"}
         for g, us in sorted(groups.items(), key=lambda kv: -kv[1])
     ]
+    by_range = [
+        {"range": r, "ms_per_step": round(us / 1e3 / n_steps, 3), "share": f"{100 * us / total:.1f}%"}
+        for r, us in in_range.items()
+    ]
     kind = "CUDA kernels" if check.cuda else "CPU ops (smoke: no GPU)"
     text = (
         f"# Profile of the compiled repa_fast step ({args.model} + {args.enc_type}, batch {args.batch_size})\n\n"
         f"{n_steps} steps of {wall_ms:.1f} ms wall (under the profiler), {total / 1e3 / n_steps:.2f} ms of {kind} "
-        "per step; shares below are of the latter. Encoder forward range: "
-        f"{enc_us / 1e3 / n_steps:.2f} ms per step ({100 * enc_us / total:.1f}%).\n\n## By group\n\n"
+        "per step; shares below are of the latter.\n\n## By kernel group\n\n"
         + md_table(grouped)
+        + "\n## By step phase (profiler ranges; their kernels are also counted in the groups above)\n\n"
+        + md_table(by_range)
         + f"\n## Top 25 {kind}\n\n"
         + md_table(top)
     )
     write_atomic(check.path("profile.md"), text)
-    check.sections.append("## e. Profile (profile.md)\n\n" + md_table(grouped))
+    check.sections.append("## e. Profile (profile.md)\n\n" + md_table(grouped) + "\n" + md_table(by_range))
     return f"top group: {grouped[0]['group']} {grouped[0]['share']}" if grouped else "empty profile"
 
 
-def _ranged(record_function, fn, *args, **kwargs):
-    with record_function("encoder forward"):
-        return fn(*args, **kwargs)
+def _ranged(record_function, name: str, fn):
+    """``fn`` wrapped in a profiler range ``name``."""
+
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,10 @@ def test_smoke_run_writes_every_file(tmp_path):
         steps = list(csv.DictReader(f))
     assert [r["provider"] for r in steps] == ["reference", "repa_fast eager", "repa_fast compile"]
     assert all(float(r["img_per_s"]) > 0 for r in steps)
-    assert "## By group" in (out / "profile.md").read_text()
+    assert (
+        "## By kernel group" in (out / "profile.md").read_text()
+        and "| EMA update |" in (out / "profile.md").read_text()
+    )
     train_log = (out / "train_check.log").read_text()
     assert "--resume" in train_log and "bitwise equal: True" in train_log
     report = (out / "report.md").read_text()
