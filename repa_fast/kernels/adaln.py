@@ -186,20 +186,24 @@ def _adaln_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Launchers: checks, layout, grid. No autograd here.
 # ----------------------------------------------------------------------------------------------------------------
-def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device):
+def _launch_config(n_rows: int, n_tok: int, D: int, device: torch.device, backward: bool = False):
     """(BLOCK_M, BLOCK_D, rows_per_chunk, num_warps). Untuned heuristics (no GPU was available to tune them):
-    tiles of about 4K fp32 values on a GPU; under the interpreter, whose cost is per program, large tiles."""
+    tiles of about 4K (forward) or 2K (backward) fp32 values at 8 warps on a GPU; under the interpreter, whose cost
+    is per program, large tiles. From the sm_90a resource report (tests/kernels/test_aot_sm90.py): the backward
+    holds 3 accumulator tiles next to 3-4 input tiles, and with 4K-value tiles at 4 warps ptxas needs ~255
+    registers and spills; at 2K values and 8 warps it needs <= 128 (16 resident warps per SM). The forward at 4
+    warps spilled under triton 3.6 (RMSNorm + weight, D=384); at 8 warps it needs 40-56 registers."""
     block_d = next_power_of_2(D)
     if interpreted(device):
         block_m = max(1, min(next_power_of_2(n_tok), 131072 // block_d, 256))
         return block_m, block_d, cdiv(n_tok, block_m) * block_m, 4
-    block_m = max(1, min(16, 4096 // block_d))
+    block_m = max(1, min(16, (2048 if backward else 4096) // block_d))
     n_batch = max(1, n_rows // max(n_tok, 1))
     # Enough (sample, chunk) programs to fill the GPU, but chunks of >= MIN_CHUNK_TOKENS tokens: each chunk writes
     # 2-3 fp32 partial rows, which must stay small next to the bf16 rows it reads (<= ~12% at 32 tokens).
     chunks = max(1, min(cdiv(n_tok, MIN_CHUNK_TOKENS), cdiv(4 * num_sms(device), n_batch)))
     rows_per_chunk = cdiv(cdiv(n_tok, chunks), block_m) * block_m
-    return block_m, block_d, rows_per_chunk, 8 if block_m * block_d >= 8192 else 4
+    return block_m, block_d, rows_per_chunk, 8
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -252,7 +256,7 @@ def adaln_fwd(x, branch, gate, shift, scale, weight, eps: float, rms: bool, xnew
 
 
 def _num_chunks(N: int, D: int, device: torch.device, n_rows: int) -> int:
-    _, _, rows_per_chunk, _ = _launch_config(n_rows, N, D, device)
+    _, _, rows_per_chunk, _ = _launch_config(n_rows, N, D, device, backward=True)
     return cdiv(N, rows_per_chunk)
 
 
@@ -264,7 +268,7 @@ def adaln_bwd(dy, dres, h, branch, gate, scale, weight, eps: float, rms: bool, d
     gated = branch is not None
     br2 = _rows(branch) if gated else None
     gate, scale = _cols(gate), _cols(scale)
-    block_m, block_d, rows_per_chunk, warps = _launch_config(B * N, N, D, h.device)
+    block_m, block_d, rows_per_chunk, warps = _launch_config(B * N, N, D, h.device, backward=True)
     chunks = cdiv(N, rows_per_chunk)
     dx = empty((B, N, D), dx_dtype, h.device)
     dbranch = empty(branch.shape, branch.dtype, branch.device) if gated else None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import cdiv, empty, interpreted, next_power_of_2, num_sms, out_dtype, tl, triton, use_triton
+from .adaln import _row_norm
 
 NORMS = (None, "layer", "rms")
 
@@ -61,29 +62,25 @@ def qk_norm_rope_ref(x, weight=None, bias=None, cos=None, sin=None, eps: float =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Kernels. A row is one (b, n, h) head vector; it is handled as Dh/2 (even, odd) channel pairs, so the
-#    rotation needs no shuffle. NORM: 0 none, 1 LayerNorm, 2 RMSNorm. fp32 right after every load.
+# 2. Kernels. A row is one (b, n, h) head vector, loaded whole (HEAD_DIM contiguous channels: 16-byte loads) and
+#    rotated by pairing channels in registers (reshape + split/join). NORM: 0 none, 1 LayerNorm, 2 RMSNorm.
+#    fp32 right after every load. HEAD_DIM is a constexpr so that row offsets are provably 16-byte aligned for the
+#    non-power-of-2 head dim 72 (SiT-XL) as well; PACKED_HEADS: the head stride is HEAD_DIM (the qkv GEMM's view).
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_norm(xe, xo, mask, Dh, eps, NORM: tl.constexpr):
-    """Normalise rows held as even/odd channel halves: LayerNorm (NORM 1) or RMSNorm (2). Returns (xe, xo, rstd)."""
-    if NORM == 1:
-        mean = (tl.sum(xe, axis=1) + tl.sum(xo, axis=1)) / Dh
-        xe = tl.where(mask, xe - mean[:, None], 0.0)
-        xo = tl.where(mask, xo - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=1) + tl.sum(xo * xo, axis=1)) / Dh + eps)
-    return xe * rstd[:, None], xo * rstd[:, None], rstd
+def _rotate_half_tile(x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rotate_half of rows x (BLOCK_R, BLOCK_D): out[2i] = -x[2i+1], out[2i+1] = x[2i]."""
+    xe, xo = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+    return tl.reshape(tl.join(-xo, xe), (BLOCK_R, BLOCK_D))
 
 
 @triton.jit
-def _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab):
-    """cos and sin of token n at the even and odd channel of each rotation pair: (ce, co, se, so), fp32."""
-    tab = n[:, None] * stride_tab + 2 * pairs[None, :]
-    ce = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-    co = tl.load(cos_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
-    se = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
-    so = tl.load(sin_ptr + tab + 1, mask=mask, other=0.0).to(tl.float32)
-    return ce, co, se, so
+def _row_offsets(rows, N, H, stride_xb, stride_xn, stride_xh, HEAD_DIM: tl.constexpr, PACKED_HEADS: tl.constexpr):
+    """(token index n, element offset of each row) of rows of a strided (B, N, H, HEAD_DIM) tensor."""
+    n = (rows // H) % N
+    head = rows % H
+    head_off = head * HEAD_DIM if PACKED_HEADS else head * stride_xh
+    return n, (rows // (H * N)) * stride_xb + n * stride_xn + head_off
 
 
 @triton.jit
@@ -97,46 +94,37 @@ def _norm_rope_fwd_kernel(
     n_rows,
     N,
     H,
-    Dh,
     stride_xb,
     stride_xn,
     stride_xh,
-    stride_tab,
     eps,
+    HEAD_DIM: tl.constexpr,
+    PACKED_HEADS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # offsets may pass 2^31
-    pairs = tl.arange(0, BLOCK_P)
-    pmask = pairs < Dh // 2
-    mask = (rows < n_rows)[:, None] & pmask[None, :]
-    n = (rows // H) % N
-    base = (rows // (H * N)) * stride_xb + n * stride_xn + (rows % H) * stride_xh
-    xe_ptrs = x_ptr + base[:, None] + 2 * pairs[None, :]
-    xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < HEAD_DIM
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    n, base = _row_offsets(rows, N, H, stride_xb, stride_xn, stride_xh, HEAD_DIM, PACKED_HEADS)
+    x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if NORM != 0:
-        xe, xo, rstd = _pair_norm(xe, xo, mask, Dh, eps, NORM)
+        x, rstd = _row_norm(x, mask, HEAD_DIM, eps, NORM == 2)
         if HAS_WEIGHT:
-            xe = xe * tl.load(w_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
-            xo = xo * tl.load(w_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
+            x = x * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            xe = xe + tl.load(b_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)[None, :]
-            xo = xo + tl.load(b_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)[None, :]
+            x = x + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_ROPE:
-        ce, co, se, so = _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab)
-        ye = xe * ce - xo * se
-        yo = xo * co + xe * so
-    else:
-        ye = xe
-        yo = xo
-    y_ptrs = y_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
-    tl.store(y_ptrs, ye.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptrs + 1, yo.to(y_ptr.dtype.element_ty), mask=mask)
+        tab = n[:, None] * HEAD_DIM + cols[None, :]  # the tables are contiguous (N, HEAD_DIM)
+        c = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+        x = x * c + _rotate_half_tile(x, BLOCK_R, BLOCK_D) * s
+    tl.store(y_ptr + rows[:, None] * HEAD_DIM + cols[None, :], x.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -151,93 +139,71 @@ def _norm_rope_bwd_kernel(
     n_rows,
     N,
     H,
-    Dh,
     rows_per_prog,
     stride_xb,
     stride_xn,
     stride_xh,
-    stride_tab,
     eps,
+    HEAD_DIM: tl.constexpr,
+    PACKED_HEADS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # dz = R^T dy (the transposed rotation); then the norm's backward. part[0, pid] = sum dz * xhat (dweight),
-    # part[1, pid] = sum dz (dbias), over this program's rows_per_prog rows.
+    # dz = R^T dy = dy * cos - rotate_half(dy * sin) (the transposed rotation); then the norm's backward.
+    # part[0, pid] = sum dz * xhat (dweight), part[1, pid] = sum dz (dbias), over this program's rows_per_prog rows.
     pid = tl.program_id(0)
-    pairs = tl.arange(0, BLOCK_P)
-    pmask = pairs < Dh // 2
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < HEAD_DIM
     if HAS_WEIGHT:
-        we = tl.load(w_ptr + 2 * pairs, mask=pmask, other=0.0).to(tl.float32)
-        wo = tl.load(w_ptr + 2 * pairs + 1, mask=pmask, other=0.0).to(tl.float32)
-    acc_we = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
-    acc_wo = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
-    acc_be = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
-    acc_bo = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_w = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for r0 in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = (rows < n_rows)[:, None] & pmask[None, :]
-        n = (rows // H) % N
-        dy_ptrs = dy_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
-        dye = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dyo = tl.load(dy_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        n, base = _row_offsets(rows, N, H, stride_xb, stride_xn, stride_xh, HEAD_DIM, PACKED_HEADS)
+        dz = tl.load(dy_ptr + rows[:, None] * HEAD_DIM + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_ROPE:
-            ce, co, se, so = _load_rotation(cos_ptr, sin_ptr, n, pairs, mask, stride_tab)
-            dze = dye * ce + dyo * so
-            dzo = dyo * co - dye * se
-        else:
-            dze = dye
-            dzo = dyo
-        if NORM == 0:
-            dxe = dze
-            dxo = dzo
-        else:
-            base = (rows // (H * N)) * stride_xb + n * stride_xn + (rows % H) * stride_xh
-            xe_ptrs = x_ptr + base[:, None] + 2 * pairs[None, :]
-            xe = tl.load(xe_ptrs, mask=mask, other=0.0).to(tl.float32)
-            xo = tl.load(xe_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
-            xe, xo, rstd = _pair_norm(xe, xo, mask, Dh, eps, NORM)
-            acc_we += dze * xe
-            acc_wo += dzo * xo
-            acc_be += dze
-            acc_bo += dzo
+            tab = n[:, None] * HEAD_DIM + cols[None, :]
+            c = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
+            dz = dz * c - _rotate_half_tile(dz * s, BLOCK_R, BLOCK_D)
+        if NORM != 0:
+            x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            xhat, rstd = _row_norm(x, mask, HEAD_DIM, eps, NORM == 2)
+            acc_w += dz * xhat
+            acc_b += dz
             if HAS_WEIGHT:
-                dze = dze * we[None, :]
-                dzo = dzo * wo[None, :]
-            c1 = (tl.sum(dze * xe, axis=1) + tl.sum(dzo * xo, axis=1)) / Dh
+                dz = dz * w[None, :]
+            c1 = tl.sum(dz * xhat, axis=1) / HEAD_DIM
             if NORM == 1:
-                c2 = (tl.sum(dze, axis=1) + tl.sum(dzo, axis=1)) / Dh
-                dxe = (dze - c2[:, None] - xe * c1[:, None]) * rstd[:, None]
-                dxo = (dzo - c2[:, None] - xo * c1[:, None]) * rstd[:, None]
-            else:
-                dxe = (dze - xe * c1[:, None]) * rstd[:, None]
-                dxo = (dzo - xo * c1[:, None]) * rstd[:, None]
-        dx_ptrs = dx_ptr + rows[:, None] * Dh + 2 * pairs[None, :]
-        tl.store(dx_ptrs, dxe.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dx_ptrs + 1, dxo.to(dx_ptr.dtype.element_ty), mask=mask)
+                dz = dz - (tl.sum(dz, axis=1) / HEAD_DIM)[:, None]
+            dz = (dz - xhat * c1[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * HEAD_DIM + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=mask)
     if NORM != 0:
-        part = part_ptr + pid * Dh + 2 * pairs
-        plane = tl.num_programs(0) * Dh
-        tl.store(part, tl.sum(acc_we, axis=0), mask=pmask)
-        tl.store(part + 1, tl.sum(acc_wo, axis=0), mask=pmask)
-        tl.store(part + plane, tl.sum(acc_be, axis=0), mask=pmask)
-        tl.store(part + plane + 1, tl.sum(acc_bo, axis=0), mask=pmask)
+        part = part_ptr + pid * HEAD_DIM + cols
+        plane = tl.num_programs(0) * HEAD_DIM
+        tl.store(part, tl.sum(acc_w, axis=0), mask=cmask)
+        tl.store(part + plane, tl.sum(acc_b, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Launchers
 # ----------------------------------------------------------------------------------------------------------------
 def _launch_config(n_rows: int, Dh: int, device: torch.device):
-    """(BLOCK_R, BLOCK_P, rows_per_prog of the backward, num_warps); untuned (no GPU to tune on)."""
-    block_p = next_power_of_2(Dh // 2)
+    """(BLOCK_R, BLOCK_D, rows_per_prog of the backward, num_warps). On a GPU: tiles of 2048 values (16 fp32 per
+    thread and tensor at 4 warps: no spills and >= 16 resident warps per SM on sm_90, tests/kernels/test_aot_sm90.py);
+    under the interpreter, whose cost is per program, large tiles."""
+    block_d = next_power_of_2(Dh)
     if interpreted(device):
-        block_r = max(1, min(next_power_of_2(n_rows), 131072 // block_p, 4096))
-        return block_r, block_p, cdiv(n_rows, block_r) * block_r, 4
-    block_r = max(1, min(64, 2048 // block_p))
+        block_r = max(1, min(next_power_of_2(n_rows), 131072 // block_d, 4096))
+        return block_r, block_d, cdiv(n_rows, block_r) * block_r, 4
+    block_r = max(1, min(64, 2048 // block_d))
     progs = max(1, min(cdiv(n_rows, block_r), 4 * num_sms(device)))
-    return block_r, block_p, cdiv(cdiv(n_rows, progs), block_r) * block_r, 4
+    return block_r, block_d, cdiv(cdiv(n_rows, progs), block_r) * block_r, 4
 
 
 def _tables(cos, sin):
@@ -254,7 +220,7 @@ def norm_rope_fwd(x, weight, bias, cos, sin, eps: float, norm: int, y_dtype):
     cos, sin = _tables(cos, sin)
     y = empty((B, N, H, Dh), y_dtype, x.device)
     n_rows = B * N * H
-    block_r, block_p, _, warps = _launch_config(n_rows, Dh, x.device)
+    block_r, block_d, _, warps = _launch_config(n_rows, Dh, x.device)
     dummy = x
     _norm_rope_fwd_kernel[(cdiv(n_rows, block_r),)](
         x,
@@ -266,18 +232,18 @@ def norm_rope_fwd(x, weight, bias, cos, sin, eps: float, norm: int, y_dtype):
         n_rows,
         N,
         H,
-        Dh,
         x.stride(0),
         x.stride(1),
         x.stride(2),
-        cos.stride(0) if cos is not None else 0,
         eps,
+        HEAD_DIM=Dh,
+        PACKED_HEADS=x.stride(2) == Dh,
         NORM=norm,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_ROPE=cos is not None,
         BLOCK_R=block_r,
-        BLOCK_P=block_p,
+        BLOCK_D=block_d,
         num_warps=warps,
     )
     return y
@@ -296,7 +262,7 @@ def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
     dy = dy.contiguous()
     cos, sin = _tables(cos, sin)
     n_rows = B * N * H
-    block_r, block_p, rows_per_prog, warps = _launch_config(n_rows, Dh, x.device)
+    block_r, block_d, rows_per_prog, warps = _launch_config(n_rows, Dh, x.device)
     progs = cdiv(n_rows, rows_per_prog)
     dx = empty((B, N, H, Dh), dx_dtype, x.device)
     part = empty((2, progs, Dh) if norm else (0,), torch.float32, x.device)
@@ -312,18 +278,18 @@ def norm_rope_bwd(dy, x, weight, cos, sin, eps: float, norm: int, dx_dtype):
         n_rows,
         N,
         H,
-        Dh,
         rows_per_prog,
         x.stride(0),
         x.stride(1),
         x.stride(2),
-        cos.stride(0) if cos is not None else 0,
         eps,
+        HEAD_DIM=Dh,
+        PACKED_HEADS=x.stride(2) == Dh,
         NORM=norm,
         HAS_WEIGHT=weight is not None,
         HAS_ROPE=cos is not None,
         BLOCK_R=block_r,
-        BLOCK_P=block_p,
+        BLOCK_D=block_d,
         num_warps=warps,
     )
     return dx, part

@@ -106,7 +106,7 @@ def test_mixed_dtypes_as_in_sit_autocast():
 
 def test_small_tiles_many_programs_and_chunks(monkeypatch):
     """Force 2-row tiles and 4-token chunks: masked tail tiles, several partial-sum chunks, an overhanging chunk."""
-    monkeypatch.setattr(adaln, "_launch_config", lambda n_rows, n_tok, D, dev: (2, 256, 4, 4))
+    monkeypatch.setattr(adaln, "_launch_config", lambda n_rows, n_tok, D, dev, backward=False: (2, 256, 4, 4))
     check_against_fp64(
         _gated("triton"),
         _gated("ref"),

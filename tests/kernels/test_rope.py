@@ -106,7 +106,7 @@ def test_bf16(norm):
 
 def test_small_tiles_many_programs(monkeypatch):
     """4-row tiles, 8 rows per backward program: masked tails and several dweight/dbias partial sums."""
-    monkeypatch.setattr(rope, "_launch_config", lambda n_rows, Dh, dev: (4, 64, 8, 4))
+    monkeypatch.setattr(rope, "_launch_config", lambda n_rows, Dh, dev: (4, 128, 8, 4))  # BLOCK_D >= Dh
     qkv = _qkv_view(1, 3, 3, 72)  # 27 rows
     w, b = (1 + 0.3 * torch.randn(72)).requires_grad_(), (0.2 * torch.randn(72)).requires_grad_()
     cos, sin = rope_2d_cos_sin(72, 3, 3)
