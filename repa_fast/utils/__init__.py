@@ -1,0 +1,1 @@
+"""Small helpers shared across repa_fast (file readers); no heavy imports here."""
