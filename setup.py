@@ -12,6 +12,8 @@ EXTRAS = {
     ],  # the torch_autocast section and the ZeRO state helpers we rely on (tested: 0.19.8)
     "flash": ["flash-attn>=2.6"],
     "logging": ["tensorboard>=2.14"],
+    # python -m repa_fast.evaluate (SciPy's sqrtm for the Fréchet distance), CKNNA / linear-probe plots, FD-digits.
+    "eval": ["scipy>=1.10", "matplotlib>=3.7", "scikit-learn>=1.3"],
 }
 EXTRAS["dev"] = sorted(
     set(
@@ -19,6 +21,7 @@ EXTRAS["dev"] = sorted(
         + EXTRAS["vae"]
         + EXTRAS["deepspeed"]
         + EXTRAS["logging"]
+        + EXTRAS["eval"]
         + [
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter

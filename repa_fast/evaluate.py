@@ -27,7 +27,7 @@ import torch
 
 from repa_fast.config import ConfigError
 from repa_fast.eval.fid import FeatureStats, FrechetError
-from repa_fast.eval.inception import InceptionWeightsError, extract
+from repa_fast.eval.inception import extract
 
 FEATURE_NETS = ("inception", "digits")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "repa_fast", "eval")
@@ -149,7 +149,7 @@ def reference_statistics(ref: str, net, args, device, rank: int, world: int) -> 
         return None
     out = {"pool": feats["pool"]}
     stored = npz_keys(ref)
-    if {"mu", "sigma"} <= stored and args.feature_net == "inception":  # ADM: stored statistics win
+    if {"mu", "sigma"} <= stored:  # ADM: stored statistics win (checked by prepare_evaluation)
         with np.load(ref) as z:
             out |= {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in stored}
     for key, name in (("", "pool"), ("_s", "spatial")):
@@ -200,10 +200,40 @@ def check_inputs(samples: str, ref: str) -> None:
         )
 
 
-def evaluate(samples: str, ref: str, args, device, rank: int = 0, world: int = 1) -> dict | None:
+def prepare_evaluation(args, ref: str | None, device, need: str):
+    """Check everything an evaluation needs and return the feature network, before any sample is drawn.
+
+    ``need`` names the option that supplies ``ref`` (for the error message).
+    """
+    if not ref:
+        raise ConfigError(f"evaluation needs a reference batch: pass {need}")
+    with open_arr0(ref) as (shape, _):
+        if shape[0] < 2:
+            raise ConfigError(f"{ref}: arr_0 has {shape[0]} image(s); statistics need at least 2")
+    try:
+        os.makedirs(args.cache_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--cache-dir {args.cache_dir}: cannot create it ({e.strerror}); pass a writable one") from e
+    net = build_feature_net(args.feature_net, args.inception_weights, args.cache_dir, device)
+    stored = npz_keys(ref) & {"mu", "sigma", "mu_s", "sigma_s"}
+    if stored:  # ADM uses a reference's stored statistics: they must be complete and fit this network
+        with np.load(ref) as z:
+            dims = {k: z[k].shape[0] for k in stored}
+        want = {"mu": net.feature_dims["pool"], "sigma": net.feature_dims["pool"]}
+        want |= {"mu_s": net.feature_dims["spatial"], "sigma_s": net.feature_dims["spatial"]}
+        if dims != want:
+            raise ConfigError(
+                f"{ref}: stored statistics {dims} do not fit --feature-net {args.feature_net} {want}; "
+                "ADM's reference batches hold Inception statistics (use --feature-net inception)"
+            )
+    return net
+
+
+def evaluate(samples: str, ref: str, args, device, rank: int = 0, world: int = 1, net=None) -> dict | None:
     """Metrics dict on rank 0 (also written as JSON next to the samples), None elsewhere."""
     check_inputs(samples, ref)
-    net = build_feature_net(args.feature_net, args.inception_weights, args.cache_dir, device)
+    if net is None:
+        net = prepare_evaluation(args, ref, device, need="REF.npz")
     ref_stats = reference_statistics(ref, net, args, device, rank, world)
     work = os.path.dirname(os.path.abspath(samples))
     feats = gather_features(
@@ -258,7 +288,7 @@ def main(argv=None) -> int:
         if result is not None:
             print(f"{args.samples} ({result['num_samples']} images): {format_metrics(result)}")
             print(f"wrote {results_path(args.samples, args.feature_net)}")
-    except (ConfigError, InceptionWeightsError, FrechetError) as e:
+    except (ConfigError, FrechetError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     finally:

