@@ -8,9 +8,10 @@ as data only:
 - ``<archive>/data.pkl`` is the module tree: objects of ``__torch__.*`` classes, built with NEWOBJ and filled with
   BUILD from a dict of attributes (tensors, submodules, plain values). It is unpickled by ``_RestrictedUnpickler``,
   whose ``find_class`` admits only ``torch._utils._rebuild_tensor_v2`` / ``_rebuild_parameter``,
-  ``collections.OrderedDict``, the typed storage names ``torch.<Dtype>Storage`` and ``__torch__.*`` class names.
-  Each of these is mapped to a local stand-in (the real torch callables are never called); anything else, e.g. the
-  ``os.system`` of a ``__reduce__`` payload, raises ``UnsafeArchiveError`` before it can run.
+  ``collections.OrderedDict``, ``torch.jit._pickle``'s typed-list tags (``build_intlist`` ...), the typed storage
+  names ``torch.<Dtype>Storage`` and ``__torch__.*`` class names. Each of these is mapped to a local stand-in (the
+  real torch callables are never called); anything else, e.g. the ``os.system`` of a ``__reduce__`` payload,
+  raises ``UnsafeArchiveError`` before it can run.
 - Tensor bytes come from the zip's ``<archive>/data/<key>`` entries, named by the pickle's persistent ids
   ``("storage", <Dtype>Storage, key, location, numel)``; ``location`` (e.g. "cuda:0") is ignored: tensors are CPU.
 - Which tensor attributes are parameters or buffers (the module's ``state_dict``) is declared in the archive's
@@ -51,6 +52,9 @@ STORAGE_DTYPES = {
     "ComplexDoubleStorage": torch.complex128,
     "ComplexFloatStorage": torch.complex64,
 }
+# torch.jit._pickle helpers that tag plain lists with their TorchScript element type (e.g. nn.MultiheadAttention's
+# attributes); they return their first argument unchanged, and so does the stand-in.
+JIT_TYPED_CONTAINERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
 _CLASS_RE = re.compile(r"^class (\w+)\(Module\):\s*$")
 _DECL_RE = re.compile(r"^\s+(__parameters__|__buffers__) = (\[.*\])\s*$")
 
@@ -89,6 +93,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     return torch.as_strided(storage, tuple(size), tuple(stride), int(storage_offset))
 
 
+def _typed_container(value, *type_tag):
+    if not isinstance(value, (list, tuple, dict)):
+        raise UnsafeArchiveError(f"typed container holding a {type(value).__name__}")
+    return value
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *extra):
     if backward_hooks:
         raise UnsafeArchiveError("parameter with backward hooks in the archive")
@@ -111,6 +121,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in JIT_TYPED_CONTAINERS:
+            return _typed_container
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
         if module == "__torch__" or module.startswith("__torch__."):
