@@ -188,3 +188,45 @@ def test_training_evaluation_mistakes_stop_before_the_first_step(tmp_path, extra
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
         train(tiny_cfg(tmp_path, *extra, steps=2, ckpt_every=2))
     assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
+
+
+@pytest.mark.multiproc
+def test_evaluate_across_two_processes_equals_one(digit_sets, digits_cache, tmp_path):
+    import subprocess
+    import sys
+
+    from ..engine.helpers import REPO
+
+    ref, other = digit_sets
+    samples = str(tmp_path / "s.npz")
+    np.savez(samples, np.load(other)["arr_0"])
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    os.symlink(
+        os.path.join(digits_cache, "digits_classifier.safetensors"),
+        os.path.join(cache, "digits_classifier.safetensors"),
+    )
+    flags = [samples, ref, "--feature-net", "digits", "--cache-dir", cache, "--eval-batch-size", "16"]
+    assert ev.main(flags) == 0
+    one = json.load(open(samples.removesuffix(".npz") + ".eval-digits.json"))
+    for f in os.listdir(cache):
+        if f.endswith(".npz"):
+            os.remove(os.path.join(cache, f))  # the two processes recompute the reference features too
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "repa_fast.evaluate",
+        *flags,
+    ]
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.load(open(samples.removesuffix(".npz") + ".eval-digits.json"))
+    for k in ("FD-digits", "sFD-digits", "IS-digits", "precision", "recall"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]  # per-rank feature files are cleaned up
