@@ -190,13 +190,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sit-xl-repa": {},
     "sit-l-repa": {"model": "SiT-L/2"},
     "sit-b-repa": {"model": "SiT-B/2", "encoder_depth": 4},
-    # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), tiny random DINOv2-architecture target.
+    # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), a small CNN trained on the digits
+    # without labels as the target (models/digits_encoder.py; trained once in seconds and cached).
     "demo": {
         "model": "SiT-T/2",
         "encoder_depth": 2,
         "projector_dim": 256,
-        "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False,
+        "enc_type": "digits-ssl",
+        "encoder_pretrained": True,
         "encoder_grid": 8,
         "dataset": "digits",
         "resolution": 16,

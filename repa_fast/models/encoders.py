@@ -36,6 +36,7 @@ logger = logging.getLogger("repa_fast.models.encoders")
 HUB_URL = "https://dl.fbaipublicfiles.com/dinov2"
 TIMM_SIZE = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 TOY_SIZES = ("t",)  # random-init only
+DEMO_ENCODERS = ("digits-ssl",)  # the embedded demo's self-supervised digits CNN (models/digits_encoder.py)
 # Reference families we do not implement yet (reference utils.py load_encoders).
 UNSUPPORTED = {
     "mocov3": "MoCo v3 (mocov3-vit-{s,b,l})",
@@ -54,6 +55,8 @@ def valid_encoder_names() -> list[str]:
 def parse_encoder_name(name: str) -> tuple[str, bool]:
     """``"dinov2reg-vit-b"`` -> ("b", True). Clear errors for unsupported families and unknown names."""
     parts = name.strip().split("-")
+    if name.strip() in DEMO_ENCODERS:
+        return name.strip(), False
     if len(parts) == 3 and parts[0] in UNSUPPORTED:
         raise NotImplementedError(
             f"encoder {name!r}: {UNSUPPORTED[parts[0]]} targets are not implemented in repa_fast yet; "
@@ -199,6 +202,12 @@ def build_encoder(
     device: torch.device | str | None = None,
 ) -> DINOv2ViT:
     """One frozen target encoder by ``--enc-type`` name (see ``load_encoders``)."""
+    if name.strip() in DEMO_ENCODERS:
+        from .digits_encoder import build_digits_encoder  # lazy: the base module never imports implementations
+
+        return build_digits_encoder(
+            name.strip(), resolution, checkpoint_dir, grid=grid, pretrained=pretrained, device=device
+        )
     size, registers = parse_encoder_name(name)
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
