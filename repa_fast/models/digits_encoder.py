@@ -2,9 +2,11 @@
 
 Why: a random-weight target (the demo's former ``dinov2-vit-t``) shows the alignment machinery but not the method;
 REPA's claim is that aligning to a *good self-supervised* representation helps. This encoder is trained with
-SimCLR's contrastive objective (Chen et al. 2020, NT-Xent, Eq. 1; temperature 0.2) on two augmented views of each
-digit (random rotation, scale and +-2 px translation, brightness scaling), labels unused, on CPU in seconds, once; the
-weights are cached as safetensors (``--encoder-checkpoint-dir``, else ``~/.cache/repa_fast/encoders``) and reused.
+SimCLR's contrastive objective (Chen et al. 2020, NT-Xent, Eq. 1; temperature 0.5, 300 steps of 128 pairs) on two
+augmented views of each digit (random rotation, scale and +-2 px translation, brightness scaling), labels unused,
+on CPU in tens of seconds, once; the weights are cached as safetensors (``--encoder-checkpoint-dir``, else
+``~/.cache/repa_fast/encoders``) and reused. A linear probe on its patch-mean features reaches 93.6% on 297
+held-out digits, against 88.9% for the same CNN with random weights (``bench/repa_vs_vanilla.py`` docstring).
 Training runs under its own seed in a forked RNG, so building this encoder never changes the run's random streams.
 
 Architecture: uint8 (B, 3, R, R) -> [0, 1] -> bilinear to 16 px -> conv 3x3 (32) -> conv 3x3 stride 2 (64) ->
@@ -75,7 +77,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out * torch.empty(b, 1, 1, 1).uniform_(0.6, 1.0, generator=g)
 
 
-def train_ssl(steps: int = 200, batch: int = 128, seed: int = 0, temperature: float = 0.2) -> DigitsEncoder:
+def train_ssl(steps: int = 300, batch: int = 128, seed: int = 0, temperature: float = 0.5) -> DigitsEncoder:
     """SimCLR on the digits (module doc). Deterministic for a seed; runs on CPU."""
     from repa_fast.data.demo import _load_digits, digits_to_uint8
 
