@@ -17,6 +17,8 @@ EXTRAS = {
     # nvidia-dali-cuda130, same API).
     "dali": ["nvidia-dali-cuda120>=2.4"],
     "wandb": ["wandb>=0.16"],  # --report-to wandb
+    # python -m repa_fast.evaluate (SciPy's sqrtm for the Fréchet distance), CKNNA / linear-probe plots, FD-digits.
+    "eval": ["scipy>=1.10", "matplotlib>=3.7", "scikit-learn>=1.3"],
 }
 EXTRAS["dev"] = sorted(
     set(
@@ -25,12 +27,14 @@ EXTRAS["dev"] = sorted(
         + EXTRAS["deepspeed"]
         + EXTRAS["logging"]
         + EXTRAS["dali"]  # the DALI tests run its CPU pipeline
+        + EXTRAS["eval"]
         + [
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter
             "timm>=1.0",  # only as an oracle for the in-package DINOv2 (it pulls torchvision)
             "ruff==0.17.6",  # pinned: .ci/run checks `ruff check` and `ruff format --check`, whose rules move
             "accelerate>=0.30",  # `accelerate launch` is tested as a launcher (REPA's README command)
+            "torch-fidelity>=0.3",  # only as an oracle for the in-package TF-ported InceptionV3 (tests/eval)
         ]
     )
 )

@@ -236,6 +236,25 @@ class RunConfig:
         choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
     )
     device: str = _f("auto", "auto (cuda if available), cpu, cuda (device LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
+    # In-training evaluation of the EMA model (repa_fast.eval.training); never changes the weights.
+    eval_every: int = _f(
+        0,
+        "sample --eval-samples images from the EMA every N steps and log FID-N and IS (0 = never)",
+        check=Range(0, note="0 = never"),
+    )
+    eval_samples: int = _f(1000, "images per in-training evaluation (the N of the logged FID-N)", check=AT_LEAST_1)
+    fid_reference: str | None = _f(None, "reference .npz (ADM batch or any arr_0 uint8 NHWC) for --eval-every")
+    eval_feature_net: str = _f(
+        "inception", "feature network: inception, or digits (the demo's stand-in)", choices=("inception", "digits")
+    )
+    inception_weights: str | None = _f(None, "Inception weights file (default: the torch hub cache)")
+    eval_cache_dir: str | None = _f(None, "reference statistics cache (default: ~/.cache/repa_fast/eval)")
+    eval_mode: str = _f("ode", "sampler of the in-training evaluation", choices=("ode", "sde"))
+    eval_num_steps: int = _f(50, "sampler steps of the in-training evaluation", check=AT_LEAST_1)
+    eval_cfg_scale: float = _f(
+        1.0, "CFG scale of the in-training evaluation (1.0 = no guidance)", check=Range(1, note="1 = no guidance")
+    )
+    eval_batch_size: int = _f(64, "images per sampling batch of the in-training evaluation", check=AT_LEAST_1)
 
 
 @dataclass
@@ -314,13 +333,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sit-xl-repa": {},
     "sit-l-repa": {"model": "SiT-L/2"},
     "sit-b-repa": {"model": "SiT-B/2", "encoder_depth": 4},
-    # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), tiny random DINOv2-architecture target.
+    # The embedded demo: 16x16 digits in pixel space, tiny SiT (8x8 tokens), a small CNN trained on the digits
+    # without labels as the target (models/digits_encoder.py; trained once in seconds and cached).
     "demo": {
         "model": "SiT-T/2",
         "encoder_depth": 2,
         "projector_dim": 256,
-        "enc_type": "dinov2-vit-t",
-        "encoder_pretrained": False,
+        "enc_type": "digits-ssl",
+        "encoder_pretrained": True,
         "encoder_grid": 8,
         "dataset": "digits",
         "resolution": 16,

@@ -30,6 +30,7 @@ import torch
 from repa_fast import errors
 from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, Range
 from repa_fast.engine.checkpoint import CheckpointError, load_tensors
+from repa_fast.evaluate import add_eval_args
 from repa_fast.export import find_checkpoint_dir
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, save_npz, shard_bounds
@@ -126,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="SDPA/FlashAttention (generate.py defaults to explicit fp32 softmax; same function)",
     )
+    p.add_argument("--fid-reference", default=None, help="reference .npz: evaluate the samples right after sampling")
+    p.add_argument("--calculate-fid", action="store_true", help="ERW's switch; evaluation needs --fid-reference")
+    add_eval_args(p)
     # Accepted for command-line compatibility with generate.py; read from the checkpoint's keys instead.
     for flag in ("--projector-embed-dims", "--qk-norm"):
         p.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
@@ -304,7 +308,16 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    feature_net = None
     try:
+        if args.calculate_fid or args.fid_reference:  # every evaluation mistake surfaces before sampling
+            from repa_fast.evaluate import prepare_evaluation
+
+            feature_net = prepare_evaluation(args, args.fid_reference, device, need="--fid-reference REF.npz")
+            if args.num_fid_samples < 2:
+                raise errors.ConfigError(
+                    f"--num-fid-samples {args.num_fid_samples}: evaluation needs at least 2 samples"
+                )
         sd, config = load_weights(args)
         model = build_model(args, sd, config).to(device)
         latent_scale = args.latent_scale or float(config.get("latent_scale", 0.18215))
@@ -334,6 +347,15 @@ def main(argv=None) -> int:
                 if os.path.exists(p):
                     os.remove(p)
             print(f"wrote {path}: {arr.shape}")
+        if args.fid_reference:
+            from repa_fast.evaluate import evaluate, format_metrics
+
+            if world > 1:
+                torch.distributed.barrier()  # rank 0 has written the merged file
+            path = os.path.join(args.sample_dir, f"{name}.npz")
+            result = evaluate(path, args.fid_reference, args, device, rank, world, net=feature_net)
+            if result is not None:
+                print(f"{path}: {format_metrics(result)}")
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

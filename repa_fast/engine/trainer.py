@@ -29,6 +29,7 @@ from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.engine.stop import StopRequest, ignore_in_worker
 from repa_fast.errors import TrainingStopped
+from repa_fast.eval.training import make_training_evaluator
 from repa_fast.io import write_json
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit, parse_model_name
@@ -57,6 +58,7 @@ class State:
     recipe: Recipe | None = None  # which phase each step is in (repa_fast.recipe)
     phase: Phase | None = None  # the phase the wrapper, optimizer and EMA were built for
     fixed: frozenset = frozenset()  # parameters that never train (pos_embed)
+    evaluator: object = None  # repa_fast.eval.training.TrainingEvaluator when --eval-every is set
 
 
 def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
@@ -250,6 +252,7 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     recipe = build_recipe(cfg)
     if foreign:  # a reference / ERW .pt file (read without unpickling anything but argparse.Namespace)
         saved = compat.read_as_saved(resume_from, model, cfg.run.resume_step, lambda s: recipe.phase(s).name)
+    evaluator = make_training_evaluator(cfg, dataset, device, backend.is_main)  # checked before any write
     init_sd = compat.init_weights(cfg.run.init_from, model) if cfg.run.init_from and saved is None else None
     out = prepare_run_dir(cfg, backend)  # the first write to the run directory
     setup_logging(backend.is_main, out)
@@ -270,7 +273,18 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     sampler = ResumableDistributedSampler(
         len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
     )
-    state = State(model, train_model, ema, optimizer, scaler, sampler, recipe=recipe, phase=phase, fixed=fixed)
+    state = State(
+        model,
+        train_model,
+        ema,
+        optimizer,
+        scaler,
+        sampler,
+        recipe=recipe,
+        phase=phase,
+        fixed=fixed,
+        evaluator=evaluator,
+    )
     if saved is not None:
         load_state(state, resume_from, saved, backend)
     loader = build_loader(cfg, dataset, sampler, micro, device, backend.rank)
@@ -509,6 +523,8 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
                     cfg_scale=cfg.run.preview_cfg_scale,
                 )
                 sinks.add_image("samples", path, step)
+        if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
+            sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
         t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
         if stopping:
             state.stopped_by = state.stop.name or "a signal to another process"

@@ -41,6 +41,7 @@ logger = logging.getLogger("repa_fast.models.encoders")
 HUB_URL = "https://dl.fbaipublicfiles.com/dinov2"
 TIMM_SIZE = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 TOY_SIZES = ("t",)  # random-init only
+DEMO_ENCODERS = ("digits-ssl",)  # the embedded demo's self-supervised digits CNN (models/digits_encoder.py)
 # Reference families we do not implement (reference utils.py load_encoders raises NotImplementedError too).
 UNSUPPORTED = {"mocov3-resnet": "MoCo v3 ResNet targets are not implemented (nor in the reference)"}
 FAMILIES = {"dinov2": False, "dinov2reg": True}  # type -> has registers
@@ -55,6 +56,8 @@ def parse_encoder_name(name: str) -> tuple[str, bool]:
     ``repa_fast.flops.encoder_forward_flops``). Clear errors for unsupported families and unknown names."""
     parts = name.strip().split("-")
     if name.strip() in VIT_SPECS:  # timm-based encoder (vit_encoders.py): its full name, no registers
+        return name.strip(), False
+    if name.strip() in DEMO_ENCODERS:
         return name.strip(), False
     if len(parts) == 3 and "-".join(parts[:2]) in UNSUPPORTED:
         raise NotImplementedError(
@@ -208,6 +211,12 @@ def build_encoder(
 
         kw = dict(grid=grid, pretrained=pretrained, attn_backend=attn_backend, device=device)
         return build_vit_encoder(name.strip(), resolution, checkpoint_dir, **kw)
+    if name.strip() in DEMO_ENCODERS:
+        from .digits_encoder import build_digits_encoder  # lazy: the base module never imports implementations
+
+        return build_digits_encoder(
+            name.strip(), resolution, checkpoint_dir, grid=grid, pretrained=pretrained, device=device
+        )
     size, registers = parse_encoder_name(name)
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")

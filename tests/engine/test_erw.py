@@ -72,7 +72,7 @@ def test_warmup_loss_is_the_mean_of_a_per_sample_loop(tmp_path):
     with torch.no_grad():  # targets: the sample's own features plus noise of growing size -> per-sample losses differ
         own = torch.stack([one(b) for b in range(5)])
         targets = [own + torch.arange(5.0).view(5, 1, 1) * torch.randn(own.shape, generator=g)]
-    got = warmup_loss(model, x0, y, targets, num_blocks=2, proj_coeff=0.7, kernels="ref")["loss"]
+    got = warmup_loss(model, x0, y, targets, num_blocks=2, proj_coeff=0.7, impl="ref")["loss"]
     per_sample = [-torch.nn.functional.cosine_similarity(one(b), targets[0][b], dim=-1).mean() for b in range(5)]
     want = 0.7 * torch.stack(per_sample).mean()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

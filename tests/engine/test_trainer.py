@@ -158,7 +158,12 @@ def test_export_ref_layout_loads_strictly_into_sit(tmp_path, capsys):
     ema = load_file(os.path.join(ckpt.step_dir(run, 2), "ema.safetensors"))
     assert sd.keys() == ema.keys() and all(torch.equal(sd[k], ema[k]) for k in sd)
     model = SiT_models["SiT-T/4"](
-        input_size=16, in_channels=3, num_classes=10, z_dims=[192], encoder_depth=2, projector_dim=256
+        input_size=16,
+        in_channels=3,
+        num_classes=10,
+        z_dims=[ema["projectors.0.4.weight"].shape[0]],  # the demo target's width
+        encoder_depth=2,
+        projector_dim=256,
     )
     model.load_state_dict(sd, strict=True)
     assert export_main([str(tmp_path / "nope"), str(out), "--ref-layout"]) == 2
