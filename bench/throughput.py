@@ -175,7 +175,9 @@ class RepaFastStep:
         opt = T.build_optimizer(self.cfg, model)
         self.scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
         sampler = T.ResumableDistributedSampler(args.batch_size, args.batch_size)
-        self.state = T.State(model, self.backend.wrap(model, opt), EMA(model), opt, self.scaler, sampler)
+        recipe = T.build_recipe(self.cfg)  # the REPA recipe: one phase, constant alignment weight
+        self.state = T.State(model, self.backend.wrap(model, opt), EMA(model), opt, self.scaler, sampler, recipe=recipe)
+        self.state.phase = recipe.phase(0)
         self.meter = LossMeter(device)
         self.amp = T.AMP_DTYPES[args.mixed_precision]
         self.cached, self._cached_batch = cached, None

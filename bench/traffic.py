@@ -211,7 +211,7 @@ def projector_fusion_saving(batch: int, dtype: torch.dtype) -> dict:
 REPORT_SHAPES = [("SiT-XL/2", 256), ("SiT-B/2", 32)]
 REPORT_DTYPES = [torch.bfloat16, torch.float32]
 H100_HBM_BYTES_PER_S = 3.35e12  # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3
-TARGET_IMG_PER_S = 600  # the project's SiT-XL/2 + REPA speed target per H100 (speed_anchors.md 0)
+TARGET_IMG_PER_S = 600  # the project's SiT-XL/2 + REPA speed target per H100 (README §Performance)
 
 
 def report_rows() -> list:

@@ -101,7 +101,9 @@ class ModelConfig:
         check=Range(0, 1, hi_open=True),
     )
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
-    l2r_depth: int = _f(4, "ERW warm-up: blocks 1..N (with the embedders and projectors) train in the warm-up phase")
+    l2r_depth: int = _f(
+        4, "ERW warm-up: blocks 1..N (with the embedders and projectors) train in the warm-up phase", check=AT_LEAST_1
+    )
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_dinov2_flops_match_counter():
 def test_xl_repa_step_is_about_771_gflop_per_image():
     f = repa_step_flops(28, 1152, 256, 2, z_dims=(768,), encoders=("dinov2-vit-b",), encoder_grid=16)
     assert abs(f.sit_forward / 1e9 - 236.9) < 0.5
-    assert abs(f.train_step / 1e9 - 771) < 3  # speed_anchors.md's SiT-XL/2 + DINOv2-B figure
+    assert abs(f.train_step / 1e9 - 771) < 3  # 771 GFLOP/img: SiT-XL/2 + DINOv2-B, README §Performance
 
 
 def test_cached_targets_save_the_encoder_forward():

@@ -81,7 +81,11 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def preprocessing(encoder) -> dict:
-    """How the encoder turns a uint8 image into its input (``DINOv2ViT.preprocess``): what a cache depends on."""
+    """How the encoder turns a uint8 image into its input: what a cache depends on. An encoder module may describe
+    its own (``encoder.preprocessing``); the default is ``DINOv2ViT.preprocess``."""
+    own = getattr(encoder, "preprocessing", None)
+    if isinstance(own, dict):
+        return own
     from repa_fast.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     return {

@@ -246,7 +246,7 @@ def read_as_saved(path: str, model: torch.nn.Module, step: int, phase_of) -> dic
         lost.append("optimizer state (none in the file)")
     phase = "warmup" if f["kind"] == "erw-warmup" else phase_of(step)
     logger.warning("resuming the %s file %s at step %d; not restored: %s", f["kind"], path, step, ", ".join(lost))
-    state = {"step": step, "optimizer": opt, "config": _arch_args(f["args"]), "phase": phase, "foreign": True}
+    state = {"step": step, "optimizer": opt, "config": _arch_args(f["args"]), "phase": phase, "foreign": lost}
     return {"model": model_sd, "ema": ema_sd, "state": state}
 
 

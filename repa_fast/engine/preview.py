@@ -52,7 +52,8 @@ class Previewer:
         ).float()
         ema_model.train(was_training)
         if self.vae is not None:
-            x = self.vae.decode(x / self.latent_scale).sample
+            with torch.no_grad():  # a frozen decoder: no autograd state (and the same conv path as a plain decode)
+                x = self.vae.decode(x / self.latent_scale).sample
         elif not self.pixel_space:
             x = x[:, :3] / x[:, :3].abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         else:

@@ -630,7 +630,12 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
     state.step = int(saved["state"]["step"])
     if saved["state"].get("foreign"):  # the reference saved no data position or RNG: fresh, distinct streams
         seed_everything(int(saved["state"]["step"]) * 1_000_003 + backend.rank)
-        logger.info("resumed from %s at step %d (data order restarts at epoch 0)", path, state.step)
+        logger.info(  # again, now that train.log exists: the file was read before the run directory was written
+            "resumed from %s at step %d (data order restarts at epoch 0); not restored: %s",
+            path,
+            state.step,
+            ", ".join(saved["state"]["foreign"]),
+        )
         return
     state.sampler.load_state_dict(saved["state"]["sampler"])
     state.nonfinite_total = int(saved["state"].get("nonfinite_total", 0))

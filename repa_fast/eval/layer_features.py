@@ -70,6 +70,7 @@ def collect_layer_features(args, need_target: bool = True, indices=None) -> Laye
     """Features of the first ``args.num_images`` images (or of ``indices``) of the run's dataset (module doc)."""
     from repa_fast.engine.trainer import build_dataset, sample_posterior, seed_everything
     from repa_fast.generate import build_model, load_weights
+    from repa_fast.generate import parse_args as generate_args
     from repa_fast.models.encoders import load_encoders
     from repa_fast.objective import interpolant
 
@@ -91,7 +92,7 @@ def collect_layer_features(args, need_target: bool = True, indices=None) -> Laye
             pretrained=cfg.target.encoder_pretrained,
             device=device,
         )
-    gen_args = argparse.Namespace(ckpt=args.ckpt, weights=args.weights, model=None, encoder_depth=None, fused_attn=True)
+    gen_args = generate_args(["--ckpt", args.ckpt, "--weights", args.weights])  # generate's defaults, one source
     sd, config = load_weights(gen_args)
     model = build_model(gen_args, sd, config).to(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -37,6 +37,7 @@ class DigitsEncoder(nn.Module):
     def __init__(self, resolution: int, grid: int = 8):
         super().__init__()
         self.enc_name, self.resolution, self.grid, self.embed_dim = NAME, resolution, grid, WIDTH
+        self.num_patches = grid * grid  # targets per image (the encoder contract, as DINOv2ViT)
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1),
             nn.ReLU(),
@@ -47,6 +48,11 @@ class DigitsEncoder(nn.Module):
             nn.Conv2d(64, WIDTH, 3, padding=1),
         )
         self.norm = nn.LayerNorm(WIDTH, elementwise_affine=False)
+
+    @property
+    def preprocessing(self) -> dict:
+        """What ``tokens`` does to an image before the network (recorded by repa_fast.data.cache_targets)."""
+        return {"scale": "x / 255", "resize": "bilinear, antialias, to 16x16 (when not 16 px)"}
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or 0..255 float (B, 3, R, R) -> (B, grid * grid, WIDTH), differentiable."""

@@ -208,6 +208,18 @@ class TimmViTEncoder(nn.Module):
             )
         return self._pixel_stats[key]
 
+    @property
+    def preprocessing(self) -> dict:
+        """What ``preprocess`` does (recorded by repa_fast.data.cache_targets, which refuses a cache made otherwise)."""
+        size = f"bicubic, align_corners False, no antialias, to {self.input_size}x{self.input_size}"
+        resize = {"none": "none", "before_normalize": f"{size}, before mean/std", "after_normalize": f"{size}, after"}
+        return {
+            "scale": "x / 255",
+            "mean": list(self.spec.mean),
+            "std": list(self.spec.std),
+            "resize": resize[self.spec.resize],
+        }
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Reference train.py ``preprocess_raw_image``: x / 255, then mean/std, with CLIP's bicubic resize to 224
         before and I-JEPA's after the normalisation (F.interpolate defaults: align_corners False, no antialias)."""

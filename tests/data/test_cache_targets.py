@@ -20,6 +20,7 @@ N, BATCH = 16, 4
 # 32 px images and 4x4x4 latents: SiT-T/2 has a 2x2 token grid, the toy DINOv2 runs at --encoder-grid 2.
 RUN = ["--dataset", "auto", "--resolution", "32", "--num-classes", "5", "--model", "SiT-T/2", "--encoder-grid", "2"]
 RUN += ["--latent-scale", "0.18215", "--mixed-precision", "no", "--batch-size", str(BATCH)]
+RUN += ["--enc-type", "dinov2-vit-t", "--no-encoder-pretrained"]  # the encoder the caches below are made with
 CACHE = dict(num_classes=5, encoder_pretrained=False, encoder_grid=2, batch_size=BATCH, workers=0)
 
 

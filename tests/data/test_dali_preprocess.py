@@ -24,12 +24,14 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("dalipp")
     make_tiny_vae(str(root / "vae"))  # 32 px -> (8, 4, 4) moments
     make_jpeg_folder(str(root / "src"), {"a": SIZES, "b": SIZES[::-1]}, seed=4)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     base = dict(source=str(root / "src"), vae=str(root / "vae"), resolution=32, batch_size=8, shard_size=8)
     out = {}
     for decoder in ("pil", "dali"):
         cfg = PreprocessConfig(dest=str(root / decoder), decoder=decoder, loader_workers=0, progress=False, **base)
         out[decoder] = preprocess(cfg)
+    torch.set_num_threads(threads)  # other modules' tests keep the default
     return root, out
 
 

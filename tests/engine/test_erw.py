@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.objective import warmup_loss
 
-from .helpers import StepRig, run_train, tiny_args, tiny_cfg
+from .helpers import FAULT_ENTRY, StepRig, run_train, tiny_args, tiny_cfg
 
 ERW = ["--warmup-steps", 3, "--l2r-depth", 2, "--encoder-depth", 3]
 WARM_PREFIXES = ("blocks.0.", "blocks.1.", "x_embedder.", "t_embedder.", "y_embedder.", "projectors.")
@@ -127,7 +127,7 @@ def test_kill_and_resume_across_the_erw_boundary_is_bitwise(tmp_path):
 
     # Killed inside the warm-up (after step 3, before its save): resume from step 2 crosses the boundary live.
     b = tmp_path / "b"
-    killed = run_train(args(b), {"REPA_FAST_FAULT": "after_step:3"})
+    killed = run_train(args(b), {"REPA_FAST_FAULT": "after_step:3"}, script=FAULT_ENTRY)
     assert killed.returncode == -9 and ckpt.list_checkpoints(str(b / "run")) == [2]
     resumed = run_train(args(b, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_kill_and_resume_across_the_erw_boundary_is_bitwise(tmp_path):
 
     # Killed after step 4, before its save: resume from the boundary checkpoint itself (weights-only hand-over).
     c = tmp_path / "c"
-    killed = run_train(args(c), {"REPA_FAST_FAULT": "after_step:4"})
+    killed = run_train(args(c), {"REPA_FAST_FAULT": "after_step:4"}, script=FAULT_ENTRY)
     assert killed.returncode == -9 and ckpt.list_checkpoints(str(c / "run")) == [2, 3]
     resumed = run_train(args(c, "--resume-step", 3))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

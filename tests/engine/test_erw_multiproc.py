@@ -14,6 +14,7 @@ from .helpers import tiny_args
 pytestmark = pytest.mark.multiproc
 
 TRAIN = os.path.join(H.REPO, "train.py")  # the real entry point, as users launch it
+FAULT_ENTRY = os.path.join(H.REPO, "tests", "engine", "faults.py")  # train.py with REPA_FAST_FAULT's kill installed
 ERW = ["--warmup-steps", 2, "--l2r-depth", 2, "--encoder-depth", 3]
 
 
@@ -55,7 +56,7 @@ def test_accelerate_launch_equals_torchrun_and_ddp_resumes_across_the_boundary(t
     _assert_bitwise(final, _state(tmp_path / "acc" / "run", 4))
 
     # Killed after step 2 (the boundary) before its save: the resumed DDP run rebuilds its wrapper live.
-    killed = H.torchrun(_args(tmp_path / "k"), {"REPA_FAST_FAULT": "after_step:2"}, script=TRAIN)
+    killed = H.torchrun(_args(tmp_path / "k"), {"REPA_FAST_FAULT": "after_step:2"}, script=FAULT_ENTRY)
     assert killed.returncode != 0 and ckpt.list_checkpoints(str(tmp_path / "k" / "run")) == [1]
     H.check_ok(H.torchrun(_args(tmp_path / "k", "--resume"), script=TRAIN))
     _assert_bitwise(final, _state(tmp_path / "k" / "run", 4))
@@ -68,7 +69,7 @@ def test_zero2_resumes_across_the_erw_boundary_bitwise(tmp_path):
     H.check_ok(H.torchrun(args(tmp_path / "a"), script=TRAIN))
     straight = _state(tmp_path / "a" / "run", 4)
     assert straight["state"]["phase"] == "full" and len(straight["state"]["optimizer"]["state"]) > 20
-    killed = H.torchrun(args(tmp_path / "b"), {"REPA_FAST_FAULT": "after_step:2"}, script=TRAIN)
+    killed = H.torchrun(args(tmp_path / "b"), {"REPA_FAST_FAULT": "after_step:2"}, script=FAULT_ENTRY)
     assert killed.returncode != 0 and ckpt.list_checkpoints(str(tmp_path / "b" / "run")) == [1]
     H.check_ok(H.torchrun(args(tmp_path / "b", "--resume"), script=TRAIN))
     _assert_bitwise(straight, _state(tmp_path / "b" / "run", 4))
