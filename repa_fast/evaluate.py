@@ -25,8 +25,9 @@ import zipfile
 import numpy as np
 import torch
 
+from repa_fast import errors
 from repa_fast.config import ConfigError
-from repa_fast.eval.fid import FeatureStats, FrechetError
+from repa_fast.eval.fid import FeatureStats
 from repa_fast.eval.inception import extract
 
 FEATURE_NETS = ("inception", "digits")
@@ -268,6 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("samples", help="sample .npz (arr_0 uint8 NHWC)")
     p.add_argument("reference", help="reference batch .npz (ADM's VIRTUAL_*.npz or any arr_0 .npz)")
     add_eval_args(p)
+    errors.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -276,6 +278,7 @@ def format_metrics(m: dict) -> str:
     return ", ".join(f"{k} {m[k]:.4f}" if m[k] is not None else f"{k} n/a" for k in keys)
 
 
+@errors.entry_point("python -m repa_fast.evaluate")
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -288,9 +291,6 @@ def main(argv=None) -> int:
         if result is not None:
             print(f"{args.samples} ({result['num_samples']} images): {format_metrics(result)}")
             print(f"wrote {results_path(args.samples, args.feature_net)}")
-    except (ConfigError, FrechetError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

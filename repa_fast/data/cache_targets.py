@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repa_fast import errors
+
 from .common import DataError, LatentDataset
 
 logger = logging.getLogger("repa_fast.data.cache_targets")
@@ -454,6 +456,7 @@ def cache_targets(
     return job.finalize()
 
 
+@errors.entry_point("python -m repa_fast.data.cache_targets")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m repa_fast.data.cache_targets", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir", metavar="DATA", help="training data: REPA folder layout or packed")
@@ -477,15 +480,14 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=("auto", "triton", "ref"), default="auto", help="as train.py")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes reading the images")
+    errors.add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = cache_targets(
-            args.data_dir, args.enc_type, **{k: v for k, v in vars(args).items() if k not in ("data_dir", "enc_type")}
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = cache_targets(
+        args.data_dir,
+        args.enc_type,
+        **{k: v for k, v in vars(args).items() if k not in ("data_dir", "enc_type", "debug")},
+    )
     if out is not None:
         print(f"{out}: done")
     return 0

@@ -26,6 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from repa_fast import errors
 from repa_fast.config import ConfigError
 
 
@@ -82,27 +83,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_layer_feature_args(p)
     p.add_argument("--k", type=int, default=10, help="neighbours (Huh et al.: 10)")
+    errors.add_debug_flag(p)
     return p.parse_args(argv)
 
 
+@errors.entry_point("python -m repa_fast.eval.cknna")
 def main(argv=None) -> int:
-    from repa_fast.data.common import DataError
-    from repa_fast.engine.checkpoint import CheckpointError
     from repa_fast.eval.layer_features import collect_layer_features, write_scores
 
     args = parse_args(argv)
-    try:
-        if args.k < 2 or args.k >= args.num_images:
-            raise ConfigError(f"--k {args.k} must be >= 2 and below --num-images {args.num_images}")
-        feats = collect_layer_features(args)
-        rows = [
-            {"layer": i + 1, "cknna": cknna(h, feats.target, args.k), "mutual_knn": mutual_knn(h, feats.target, args.k)}
-            for i, h in enumerate(feats.layers)
-        ]
-        path = write_scores(rows, args.out, f"cknna_t{args.t}", "cknna", f"CKNNA vs {feats.target_name}, t = {args.t}")
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"cknna: error: {e}", file=sys.stderr)
-        return 2
+    if args.k < 2 or args.k >= args.num_images:
+        raise ConfigError(f"--k {args.k} must be >= 2 and below --num-images {args.num_images}")
+    feats = collect_layer_features(args)
+    rows = [
+        {"layer": i + 1, "cknna": cknna(h, feats.target, args.k), "mutual_knn": mutual_knn(h, feats.target, args.k)}
+        for i, h in enumerate(feats.layers)
+    ]
+    path = write_scores(rows, args.out, f"cknna_t{args.t}", "cknna", f"CKNNA vs {feats.target_name}, t = {args.t}")
     best = max(rows, key=lambda r: r["cknna"])
     print(f"wrote {path}: best layer {best['layer']} (CKNNA {best['cknna']:.4f})")
     return 0

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from repa_fast.errors import UserError
+
 logger = logging.getLogger("repa_fast")
 
 
-class FrechetError(ValueError):
+class FrechetError(UserError, ValueError):
     """The Fréchet distance cannot be computed from these statistics (mismatched shapes, complex sqrtm)."""
 
 

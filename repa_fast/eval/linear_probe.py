@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_fast import errors
 from repa_fast.config import ConfigError
 
 
@@ -78,36 +79,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--probe-batch-size", type=int, default=256)
     p.add_argument("--base-lr", type=float, default=0.1)
+    errors.add_debug_flag(p)
     return p.parse_args(argv)
 
 
+@errors.entry_point("python -m repa_fast.eval.linear_probe")
 def main(argv=None) -> int:
-    from repa_fast.data.common import DataError
-    from repa_fast.engine.checkpoint import CheckpointError
     from repa_fast.eval.layer_features import collect_layer_features, write_scores
 
     args = parse_args(argv)
-    try:
-        if args.val_images < 1 or args.epochs < 1:
-            raise ConfigError("--val-images and --epochs must be positive")
-        n = args.num_images
-        feats = collect_layer_features(args, need_target=False, indices=range(n + args.val_images))
-        if len(feats.labels) < n + args.val_images:
-            raise ConfigError(
-                f"the dataset has {len(feats.labels)} images; --num-images {n} + --val-images {args.val_images} is more"
-            )
-        y = feats.labels
-        num_classes = int(y.max()) + 1
-        rows = []
-        for i, h in enumerate(feats.layers):
-            acc = train_probe(
-                h[:n], y[:n], h[n:], y[n:], num_classes, args.epochs, args.probe_batch_size, args.base_lr, args.seed
-            )
-            rows.append({"layer": i + 1, "top1": acc})
-        path = write_scores(rows, args.out, f"linear_probe_t{args.t}", "top1", f"linear probe top-1, t = {args.t}")
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"linear_probe: error: {e}", file=sys.stderr)
-        return 2
+    if args.val_images < 1 or args.epochs < 1:
+        raise ConfigError("--val-images and --epochs must be positive")
+    n = args.num_images
+    feats = collect_layer_features(args, need_target=False, indices=range(n + args.val_images))
+    if len(feats.labels) < n + args.val_images:
+        raise ConfigError(
+            f"the dataset has {len(feats.labels)} images; --num-images {n} + --val-images {args.val_images} is more"
+        )
+    y = feats.labels
+    num_classes = int(y.max()) + 1
+    rows = []
+    for i, h in enumerate(feats.layers):
+        acc = train_probe(
+            h[:n], y[:n], h[n:], y[n:], num_classes, args.epochs, args.probe_batch_size, args.base_lr, args.seed
+        )
+        rows.append({"layer": i + 1, "top1": acc})
+    path = write_scores(rows, args.out, f"linear_probe_t{args.t}", "top1", f"linear probe top-1, t = {args.t}")
     best = max(rows, key=lambda r: r["top1"])
     print(f"wrote {path}: best layer {best['layer']} (top-1 {best['top1']:.4f})")
     return 0
