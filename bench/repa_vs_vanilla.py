@@ -1,6 +1,6 @@
 """Does alignment help on the embedded demo? Vanilla SiT vs REPA to a random encoder vs REPA to a trained one.
 
-    python bench/repa_vs_vanilla.py                       # 3 seeds x 3 runs x 400 steps: ~30 min on 2 free CPU cores
+    python bench/repa_vs_vanilla.py                       # 3 seeds x 3 runs x 400 steps: ~1 h on 2 free CPU cores
     python bench/repa_vs_vanilla.py --seeds 0 --steps 150 # a shortened run
 
 Runs (same data, steps, seeds and everything else; the demo preset otherwise):
