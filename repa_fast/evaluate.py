@@ -280,20 +280,14 @@ def format_metrics(m: dict) -> str:
 
 @errors.entry_point("python -m repa_fast.evaluate")
 def main(argv=None) -> int:
+    from repa_fast.engine.parallel.process_group import launched_command
+
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    try:
+    with launched_command() as (rank, world, device):
         result = evaluate(args.samples, args.reference, args, device, rank, world)
         if result is not None:
             print(f"{args.samples} ({result['num_samples']} images): {format_metrics(result)}")
             print(f"wrote {results_path(args.samples, args.feature_net)}")
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -299,17 +299,12 @@ def generate_shard(args, model, vae, rank: int, world: int, device, latent_scale
 
 @errors.entry_point("generate")
 def main(argv=None) -> int:
+    from repa_fast.engine.parallel.process_group import launched_command
+
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)  # Triton kernels and NCCL use the current device
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     feature_net = None
-    try:
+    with launched_command() as (rank, world, device):
         if args.calculate_fid or args.fid_reference:  # every evaluation mistake surfaces before sampling
             from repa_fast.evaluate import prepare_evaluation
 
@@ -356,9 +351,6 @@ def main(argv=None) -> int:
             result = evaluate(path, args.fid_reference, args, device, rank, world, net=feature_net)
             if result is not None:
                 print(f"{path}: {format_metrics(result)}")
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 

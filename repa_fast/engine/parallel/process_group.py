@@ -48,6 +48,24 @@ _PEER_SIGNS = (
 _PRIVATE_STORES: list[str] = []  # file stores of launcher-less single-process groups, removed at shutdown
 
 
+@contextlib.contextmanager
+def launched_command():
+    """(rank, world, device) of a command run under torchrun (or alone), with its process group for the duration:
+    the sampling and evaluation commands' launch, written once. The device is cuda:LOCAL_RANK when CUDA is there."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # Triton kernels and NCCL use the current device
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield rank, world, device
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def init_process_group(device: torch.device) -> None:
     """One process group for everything, with a bounded timeout: a dead or hung peer makes collectives fail after
     REPA_FAST_DIST_TIMEOUT seconds (gloo honours it per operation; NCCL's watchdog aborts the communicator)."""
