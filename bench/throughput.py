@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _common import git_sha  # noqa: E402  (bench/ is on sys.path when run as a script)
 
+from repa_fast import build as B  # noqa: E402
 from repa_fast.cli import resolve_config  # noqa: E402
 from repa_fast.engine import trainer as T  # noqa: E402
 from repa_fast.engine.ema import EMA  # noqa: E402
@@ -39,7 +40,7 @@ from repa_fast.flops import repa_step_flops  # noqa: E402
 from repa_fast.models.encoder_archs import encoder_arch  # noqa: E402
 from repa_fast.models.encoders import load_encoders  # noqa: E402
 from repa_fast.models.sit import SIT_SIZES, build_sit, parse_model_name  # noqa: E402
-from repa_fast.objective import interpolant  # noqa: E402
+from repa_fast.objective import interpolant, sample_posterior  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; add your device if missing.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0}
@@ -104,14 +105,14 @@ def synthetic_batch(args, device):
 def build(args, device, kernels: str, encoder_attn: str | None):
     """Models as the trainer builds them from the config (``encoder_attn`` overrides the encoders' backend)."""
     cfg = make_cfg(args, kernels)
-    enc_kw = T.encoder_kwargs(cfg.model) if encoder_attn is None else dict(attn_backend=encoder_attn)
+    enc_kw = B.encoder_kwargs(cfg.model) if encoder_attn is None else dict(attn_backend=encoder_attn)
     encoders = load_encoders(args.enc_type, args.resolution, pretrained=False, device=device, **enc_kw)
     model = build_sit(
         args.model,
         input_size=args.resolution // 8,
         num_classes=1000,
         z_dims=[e.embed_dim for e in encoders],
-        **T.model_kwargs(cfg.model),
+        **B.model_kwargs(cfg.model),
     ).to(device)
     return cfg, model, encoders
 
@@ -123,13 +124,13 @@ class ReferenceStep:
         self.cfg, self.model, self.encoders = build(args, device, "ref", "math")
         self.ema = EMA(self.model).module
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
-        self.amp = T.AMP_DTYPES[args.mixed_precision]
+        self.amp = B.AMP_DTYPES[args.mixed_precision]
         self.scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
 
     def __call__(self, batch):
         image, moments, labels = batch
         device = image.device
-        x0 = T.sample_posterior(moments, 0.18215)
+        x0 = sample_posterior(moments, 0.18215)
         with torch.no_grad(), torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
             zs = [enc(image) for enc in self.encoders]
         t = torch.rand((x0.shape[0], 1, 1, 1)).to(device=device, dtype=x0.dtype)  # CPU draw + copy (loss.py:57)
@@ -172,14 +173,14 @@ class RepaFastStep:
             apply_compile(model)  # the trainer's per-block compile (inductor)
         self.encoders = encoders
         self.backend = Backend(device.type)
-        opt = T.build_optimizer(self.cfg, model)
+        opt = B.build_optimizer(self.cfg, model)
         self.scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
         sampler = T.ResumableDistributedSampler(args.batch_size, args.batch_size)
         recipe = T.build_recipe(self.cfg)  # the REPA recipe: one phase, constant alignment weight
         self.state = T.State(model, self.backend.wrap(model, opt), EMA(model), opt, self.scaler, sampler, recipe=recipe)
         self.state.phase = recipe.phase(0)
         self.meter = LossMeter(device)
-        self.amp = T.AMP_DTYPES[args.mixed_precision]
+        self.amp = B.AMP_DTYPES[args.mixed_precision]
         self.cached, self._cached_batch = cached, None
 
     def __call__(self, batch):

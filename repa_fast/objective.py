@@ -163,3 +163,9 @@ def check_token_grid(zs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
                 f"projector {k} outputs {z.shape[2]} channels but encoder {k} gives {target.shape[2]}: "
                 "set z_dims to the encoders' embed_dim in the same order as --enc-type"
             )
+
+
+def sample_posterior(moments: torch.Tensor, scale: float) -> torch.Tensor:
+    """x0 = (mean + std * eps) * scale with [mean, std] stacked on the channel axis (reference train.py:71-77)."""
+    mean, std = moments.float().chunk(2, dim=1)
+    return (mean + std * torch.randn_like(mean)) * scale

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from repa_fast.build import encoder_kwargs
 from repa_fast.config import ModelConfig
-from repa_fast.engine.trainer import encoder_kwargs
 from repa_fast.models import dinov2 as dinov2_mod
 from repa_fast.models.dinov2 import (
     IMAGENET_MEAN,

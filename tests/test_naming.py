@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from repa_fast.build import encoder_kwargs, model_kwargs
 from repa_fast.config import ModelConfig
-from repa_fast.engine.trainer import encoder_kwargs, model_kwargs
 from repa_fast.flops import encoder_forward_flops
 from repa_fast.models.dinov2 import DINOv2ViT, dinov2_arch
 from repa_fast.models.encoder_archs import ENCODER_ARCHS, encoder_arch

@@ -417,9 +417,9 @@ def cache_targets(
 ) -> str | None:
     """Compute (or resume) the cache; returns its directory (None on ranks other than 0). Random-weight encoders
     (``encoder_pretrained=False``, tests and demo) are drawn after ``torch.manual_seed(seed)`` as the trainer does."""
+    from repa_fast.build import encoder_kwargs  # --kernels -> attn_backend, mapped as train.py maps it
     from repa_fast.config import ModelConfig
     from repa_fast.data import open_dataset
-    from repa_fast.engine.trainer import encoder_kwargs  # --kernels -> attn_backend, mapped as train.py maps it
     from repa_fast.models.encoders import load_encoders
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))

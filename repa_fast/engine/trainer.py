@@ -15,30 +15,33 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from repa_fast.config import ConfigError, ModelConfig, TrainConfig, micro_batch_size, run_dir
-from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
+from repa_fast.build import (
+    AMP_DTYPES,
+    build_dataset,
+    build_loader,
+    build_models,
+    build_optimizer,
+    build_targets,
+    seed_everything,
+)
+from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
+from repa_fast.data import ResumableDistributedSampler
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine import compat
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.preview import Previewer, plot_loss_curve
-from repa_fast.engine.stop import StopRequest, ignore_in_worker
+from repa_fast.engine.stop import StopRequest
 from repa_fast.errors import TrainingStopped
 from repa_fast.eval.training import make_training_evaluator
 from repa_fast.io import write_json
-from repa_fast.models.encoders import load_encoders
-from repa_fast.models.sit import build_sit, parse_model_name
-from repa_fast.objective import training_loss, warmup_loss
+from repa_fast.objective import sample_posterior, training_loss, warmup_loss
 from repa_fast.recipe import Phase, Recipe, build_recipe
 
 logger = logging.getLogger("repa_fast")
-
-AMP_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -113,128 +116,6 @@ def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
         ckpt.clean_stale_tmp(out)
     backend.barrier()
     return out
-
-
-def build_dataset(cfg: TrainConfig):
-    d = cfg.data
-    if d.dataset == "digits":
-        return DigitsDataset(resolution=d.resolution, num_classes=d.num_classes)
-    return open_dataset(d.data_dir, num_classes=d.num_classes, resolution=d.resolution)
-
-
-def build_targets(cfg: TrainConfig, dataset, encoders):
-    """--targets cached: the dataset yields the stored targets instead of images and no encoder runs
-    (repa_fast.data.cache_targets); the encoders were still built, to check the cache against their weights."""
-    if cfg.target.targets != "cached":
-        if cfg.target.targets_dir:
-            raise ConfigError("--targets-dir is only read with --targets cached; add --targets cached or drop it")
-        return dataset, encoders
-    if not encoders:
-        raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
-    from repa_fast.data.cache_targets import open_cached_targets
-
-    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
-    logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)
-    return dataset, []
-
-
-def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.device, rank: int):
-    """DALI or torch DataLoader (--loader; repa_fast.data.dali_loader.choose_loader logs why), same sample order."""
-    from repa_fast.data.dali_loader import DALILoader, choose_loader
-
-    if choose_loader(cfg.data.loader, dataset, device) == "dali":
-        return DALILoader(dataset, sampler, micro, device=device, num_threads=max(1, cfg.data.num_workers))
-    return DataLoader(
-        dataset,
-        batch_size=micro,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.run.seed + rank),
-        worker_init_fn=ignore_in_worker,
-    )
-
-
-def model_kwargs(m: ModelConfig) -> dict:
-    """SiT keywords from the model options: the one place where the user-facing names (``--kernels``, the ``kernels``
-    key of configs/*.json and of runs' config.json) become the code's (``impl``). ``fused_attn`` is also the SiT's
-    reference keyword, which the model maps to ``attn_backend``."""
-    return dict(
-        class_dropout_prob=m.cfg_prob,
-        encoder_depth=m.encoder_depth,
-        projector_dim=m.projector_dim,
-        qk_norm=m.qk_norm,
-        fused_attn=m.fused_attn,
-        impl=m.kernels,
-        use_rope=m.use_rope,
-    )
-
-
-def encoder_kwargs(m: ModelConfig) -> dict:
-    """Target-encoder keywords from the model options. The encoders have no Triton op: ``--kernels ref`` pins them to
-    plain SDPA (a reference run end to end), otherwise ``repa_fast.kernels.attention`` picks its fastest backend."""
-    return dict(attn_backend="sdpa" if m.kernels == "ref" else "auto")
-
-
-def build_models(cfg: TrainConfig, dataset, device: torch.device):
-    """SiT sized from the data, and the frozen target encoders on the matching token grid."""
-    two_c, h, w = dataset.latent_shape
-    if h != w:
-        raise ConfigError(f"latents of shape {dataset.latent_shape} are not square; SiT needs square inputs")
-    m = cfg.model
-    encoders = []
-    if cfg.loss.proj_coeff != 0 and cfg.target.enc_type:
-        grid = cfg.target.encoder_grid or None
-        encoders = load_encoders(
-            cfg.target.enc_type,
-            dataset.resolution,
-            cfg.target.encoder_checkpoint_dir,
-            grid=grid,
-            pretrained=cfg.target.encoder_pretrained,
-            device=device,
-            **encoder_kwargs(m),
-        )
-    model = build_sit(
-        m.model,
-        input_size=h,
-        in_channels=two_c // 2,
-        num_classes=dataset.num_classes,
-        z_dims=[e.embed_dim for e in encoders],
-        **model_kwargs(m),
-    ).to(device)
-    for e in encoders:
-        if e.grid != model.x_embedder.grid_size:
-            g = model.x_embedder.grid_size
-            raise ConfigError(
-                f"{m.model} on {h}x{h} inputs has a {g}x{g} token grid but encoder {e.enc_name} gives "
-                f"{e.grid}x{e.grid} tokens; REPA aligns token by token: use patch size {h // e.grid} "
-                f"(e.g. SiT-{parse_model_name(m.model)[0]}/{h // e.grid}) or set --encoder-grid {g}"
-            )
-    return model, encoders
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused=True on CPU and CUDA: one kernel per step, and the found_inf input lets a bad step be skipped on device.
-    return torch.optim.AdamW(
-        params,
-        lr=o.learning_rate,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_epsilon,
-        weight_decay=o.adam_weight_decay,
-        fused=True,
-    )
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
@@ -411,12 +292,6 @@ def get_batch(data_iter, device, need_images: bool = True):
     elif need_images:
         image = image.to(device, non_blocking=True)
     return image, moments.to(device, non_blocking=True), label.to(device, non_blocking=True)
-
-
-def sample_posterior(moments: torch.Tensor, scale: float) -> torch.Tensor:
-    """x0 = (mean + std * eps) * scale with [mean, std] stacked on the channel axis (reference train.py:71-77)."""
-    mean, std = moments.float().chunk(2, dim=1)
-    return (mean + std * torch.randn_like(mean)) * scale
 
 
 def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders, amp_dtype, last: bool) -> dict:

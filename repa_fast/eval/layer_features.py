@@ -1,6 +1,6 @@
 """Per-layer SiT features and target-encoder features of N dataset images (shared by CKNNA and linear probes).
 
-For each image: x0 from the run's data (``trainer.sample_posterior``: pixels on the demo, a VAE posterior sample
+For each image: x0 from the run's data (``objective.sample_posterior``: pixels on the demo, a VAE posterior sample
 otherwise), x_t = alpha_t x0 + sigma_t eps (the run's interpolant, ``objective.interpolant``), the null class
 label, and every block's output averaged over its tokens (forward hooks; the model is not changed). The target
 is the run's encoder (same name, weights, token grid; a random-weight demo encoder is rebuilt from the run's seed
@@ -68,11 +68,10 @@ def _hidden_states(model, x, t, y) -> list[torch.Tensor]:
 @torch.no_grad()
 def collect_layer_features(args, need_target: bool = True, indices=None) -> LayerFeatures:
     """Features of the first ``args.num_images`` images (or of ``indices``) of the run's dataset (module doc)."""
-    from repa_fast.engine.trainer import build_dataset, sample_posterior, seed_everything
+    from repa_fast.build import build_dataset, build_encoders, seed_everything
     from repa_fast.generate import build_model, load_weights
     from repa_fast.generate import parse_args as generate_args
-    from repa_fast.models.encoders import load_encoders
-    from repa_fast.objective import interpolant
+    from repa_fast.objective import interpolant, sample_posterior
 
     cfg, run = _run_config(args.ckpt)
     args.out = args.out or os.path.join(run, "eval")
@@ -84,14 +83,9 @@ def collect_layer_features(args, need_target: bool = True, indices=None) -> Laye
     encoder, name = None, args.enc_type or cfg.target.enc_type.split(",")[0]
     if need_target:
         seed_everything(cfg.run.seed)  # a random-weight target is drawn first after this seed, as in training
-        (encoder,) = load_encoders(
-            name,
-            dataset.resolution,
-            args.encoder_checkpoint_dir or cfg.target.encoder_checkpoint_dir,
-            grid=cfg.target.encoder_grid,
-            pretrained=cfg.target.encoder_pretrained,
-            device=device,
-        )
+        if args.encoder_checkpoint_dir:
+            cfg.target.encoder_checkpoint_dir = args.encoder_checkpoint_dir
+        (encoder,) = build_encoders(cfg, dataset.resolution, device, enc_type=name)  # as training built it
     gen_args = generate_args(["--ckpt", args.ckpt, "--weights", args.weights])  # generate's defaults, one source
     sd, config = load_weights(gen_args)
     model = build_model(gen_args, sd, config).to(device)

@@ -73,16 +73,17 @@ class StepRig:
     def __init__(self, cfg, device: str = "cpu"):
         import torch
 
+        from repa_fast import build as B
         from repa_fast.engine import trainer as T
         from repa_fast.engine.ema import EMA
         from repa_fast.engine.metrics import LossMeter
         from repa_fast.engine.parallel import Backend
 
         self.T, self.cfg, self.device = T, cfg, torch.device(device)
-        dataset = T.build_dataset(cfg)
-        self.model, self.encoders = T.build_models(cfg, dataset, self.device)
+        dataset = B.build_dataset(cfg)
+        self.model, self.encoders = B.build_models(cfg, dataset, self.device)
         self.backend = Backend(device)
-        opt = T.build_optimizer(cfg, self.model)
+        opt = B.build_optimizer(cfg, self.model)
         fp16 = cfg.run.mixed_precision == "fp16"
         scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
         sampler = T.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
@@ -95,7 +96,7 @@ class StepRig:
         self.meter = LossMeter(self.device)
         items = [dataset[i] for i in range(cfg.optim.batch_size)]
         self.batch = tuple(torch.stack([it[k] for it in items]).to(self.device) for k in range(3))
-        self.amp = T.AMP_DTYPES[cfg.run.mixed_precision]
+        self.amp = B.AMP_DTYPES[cfg.run.mixed_precision]
 
     def enter(self, phase):
         """Rebuild optimizer and EMA for ``phase`` as the trainer does at a phase boundary."""

@@ -113,11 +113,11 @@ def test_kill_and_resume_across_the_erw_boundary_is_bitwise(tmp_path):
     assert "phase full" in straight.stderr
     # The boundary (step 3) was saved; its weights are the warm-up's for the first blocks and a fresh init elsewhere.
     boundary = _ckpt_model(run_a, 3)
-    from repa_fast.engine import trainer as T
+    from repa_fast import build as B
 
     cfg = tiny_cfg(tmp_path / "fresh", *ERW)
-    T.seed_everything(cfg.run.seed)
-    fresh, _ = T.build_models(cfg, T.build_dataset(cfg), torch.device("cpu"))
+    B.seed_everything(cfg.run.seed)
+    fresh, _ = B.build_models(cfg, B.build_dataset(cfg), torch.device("cpu"))
     fresh_sd = fresh.state_dict()
     for k, v in boundary.items():
         if k.startswith(("blocks.0.attn.qkv", "blocks.1.mlp", "x_embedder", "projectors")):
@@ -154,11 +154,12 @@ def _foreign_file(path, sd, *, steps, opt=None, **args):
 
 
 def test_erw_release_warmup_file_starts_the_full_phase_and_reference_files_resume(tmp_path):
+    from repa_fast import build as B
     from repa_fast.engine import trainer as T
 
     cfg = tiny_cfg(tmp_path, *ERW, steps=4)
-    T.seed_everything(cfg.run.seed)
-    model, _ = T.build_models(cfg, T.build_dataset(cfg), torch.device("cpu"))
+    B.seed_everything(cfg.run.seed)
+    model, _ = B.build_models(cfg, B.build_dataset(cfg), torch.device("cpu"))
     init = {k: v.clone() for k, v in model.state_dict().items()}
     # ERW's released warm-up file: blocks < l2r-depth, embedders, projectors; no final layer. Weights moved by +0.5.
     warm = {k: v + 0.5 for k, v in init.items() if k.startswith(WARM_PREFIXES) or k == "pos_embed"}
@@ -178,8 +179,8 @@ def test_erw_release_warmup_file_starts_the_full_phase_and_reference_files_resum
     # A reference train.py checkpoint (full model, index-keyed AdamW with frozen pos_embed) resumes with its moments.
     ref_out = tmp_path / "ref"
     cfg_r = tiny_cfg(ref_out, steps=3)
-    T.seed_everything(1)
-    ref_model, _ = T.build_models(cfg_r, T.build_dataset(cfg_r), torch.device("cpu"))
+    B.seed_everything(1)
+    ref_model, _ = B.build_models(cfg_r, B.build_dataset(cfg_r), torch.device("cpu"))
     opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
     for p in ref_model.parameters():
         if p.requires_grad:
