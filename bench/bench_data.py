@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from repa_fast.data import ResumableDistributedSampler, open_dataset  # noqa: E402
-from repa_fast.data.pack import pack  # noqa: E402
 from repa_fast.data.ref_layout import ref_feature_name, ref_image_name  # noqa: E402
+from repa_fast.tools.pack import pack  # noqa: E402
 
 
 def write_ref_layout(root: str, n: int, resolution: int) -> None:
@@ -74,22 +74,23 @@ def samples_per_s(make_loader, n: int, passes: int = 2) -> float:
 def bench_loaders(ref: str, packed: str, n: int, batch: int) -> None:
     from torch.utils.data import DataLoader
 
-    from repa_fast.data import cache_targets as ct
+    from repa_fast.data import cached_targets as cached
     from repa_fast.data.dali_loader import DALILoader, dali_available
     from repa_fast.models.encoders import load_encoders
+    from repa_fast.tools import cache_targets as ct
 
     ds_ref, ds_packed = open_dataset(ref), open_dataset(packed)
     # A DINOv2-B-sized bf16 cache filled with random bits (running ViT-B on 1 core would take minutes): reading it
     # costs the same as reading real targets.
     encs = load_encoders("dinov2-vit-b", ds_ref.resolution, pretrained=False)
     job = ct.Job(
-        ds_ref, encs, ct.default_cache_dir(ref), dtype="bf16", compute="no", batch_size=batch, shard_size=batch
+        ds_ref, encs, cached.default_cache_dir(ref), dtype="bf16", compute="no", batch_size=batch, shard_size=batch
     )
     job.prepare()
     arr = np.load(os.path.join(job.work, job.plan["encoders"][0]["file"]), mmap_mode="r+")
     arr[:] = np.random.default_rng(0).integers(0x3C00, 0x4000, arr.shape, dtype=np.uint16)
     arr.flush()
-    ds_cached = ct.CachedTargetsDataset(ds_ref, ct.TargetCache(job.finalize()))
+    ds_cached = cached.CachedTargetsDataset(ds_ref, cached.TargetCache(job.finalize()))
     sampler = ResumableDistributedSampler(n, batch, seed=0)
     cases = {
         "DataLoader, REPA folder (PIL PNG + npy)": lambda: DataLoader(ds_ref, batch, sampler=sampler, drop_last=True),

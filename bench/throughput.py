@@ -11,7 +11,7 @@ Providers:
              SDPA/FlashAttention in SiT and encoder, fused AdamW with on-device skip, foreach EMA, no host sync;
              --compile compiles each SiT block.
   repa_fast_cached  the same step with --targets cached: the batch holds the encoders' targets (computed once
-             before timing, as repa_fast.data.cache_targets stores them, in fp32) instead of images; its TFLOP/s
+             before timing, as repa_fast.tools.cache_targets stores them, in fp32) instead of images; its TFLOP/s
              count the step without the encoder forward (repa_fast.flops train_step_cached_targets).
 Both use synthetic data (uniform uint8 images, Gaussian moments) and the same precision. Reports ms/step, img/s,
 achieved TFLOP/s from repa_fast.flops and, on a GPU with a known peak, MFU. Rows are appended to

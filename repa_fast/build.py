@@ -43,14 +43,14 @@ def build_dataset(cfg: TrainConfig):
 
 def build_targets(cfg: TrainConfig, dataset, encoders):
     """--targets cached: the dataset yields the stored targets instead of images and no encoder runs
-    (repa_fast.data.cache_targets); the encoders were still built, to check the cache against their weights."""
+    (repa_fast.tools.cache_targets); the encoders were still built, to check the cache against their weights."""
     if cfg.target.targets != "cached":
         if cfg.target.targets_dir:
             raise ConfigError("--targets-dir is only read with --targets cached; add --targets cached or drop it")
         return dataset, encoders
     if not encoders:
         raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
-    from repa_fast.data.cache_targets import open_cached_targets
+    from repa_fast.data.cached_targets import open_cached_targets
 
     dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
     logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)

@@ -119,7 +119,7 @@ class TargetConfig:
     )
     targets: str = _f(
         "computed",
-        "computed: run the encoders every step; cached: read targets made by repa_fast.data.cache_targets",
+        "computed: run the encoders every step; cached: read targets made by repa_fast.tools.cache_targets",
         choices=("computed", "cached"),
     )
     targets_dir: str | None = _f(None, "target cache directory for --targets cached (default <data_dir>/targets)")

@@ -24,7 +24,7 @@ class StepFlops:
 
     @property
     def train_step_cached_targets(self) -> float:
-        """Per image with ``--targets cached``: the encoders ran once, before training (data.cache_targets)."""
+        """Per image with ``--targets cached``: the encoders ran once, before training (tools/cache_targets.py)."""
         return 3 * (self.sit_forward + self.projector_forward)
 
     @property

@@ -270,7 +270,7 @@ def test_help_shows_ranges_and_literal_percent_signs(capsys):
 
 def test_pack_on_a_full_disk_keeps_its_work_area_and_continues(tmp_path, capsys, monkeypatch):
     from repa_fast.data import packed
-    from repa_fast.data.pack import main as pack_main
+    from repa_fast.tools.pack import main as pack_main
 
     from .data.helpers import make_ref_dataset
 

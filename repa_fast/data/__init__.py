@@ -37,7 +37,7 @@ def open_dataset(path, *, num_classes: int = 1000, resolution: int | None = None
         raise DataError(
             f"{path}: data directory does not exist; pass --data-dir pointing at a REPA-preprocessed "
             "folder (images/ + vae-sd/) or a packed dataset (index.json), made with "
-            "`python -m repa_fast.data.preprocess`"
+            "`python -m repa_fast.tools.preprocess`"
         )
     if not os.path.isdir(path):
         raise DataError(f"{path}: --data-dir must be a directory, not a file")
@@ -49,7 +49,7 @@ def open_dataset(path, *, num_classes: int = 1000, resolution: int | None = None
     if not entries:
         raise DataError(
             f"{path}: data directory is empty; create the dataset with "
-            f"`python -m repa_fast.data.preprocess --source IMAGENET/train --dest {path} ...`"
+            f"`python -m repa_fast.tools.preprocess --source IMAGENET/train --dest {path} ...`"
         )
     raise DataError(
         f"{path}: neither a packed dataset (no index.json) nor a REPA folder (no images/ or vae-sd/); "

@@ -209,7 +209,7 @@ class DALILoader:
         ) from exc
 
 
-# ---- ImageNet JPEG decoding for repa_fast.data.preprocess --decoder dali -----------------------------------------
+# ---- ImageNet JPEG decoding for repa_fast.tools.preprocess --decoder dali -----------------------------------------
 
 MAX_HALVINGS = 4  # BOX halvings the static graph can apply: sources up to 2**5 x the output side
 

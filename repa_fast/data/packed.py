@@ -125,7 +125,7 @@ def read_index(path: str) -> dict:
             index = json.load(f)
     except (OSError, ValueError) as exc:
         raise DataError(
-            f"{index_path}: cannot read the packed index ({exc}); re-run `python -m repa_fast.data.pack SRC DST`"
+            f"{index_path}: cannot read the packed index ({exc}); re-run `python -m repa_fast.tools.pack SRC DST`"
         ) from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(f"{index_path}: 'format' is not {FORMAT!r}; this is not a repa_fast packed dataset")
@@ -197,7 +197,7 @@ def open_checked(path: str, num_classes: int, resolution: int | None = None) -> 
         raise DataError(
             f"{os.path.join(path, INDEX_FILE)}: checksum mismatch (index or sampled rows changed since "
             "packing); the dataset is corrupt or its files were mixed up: run "
-            f"`python -m repa_fast.data.pack --verify {path}` to locate it, then re-pack"
+            f"`python -m repa_fast.tools.pack --verify {path}` to locate it, then re-pack"
         )
     for i in sample_rows(index["count"]):
         check_moments(arrays["moments"][i], tuple(index["latent_shape"]), f"{path}: field 'moments', row {i}")

@@ -67,7 +67,7 @@ def _read_labels(features_dir: str, feature_names: list[str]) -> np.ndarray:
     if not os.path.isfile(path):
         raise DataError(
             f"{path}: missing; the REPA layout keeps class labels there (written by `dataset_tools.py encode` or "
-            "`python -m repa_fast.data.preprocess --layout ref`)"
+            "`python -m repa_fast.tools.preprocess --layout ref`)"
         )
     try:
         with open(path, "rb") as f:
@@ -164,7 +164,7 @@ class RefFolderDataset(LatentDataset):
             if not os.path.isdir(d):
                 raise DataError(
                     f"{d}: missing; the REPA layout needs {IMAGES_DIR}/ and {FEATURES_DIR}/ ({what} "
-                    "here); create them with `python -m repa_fast.data.preprocess --layout ref`"
+                    "here); create them with `python -m repa_fast.tools.preprocess --layout ref`"
                 )
         self.image_fnames = list_data_files(self.images_dir)
         self.feature_fnames = list_data_files(self.features_dir)
@@ -189,7 +189,7 @@ class RefFolderDataset(LatentDataset):
             empty = self.images_dir if ni == 0 else self.features_dir
             raise DataError(
                 f"{empty}: no data files found (dataset is empty); run "
-                "`python -m repa_fast.data.preprocess` to create the dataset"
+                "`python -m repa_fast.tools.preprocess` to create the dataset"
             )
         if ni != nf:
             raise DataError(

@@ -301,7 +301,7 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
     x0 = sample_posterior(moments, cfg.data.latent_scale)
     if not phase.align:
         targets = []
-    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.data.cache_targets)
+    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.tools.cache_targets)
         targets = [z.float() for z in image]
     else:
         with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

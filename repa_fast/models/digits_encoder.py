@@ -51,7 +51,7 @@ class DigitsEncoder(nn.Module):
 
     @property
     def preprocessing(self) -> dict:
-        """What ``tokens`` does to an image before the network (recorded by repa_fast.data.cache_targets)."""
+        """What ``tokens`` does to an image before the network (recorded by repa_fast.tools.cache_targets)."""
         return {"scale": "x / 255", "resize": "bilinear, antialias, to 16x16 (when not 16 px)"}
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ class TimmViTEncoder(nn.Module):
 
     @property
     def preprocessing(self) -> dict:
-        """What ``preprocess`` does (recorded by repa_fast.data.cache_targets, which refuses a cache made otherwise)."""
+        """What ``preprocess`` does (recorded by the target cache, which refuses a cache made otherwise)."""
         size = f"bicubic, align_corners False, no antialias, to {self.input_size}x{self.input_size}"
         resize = {"none": "none", "before_normalize": f"{size}, before mean/std", "after_normalize": f"{size}, after"}
         return {

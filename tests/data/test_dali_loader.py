@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from repa_fast.config import ConfigError
 from repa_fast.data import DataError, ResumableDistributedSampler, open_dataset
 from repa_fast.data import dali_loader as dl
-from repa_fast.data.pack import pack
+from repa_fast.tools.pack import pack
 
 from ..engine.helpers import tiny_cfg
 from .helpers import feature_path, image_path, make_ref_dataset

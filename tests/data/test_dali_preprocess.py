@@ -6,8 +6,8 @@ import torch
 
 from repa_fast.data import DataError, RefFolderDataset, open_dataset
 from repa_fast.data.dali_loader import adm_crop_batches
-from repa_fast.data.preprocess import PreprocessConfig, preprocess
 from repa_fast.data.transforms import adm_center_crop, adm_crop_geometry
+from repa_fast.tools.preprocess import PreprocessConfig, preprocess
 
 from .helpers import make_jpeg_folder, make_tiny_vae
 
@@ -85,7 +85,7 @@ def test_corrupt_jpeg_is_named(env, tmp_path):
 
 
 def test_cli_decoder_flag_and_no_mixing_with_a_pil_dataset(env, capsys):
-    from repa_fast.data import preprocess as pp
+    from repa_fast.tools import preprocess as pp
 
     root, out = env
     argv = ["--source", str(root / "src"), "--vae", str(root / "vae"), "--resolution", "32", "--batch-size", "8"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from repa_fast.data import DataError, PackedDataset, open_dataset, verify_packed
-from repa_fast.data import pack as pack_mod
 from repa_fast.data.packed import sample_rows, write_index
+from repa_fast.tools import pack as pack_mod
 from tests.data.helpers import make_ref_dataset
 
 N = 21  # sample_rows() takes 16 of them: some rows are outside the cheap checksum

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repa_fast.data.pack import pack
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine import trainer as trainer_mod
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.trainer import TrainingStopped, train
 from repa_fast.export import main as export_main
 from repa_fast.models.sit import SiT_models
+from repa_fast.tools.pack import pack
 
 from ..data.helpers import make_ref_dataset
 from .helpers import StepRig, tiny_cfg

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from repa_fast.data import DataError, open_dataset, ref_layout
-from repa_fast.data import cache_targets as ct
+from repa_fast.data import cached_targets as cached
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine.trainer import train
 from repa_fast.models.encoders import load_encoders
+from repa_fast.tools import cache_targets as ct
+from tests.data.helpers import make_ref_dataset
 
 from ..engine.helpers import tiny_cfg
-from .helpers import make_ref_dataset
 
 N, BATCH = 16, 4
 # 32 px images and 4x4x4 latents: SiT-T/2 has a 2x2 token grid, the toy DINOv2 runs at --encoder-grid 2.
@@ -68,13 +69,13 @@ def test_fp32_cache_gives_bitwise_the_same_training_and_reads_no_image(data, tmp
 @pytest.mark.parametrize("dtype,rel", [("bf16", 2.0**-8), ("fp16", 2.0**-11)])
 def test_low_precision_cache_is_the_rounded_targets(data, tmp_path, dtype, rel):
     ref = _encoder_targets(data)  # (N, 4, 192) fp32
-    cache = ct.TargetCache(str(data / f"targets-{dtype}"))
+    cache = cached.TargetCache(str(data / f"targets-{dtype}"))
     got = torch.stack([cache.rows(i)[0] for i in range(N)])
     assert got.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert torch.equal(got, ref.to(got.dtype))  # round to nearest, nothing else
     err = (got.float() - ref).abs()
     assert err.max() > 0 and bool((err <= rel * ref.abs() + 1e-30).all())
-    fp32 = torch.stack([ct.TargetCache(str(data / "targets-fp32")).rows(i)[0] for i in range(N)])
+    fp32 = torch.stack([cached.TargetCache(str(data / "targets-fp32")).rows(i)[0] for i in range(N)])
     assert torch.equal(fp32, ref)
     log_c, _ = _train(data, tmp_path / "computed", "computed", steps=3)
     log_t, _ = _train(data, tmp_path / "cached", "cached", "--targets-dir", data / f"targets-{dtype}", steps=3)
@@ -88,15 +89,15 @@ def test_mismatched_cache_is_refused_naming_the_difference(data, tmp_path):
     torch.manual_seed(1)  # other random weights than the cache's seed 0
     other_weights = load_encoders("dinov2-vit-t", 32, grid=2, pretrained=False)
     with pytest.raises(DataError, match=r"encoders\.weights_sha256|weights_sha256"):
-        ct.open_cached_targets(ds, other_weights, str(data / "targets-fp32"))
+        cached.open_cached_targets(ds, other_weights, str(data / "targets-fp32"))
     torch.manual_seed(0)
     other_name = load_encoders("dinov2reg-vit-t", 32, grid=2, pretrained=False)
     with pytest.raises(DataError, match="dinov2reg-vit-t"):
-        ct.open_cached_targets(ds, other_name, str(data / "targets-fp32"))
+        cached.open_cached_targets(ds, other_name, str(data / "targets-fp32"))
     torch.manual_seed(0)
     other_grid = load_encoders("dinov2-vit-t", 32, grid=1, pretrained=False)
     with pytest.raises(DataError, match=r"grid: cache 2, this run 1"):
-        ct.open_cached_targets(ds, other_grid, str(data / "targets-fp32"))
+        cached.open_cached_targets(ds, other_grid, str(data / "targets-fp32"))
     # Through the trainer: another seed draws other random encoder weights; no cache at all names the fix.
     with pytest.raises(DataError, match="weights_sha256"):
         _train(data, tmp_path / "a", "cached", "--targets-dir", data / "targets-fp32", "--seed", "1", steps=1)
@@ -110,7 +111,7 @@ def test_other_data_is_refused(data, tmp_path):
     torch.manual_seed(0)
     encs = load_encoders("dinov2-vit-t", 32, grid=2, pretrained=False)
     with pytest.raises(DataError, match=r"count: cache 16, this run 20"):
-        ct.open_cached_targets(open_dataset(str(other), num_classes=5), encs, str(data / "targets-fp32"))
+        cached.open_cached_targets(open_dataset(str(other), num_classes=5), encs, str(data / "targets-fp32"))
 
 
 def test_interrupted_and_two_rank_runs_give_the_same_cache(data, tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from repa_fast.data import DataError, PackedDataset, RefFolderDataset, open_dataset
-from repa_fast.data import preprocess as pp
-from repa_fast.data.preprocess import PreprocessConfig, preprocess, scan_image_folder
 from repa_fast.data.transforms import adm_center_crop
+from repa_fast.tools import preprocess as pp
+from repa_fast.tools.preprocess import PreprocessConfig, preprocess, scan_image_folder
 from tests.data.helpers import make_jpeg_folder, make_tiny_vae
 
 CLASSES = {"n02": [(50, 40), (33, 70), (100, 100)], "n01": [(64, 48), (40, 40)], "n03": [(90, 35), (32, 32)]}
@@ -252,7 +252,7 @@ def test_torchrun_style_ranks_give_the_same_dataset(env, packed_out):
     args = [
         sys.executable,
         "-m",
-        "repa_fast.data.preprocess",
+        "repa_fast.tools.preprocess",
         "--source",
         str(root / "src"),
         "--dest",
