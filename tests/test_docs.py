@@ -21,6 +21,7 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 MAX_README_LINES = 300
 LAUNCHERS = {"python", "python3", "torchrun", "deepspeed"}
+INLINE_CODE = r"`((?:[^`\n]|\n(?!\n))+)`"  # an inline code span, possibly wrapped over lines of one paragraph
 
 
 def read(path: Path) -> str:
@@ -70,7 +71,7 @@ def anchors(path: Path) -> set[str]:
 
 def links(path: Path) -> list[str]:
     prose = split_code(read(path))[1]
-    prose = re.sub(r"`[^`\n]*`", "", prose)  # inline code is not a link
+    prose = re.sub(INLINE_CODE, "", prose)  # inline code is not a link
     return re.findall(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose)
 
 
@@ -97,7 +98,7 @@ def shown_commands(path: Path) -> list[str]:
             if not line.rstrip().endswith("\\"):
                 lines.append(joined.strip())
                 joined = ""
-    lines += re.findall(r"`([^`\n]+)`", prose)
+    lines += [" ".join(span.split()) for span in re.findall(INLINE_CODE, prose)]
     out = []
     for line in lines:
         out += [part.strip() for part in re.split(r"&&|;|\|", line) if part.strip()]
