@@ -225,7 +225,7 @@ def test_readme_train_commands_resolve(monkeypatch, capsys):
         assert resolved["trainer"]["model"].startswith("SiT-")
 
 
-@pytest.mark.slow  # ~12 s on 2 idle cores, up to ~30 s on a loaded machine; CI runs it (no marker is deselected)
+@pytest.mark.slow  # 17-29 s measured on a shared, loaded 2-core machine; CI runs it (no marker is deselected)
 def test_demo_command_smoke(tmp_path):
     """The README's first command, `python train.py`, run in an empty directory for 2 steps at batch 16 (and a
     2-step preview sampler): it must write the files the README's table lists. The digits-ssl encoder's own training
