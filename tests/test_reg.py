@@ -337,3 +337,18 @@ def test_sampler_cls_latents_errors():
             sampler(SiT(impl="ref", **SMALL).eval(), z, y, num_steps=2, cls_latents=torch.randn(2, 24))
         with pytest.raises(ValueError, match="cls_cfg_scale=nan"):
             sampler(model, z, y, num_steps=2, cls_latents=torch.randn(2, 24), cls_cfg_scale=float("nan"))
+
+
+def test_autocast_bf16_close_to_fp32():
+    """Under bf16 autocast the class-token path runs too (mixed-dtype token concatenation) and the losses stay fp32."""
+    torch.manual_seed(0)
+    model, _ = perturbed_pair()
+    model = model.float().eval()
+    x0, y, patch, cls = (t.float() if t.is_floating_point() else t for t in batch())
+    kw = dict(t=torch.rand(B), noise=torch.randn_like(x0), cls_targets=[cls], cls_noise=torch.randn_like(cls))
+    fp32 = training_loss(model, x0, y, [patch], **kw)
+    bf16 = training_loss(model, x0, y, [patch], autocast_dtype=torch.bfloat16, **kw)
+    for k in fp32:
+        assert bf16[k].dtype == torch.float32
+        assert abs(bf16[k].item() - fp32[k].item()) < 0.03 * abs(fp32[k].item()), k
+    assert bf16["cls"].item() != fp32["cls"].item()  # autocast really ran
