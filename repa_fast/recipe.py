@@ -18,8 +18,9 @@ import math
 from dataclasses import dataclass, field
 
 # Parameters of SiT that ERW's warm-up trains besides blocks 1..l2r_depth (LINs-lab/ERW models/sit.py:280-310:
-# the warm-up model holds exactly these and the first blocks; pos_embed is a frozen buffer-like parameter).
-WARMUP_MODULES = ("x_embedder.", "t_embedder.", "y_embedder.", "projectors.")
+# the warm-up model holds exactly these and the first blocks; pos_embed is a frozen buffer-like parameter). With REG
+# the class token's embedding (cls_projectors2, wg_norm) runs in the warm-up too (docs/methods.md §ERW).
+WARMUP_MODULES = ("x_embedder.", "t_embedder.", "y_embedder.", "projectors.", "cls_projectors2.", "wg_norm.")
 
 SCHEDULES = ("constant", "exp", "cosine")
 

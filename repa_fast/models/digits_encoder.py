@@ -54,19 +54,33 @@ class DigitsEncoder(nn.Module):
         """What ``tokens`` does to an image before the network (recorded by repa_fast.tools.cache_targets)."""
         return {"scale": "x / 255", "resize": "bilinear, antialias, to 16x16 (when not 16 px)"}
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or 0..255 float (B, 3, R, R) -> (B, grid * grid, WIDTH), differentiable."""
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or 0..255 float (B, 3, R, R) -> the network's (B, WIDTH, 8, 8) map, differentiable."""
         x = images.float() / 255.0
         if x.shape[-1] != 16:
             x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
-        h = self.body(x)  # (B, WIDTH, 8, 8)
+        return self.body(x)
+
+    def tokens(self, images: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 or 0..255 float (B, 3, R, R) -> (B, grid * grid, WIDTH), differentiable (``h``: its feature map)."""
+        h = self.feature_map(images) if h is None else h  # (B, WIDTH, 8, 8)
         if h.shape[-1] != self.grid:
             h = F.adaptive_avg_pool2d(h, self.grid)
         return self.norm(h.flatten(2).transpose(1, 2))
 
+    def global_feature(self, h: torch.Tensor) -> torch.Tensor:
+        """The pooled global feature (B, WIDTH) of a feature map: the mean of its LayerNorm-ed 8x8 tokens, i.e. the
+        representation SimCLR trained (``train_ssl`` feeds ``tokens(...).mean(1)`` at the native grid to its head).
+        It is this encoder's class token for REG (docs/methods.md §REG), whatever the target ``grid``."""
+        return self.norm(h.flatten(2).transpose(1, 2)).mean(1)
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokens(images)
+    def forward(self, images: torch.Tensor, with_cls: bool = False):
+        """Targets (B, grid * grid, WIDTH); ``with_cls``: (targets, the pooled global feature (B, WIDTH))."""
+        if not with_cls:
+            return self.tokens(images)
+        h = self.feature_map(images)
+        return self.tokens(images, h), self.global_feature(h)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -287,10 +287,17 @@ class DINOv2ViT(nn.Module):
         }
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_cls: bool = False):
         """uint8 images (B, 3, R, R) -> targets (B, grid*grid, D): final-LayerNorm patch tokens, CLS and registers
-        dropped (docs/objective.md §Alignment targets). Runs without autograd: targets are constants of the image."""
-        return self.forward_features(self.preprocess(images))["x_norm_patchtokens"]
+        dropped (docs/objective.md §Alignment targets). Runs without autograd: targets are constants of the image.
+
+        ``with_cls``: (patch tokens, class token (B, D)), the class token after the final LayerNorm
+        (``x_norm_clstoken``), as REG's train.py:305-307 takes it for its class-token target (docs/methods.md §REG).
+        """
+        feats = self.forward_features(self.preprocess(images))
+        if with_cls:
+            return feats["x_norm_patchtokens"], feats["x_norm_clstoken"]
+        return feats["x_norm_patchtokens"]
 
     def extra_repr(self) -> str:
         return (

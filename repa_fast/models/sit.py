@@ -10,6 +10,11 @@ Switches have one name each down the module tree: ``impl`` ("auto" | "triton" | 
 their PyTorch references, ``attn_backend`` the attention backend (``repa_fast.kernels.attention.BACKENDS``).
 ``SiT`` also takes the reference's ``fused_attn`` keyword (False = ``attn_backend="math"``, timm's explicit softmax).
 
+The REPA family (docs/methods.md): ``reg=True`` is REG's SiT (Martinser/REG models/sit.py: the noisy encoder class
+token joins the tokens, with ``cls_projectors2``, ``wg_norm``, ``final_layer.linear_cls`` and a (1, 1 + T, D)
+``pos_embed``, so REG's checkpoints load with ``strict=True``); ``projection_layer_type`` / ``proj_kernel_size`` pick
+iREPA's projectors (``repa_fast.models.projectors``).
+
 Model code is single-device: compile and parallelism are applied from ``repa_fast.engine``.
 """
 
@@ -21,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_fast.errors import ConfigError
 from repa_fast.kernels import (
     adaln_modulate,
     apply_rope_2d,
@@ -32,16 +38,7 @@ from repa_fast.kernels import (
 from repa_fast.kernels._dispatch import IMPLS
 from repa_fast.kernels.attention import BACKENDS
 
-
-def build_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA projector: Linear - SiLU - Linear - SiLU - Linear, applied per token (keys 0, 2, 4)."""
-    return nn.Sequential(
-        nn.Linear(hidden_size, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, projector_dim),
-        nn.SiLU(),
-        nn.Linear(projector_dim, z_dim),
-    )
+from .projectors import build_mlp, build_projector, check_projector_options, project  # noqa: F401 (build_mlp: API)
 
 
 class PatchEmbed(nn.Module):
@@ -177,21 +174,34 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """(shift, scale) = Linear(SiLU(c)); Linear(mod(LN(x), shift, scale)) -> p*p*C per token."""
+    """(shift, scale) = Linear(SiLU(c)); Linear(mod(LN(x), shift, scale)) -> p*p*C per token.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, impl="auto"):
+    With ``cls_dim`` (REG): ``linear_cls`` = Linear(D, cls_dim) reads the modulated class token (token 0) and
+    ``linear`` the T patch tokens (Martinser/REG models/sit.py:143-163); forward then returns (patches, cls_v).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, impl="auto", cls_dim: int | None = None):
         super().__init__()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if cls_dim is not None:
+            self.linear_cls = nn.Linear(hidden_size, cls_dim, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
         self.impl = impl
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(adaln_modulate(x, shift, scale, impl=self.impl))
+        h = adaln_modulate(x, shift, scale, impl=self.impl)  # (N, T, D), or (N, 1 + T, D) with REG
+        if not hasattr(self, "linear_cls"):
+            return self.linear(h)
+        return self.linear(h[:, 1:]), self.linear_cls(h[:, 0])  # (N, T, p*p*C), (N, cls_dim)
 
 
 class SiT(nn.Module):
-    """Scalable Interpolant Transformer with REPA projectors at block ``encoder_depth`` (1-indexed)."""
+    """Scalable Interpolant Transformer with REPA projectors at block ``encoder_depth`` (1-indexed).
+
+    ``reg``: REG's class token (docs/methods.md §REG); ``projection_layer_type`` ("mlp" | "linear" | "conv") and
+    ``proj_kernel_size``: iREPA's projectors (§iREPA). A conv projector with ``reg=True`` is refused (ConfigError).
+    """
 
     def __init__(
         self,
@@ -215,6 +225,9 @@ class SiT(nn.Module):
         attn_backend: str = "auto",
         impl: str = "auto",
         use_rope: bool = False,
+        reg: bool = False,
+        projection_layer_type: str = "mlp",
+        proj_kernel_size: int = 3,
     ):
         super().__init__()
         if decoder_hidden_size not in (None, hidden_size):
@@ -229,6 +242,9 @@ class SiT(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        check_projector_options(projection_layer_type, proj_kernel_size, reg)
+        if reg and not z_dims:
+            raise ConfigError("reg=True needs z_dims: the class token's width is z_dims[0] (the first encoder's)")
         if not fused_attn:
             if attn_backend not in ("auto", "math"):
                 raise ValueError(
@@ -243,17 +259,27 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.reg, self.projection_layer_type = reg, projection_layer_type
+        self.cls_dim = z_dims[0] if reg else None  # REG's cls_token_dim = z_dims[0] (REG models/sit.py:217-218)
+        # REG: one more position, the class token's, first (REG models/sit.py:208).
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(reg) + num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
             SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, attn_backend=attn_backend, impl=impl)
             for _ in range(depth)
         )
-        self.projectors = nn.ModuleList(build_mlp(hidden_size, projector_dim, z) for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, impl=impl)
+        self.projectors = nn.ModuleList(
+            build_projector(projection_layer_type, hidden_size, projector_dim, z, proj_kernel_size) for z in z_dims
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, impl=impl, cls_dim=self.cls_dim)
+        if reg:  # the noisy class token's embedding: Linear(z, D) then an affine LayerNorm (REG models/sit.py:222-223)
+            self.cls_projectors2 = nn.Linear(self.cls_dim, hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.use_rope = use_rope
         if use_rope:  # not persistent: checkpoints keep the reference keys
             g = self.x_embedder.grid_size
             cos, sin = rope_2d_cos_sin(hidden_size // num_heads, g, g)
+            if reg:  # the class token is not rotated: an identity row first (docs/methods.md §REG with RoPE)
+                cos, sin = torch.cat([torch.ones_like(cos[:1]), cos]), torch.cat([torch.zeros_like(sin[:1]), sin])
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.initialize_weights()
@@ -271,6 +297,8 @@ class SiT(nn.Module):
         self.apply(_basic_init)
         grid = self.x_embedder.grid_size
         pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        if self.reg:  # a zero row for the class token (REG models/sit.py:237-240, MAE's cls_token=1)
+            pos = np.concatenate([np.zeros([1, pos.shape[1]]), pos], axis=0)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # as a Linear on the (D, C p p) view
@@ -281,7 +309,8 @@ class SiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = (self.final_layer.adaLN_modulation[-1], self.final_layer.linear)
+        for layer in zeroed + ((self.final_layer.linear_cls,) if self.reg else ()):  # REG models/sit.py:259-265
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -302,6 +331,7 @@ class SiT(nn.Module):
         num_blocks: int | None = None,
         align_depth: int | None = None,
         use_rope: bool | None = None,
+        cls_token: torch.Tensor | None = None,
     ):
         """x (N, C, H, W) noisy input, t (N,) in [0, 1], y (N,) labels -> (velocity (N, C, H, W), zs).
 
@@ -309,8 +339,12 @@ class SiT(nn.Module):
         ``num_blocks`` truncates the forward after that many blocks and returns (None, zs): ERW's warm-up phase,
         where nothing after them is computed (README §ERW). ``align_depth`` overrides the block the
         projectors read (default ``encoder_depth``) and ``use_rope=False`` turns RoPE off for this call.
+
+        REG (``reg=True``, docs/methods.md §REG): ``cls_token`` (N, z_dims[0]) is the noisy class token; it joins the
+        tokens first, each zs[k] has 1 + T tokens (class token first), and the result is (velocity, zs, cls_v)
+        with cls_v (N, z_dims[0]) the class token's velocity ((None, zs, None) when truncated).
         """
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self._embed_tokens(x, cls_token)  # (N, T, D), or (N, 1 + T, D) with REG
         N, T, D = x.shape
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         rope = (self.rope_cos, self.rope_sin) if self.use_rope and use_rope is not False else None
@@ -320,11 +354,29 @@ class SiT(nn.Module):
         for i, block in enumerate(blocks):
             x = block(x, c, rope)
             if return_zs and self.projectors and i + 1 == align_at:
-                zs = [proj(x.reshape(-1, D)).reshape(N, T, -1) for proj in self.projectors]
+                zs = [project(proj, x, self.x_embedder.grid_size) for proj in self.projectors]
         if num_blocks is not None:
-            return None, zs
-        x = self.unpatchify(self.final_layer(x, c))
-        return x, zs
+            return (None, zs, None) if self.reg else (None, zs)
+        if not self.reg:
+            return self.unpatchify(self.final_layer(x, c)), zs
+        x, cls_v = self.final_layer(x, c)
+        return self.unpatchify(x), zs, cls_v
+
+    def _embed_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens + position embedding; with REG, [wg_norm(cls_projectors2(cls_token)), patches] + pos_embed
+        (REG models/sit.py:291-297)."""
+        if not self.reg:
+            if cls_token is not None:
+                raise ValueError("cls_token was given to a SiT built without reg=True: build it with reg=True (REG)")
+            return self.x_embedder(x) + self.pos_embed
+        if cls_token is None or cls_token.shape != (x.shape[0], self.cls_dim):
+            got = None if cls_token is None else tuple(cls_token.shape)
+            raise ValueError(
+                f"a REG SiT (reg=True) needs cls_token=(noisy class token) of shape ({x.shape[0]}, {self.cls_dim}), "
+                f"got {got}; training_loss passes it from cls_targets, the samplers from cls_latents"
+            )
+        cls = self.wg_norm(self.cls_projectors2(cls_token))  # (N, D)
+        return torch.cat([cls[:, None], self.x_embedder(x)], dim=1) + self.pos_embed
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

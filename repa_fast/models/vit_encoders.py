@@ -240,18 +240,31 @@ class TimmViTEncoder(nn.Module):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
         return x
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, with_cls: bool = False):
         """Preprocessed (B, 3, S, S) -> patch tokens (B, 256, D): the last block's output, the final norm applied
-        only where the reference applies it, prefix (class) tokens dropped."""
+        only where the reference applies it, prefix (class) tokens dropped.
+
+        ``with_cls``: (patch tokens, class token (B, D)) for REG (docs/methods.md §REG): the class token of the same
+        layer with the same norm as the patch tokens; I-JEPA has none, so its pooled global feature, the mean of
+        the patch tokens (timm's ``global_pool="avg"`` of that model)."""
         x = x.to(self.vit.patch_embed.proj.weight.dtype)
+        if not with_cls:
+            out = self.vit.forward_intermediates(
+                x, indices=1, norm=self.spec.final_norm, output_fmt="NLC", intermediates_only=True
+            )
+            return out[-1]
         out = self.vit.forward_intermediates(
-            x, indices=1, norm=self.spec.final_norm, output_fmt="NLC", intermediates_only=True
-        )
-        return out[-1]
+            x, indices=1, norm=self.spec.final_norm, output_fmt="NLC", intermediates_only=True, output_dict=True,
+            return_prefix_tokens=True,
+        )  # fmt: skip
+        patch = out["image_intermediates"][-1]
+        prefix = out.get("image_intermediates_prefix")
+        return patch, (prefix[-1][:, 0] if prefix is not None else patch.mean(1))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.preprocess(images))
+    def forward(self, images: torch.Tensor, with_cls: bool = False):
+        """uint8 (B, 3, 256, 256) -> targets (B, 256, D); ``with_cls``: (targets, class token (B, D))."""
+        return self.forward_tokens(self.preprocess(images), with_cls)
 
     def extra_repr(self) -> str:
         return (
