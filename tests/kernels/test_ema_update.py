@@ -68,7 +68,7 @@ def test_several_steps_stay_within_two_ulps_of_the_reference_formula():
     repa = [e.clone() for e in ema]
     decay = 0.9999
     w = torch.tensor(1 - decay, dtype=torch.float32).double()
-    for step in range(3):
+    for _ in range(3):
         exact = [e.double() + w * (p.double() - e.double()) for e, p in zip(ema, params)]
         ema_update_(ema, params, decay, torch.tensor(False), impl="triton")
         for r, p in zip(repa, params):

@@ -14,6 +14,11 @@ EMA: stages 0-2 keep full fp32 parameters on every rank, so the EMA is the full 
 ZeRO-3 each rank owns a contiguous partition of every parameter (DeepSpeed's fp32 master partition,
 ``safe_get_local_fp32_param``); the EMA keeps the matching partitions and all-gathers them only to save or preview.
 
+Clipping stays DeepSpeed's (``gradient_clipping``): inside ``engine.step()`` it computes the global norm and multiplies
+this rank's flat gradient partition by 1 / max(1, (norm + 1e-6) / clip) (``unscale_and_clip_grads``,
+deepspeed/runtime/zero/stage_1_and_2.py; no pass at all with clipping 0) before calling the trainer's AdamW, so the
+fold of ``Backend.clip_and_step`` does not apply; the pass it keeps covers 1/world of the gradients.
+
 Checkpoints: full weights from the module (stages 0-2) or gathered partitions (3); the optimizer state through
 DeepSpeed's public fragment API (``safe_get/set_full_optimizer_state``), keyed by parameter name.
 
