@@ -8,8 +8,9 @@ element, bit for bit the three-pass form it replaced; its docstring gives the ro
 not updated on steps the optimizer skipped (a reference bug we fix).
 
 Two forms with one interface (``update``, ``state_dict``, ``load_state_dict``, ``full_module``): ``EMA``, a full copy of
-the model (one process, DDP, ZeRO-1/2), and ``ShardedEMA``, this rank's shards of it next to the parameter shards
-(FSDP2, ZeRO-3), with ``FullReplica`` to rebuild a full module from gathered shards.
+the model (one process), and ``ShardedEMA``, this rank's shards of it: next to the parameter shards (FSDP2, ZeRO-3),
+or a 1/world slice of every replicated parameter (DDP, ZeRO-1/2: ``engine/parallel/slices.py``), so each rank
+updates 1/world of the EMA per step. ``FullReplica`` rebuilds a full module from gathered shards.
 """
 
 import copy
@@ -24,7 +25,7 @@ from repa_fast.kernels.ema_update import _CHUNK, ema_update_  # noqa: F401
 
 
 class EMA:
-    """A full EMA copy of the model (one process, DDP, ZeRO-1/2)."""
+    """A full EMA copy of the model (one process; DDP and ZeRO-1/2 on one process)."""
 
     def __init__(self, model: nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -124,12 +125,18 @@ class ShardedEMA:
         return self.replica.state_dict(self.full_trainable())
 
     def load_state_dict(self, state: dict) -> None:
+        """Strict, as ``EMA``'s: every key of the model's state dict; the fixed tensors (frozen parameters, persistent
+        buffers) are taken from it too."""
         missing = [n for n in self.replica.keys if n not in state]
-        if missing:
-            raise RuntimeError(f"EMA state has no entry for {missing[:3]}...")
+        unexpected = [n for n in state if n not in self.replica.keys]
+        if missing or unexpected:
+            raise RuntimeError(f"EMA state: missing {missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
             for n, s in zip(self.names, self.shadow):
                 s.copy_(self._slice(n, state[n].to(s.device, torch.float32)))
+            for n, t in self.replica.fixed.items():
+                if n in state:  # non-persistent buffers (RoPE tables) are in no state dict
+                    t.copy_(state[n])
 
     def full_module(self, device: torch.device, is_main: bool) -> nn.Module | None:
         """Collective: the full EMA module rebuilt on the main process from the gathered shards; None elsewhere."""
