@@ -1,14 +1,16 @@
-"""Exponential moving average of the trainable parameters with multi-tensor (foreach) kernels.
+"""Exponential moving average of the trainable parameters, one multi-tensor pass per step.
 
 ema <- ema + (1 - decay) * (param - ema), i.e. the reference's ``ema.mul_(decay).add_(param, alpha=1 - decay)``
-(train.py:81-91) without its Python loop over parameters. Frozen tensors (``pos_embed``) are left as initialised
-(equal to the model's), so they do not drift (the reference's TODO). ``skip`` (a 0-dim bool tensor on device) turns
-the update into a no-op without a host synchronisation: the EMA is not updated on steps the optimizer skipped (a
-reference bug we fix).
+(train.py:81-91) without its Python loop over parameters (``repa_fast.kernels.ema_update``: 2 reads + 1 write per
+element, bit for bit the three-pass form it replaced; its docstring gives the rounding). Frozen tensors
+(``pos_embed``) are left as initialised (equal to the model's), so they do not drift (the reference's TODO).
+``skip`` (a 0-dim bool tensor on device) turns the update into a no-op without a host synchronisation: the EMA is
+not updated on steps the optimizer skipped (a reference bug we fix).
 
 Two forms with one interface (``update``, ``state_dict``, ``load_state_dict``, ``full_module``): ``EMA``, a full copy of
-the model (one process, DDP, ZeRO-1/2), and ``ShardedEMA``, this rank's shards of it next to the parameter shards
-(FSDP2, ZeRO-3), with ``FullReplica`` to rebuild a full module from gathered shards.
+the model (one process), and ``ShardedEMA``, this rank's shards of it: next to the parameter shards (FSDP2, ZeRO-3),
+or a 1/world slice of every replicated parameter (DDP, ZeRO-1/2: ``engine/parallel/slices.py``), so each rank
+updates 1/world of the EMA per step. ``FullReplica`` rebuilds a full module from gathered shards.
 """
 
 import copy
@@ -17,34 +19,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-# Tensors per multi-tensor launch when the skip flag is a device tensor: bounds the temporary (param - ema) copy.
-_CHUNK = 64
-
-
-@torch.no_grad()
-def ema_update_(
-    ema: list[torch.Tensor], params: list[torch.Tensor], decay: float, skip: torch.Tensor | None = None
-) -> None:
-    """ema <- ema + w (param - ema), w = 1 - decay, or w = 0 where ``skip`` (a device bool) is set; no host sync.
-
-    With a device-side weight, ``_foreach_lerp_`` would read it as a Python scalar (``.item()``: a sync) or, given a
-    list of 0-dim weights, fall off the fused multi-tensor path; sub / mul-by-tensor / add stay fused and sync-free.
-    """
-    if not ema:
-        return
-    if skip is None:
-        torch._foreach_lerp_(ema, params, 1.0 - decay)
-        return
-    weight = torch.where(skip.to(ema[0].device), 0.0, 1.0 - decay).to(torch.float32)  # 0-dim, on device
-    for i in range(0, len(ema), _CHUNK):
-        e, p = ema[i : i + _CHUNK], params[i : i + _CHUNK]
-        delta = torch._foreach_sub(p, e)
-        torch._foreach_mul_(delta, weight)
-        torch._foreach_add_(e, delta)
+# The update itself: one multi-tensor pass (Triton on CUDA) or the three-pass reference (CPU); _CHUNK is the
+# reference's bound on its temporary.
+from repa_fast.kernels.ema_update import _CHUNK, ema_update_  # noqa: F401
 
 
 class EMA:
-    """A full EMA copy of the model (one process, DDP, ZeRO-1/2)."""
+    """A full EMA copy of the model (one process; DDP and ZeRO-1/2 on one process)."""
 
     def __init__(self, model: nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -112,8 +93,9 @@ class FullReplica:
 class ShardedEMA:
     """EMA of the FULL trainable parameters, stored as this rank's shards next to the parameter shards.
 
-    The EMA is elementwise, so averaging each shard is averaging the full tensor: ema_shard <- lerp(ema_shard,
-    param_shard, 1 - decay), with ``ema_update_``'s multi-tensor kernels and no communication. Full tensors are
+    The EMA is elementwise, so averaging each shard is averaging the full tensor: ema_shard <- ema_shard +
+    (1 - decay) (param_shard - ema_shard), with ``ema_update_``'s one multi-tensor pass and no communication; the
+    result is bit for bit the full EMA's (the same rounding per element, whatever the slicing). Full tensors are
     assembled only to save or preview (``gather``); a checkpoint's full EMA is cut back into shards on load
     (``local_slice``).
     ``local_views()`` returns the current fp32 shards of the trainable parameters, in ``names`` order.
@@ -143,12 +125,18 @@ class ShardedEMA:
         return self.replica.state_dict(self.full_trainable())
 
     def load_state_dict(self, state: dict) -> None:
+        """Strict, as ``EMA``'s: every key of the model's state dict; the fixed tensors (frozen parameters, persistent
+        buffers) are taken from it too."""
         missing = [n for n in self.replica.keys if n not in state]
-        if missing:
-            raise RuntimeError(f"EMA state has no entry for {missing[:3]}...")
+        unexpected = [n for n in state if n not in self.replica.keys]
+        if missing or unexpected:
+            raise RuntimeError(f"EMA state: missing {missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
             for n, s in zip(self.names, self.shadow):
                 s.copy_(self._slice(n, state[n].to(s.device, torch.float32)))
+            for n, t in self.replica.fixed.items():
+                if n in state:  # non-persistent buffers (RoPE tables) are in no state dict
+                    t.copy_(state[n])
 
     def full_module(self, device: torch.device, is_main: bool) -> nn.Module | None:
         """Collective: the full EMA module rebuilt on the main process from the gathered shards; None elsewhere."""

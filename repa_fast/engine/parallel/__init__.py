@@ -6,9 +6,9 @@ depends on the node count (LOCAL_RANK only picks the GPU).
 
     kind        module            model                       optimizer state        EMA (fp32)
     none        base.py           as is                       full                   full copy
-    ddp         ddp.py            DistributedDataParallel     full, replicated       full copy per rank
+    ddp         ddp.py            DistributedDataParallel     full, replicated       1/world slices (slices.py)
     fsdp        fsdp.py           FSDP2 ``fully_shard``       DTensor shards         shards (DTensor local)
-    deepspeed   deepspeed.py      ZeRO stage 1/2/3 engine     ZeRO partitions        full (1-2), shards (3)
+    deepspeed   deepspeed.py      ZeRO stage 1/2/3 engine     ZeRO partitions        slices (1-2), shards (3)
 
 "auto" picks ddp when WORLD_SIZE > 1, else none. A backend module is imported only when it is picked (the base never
 imports its subclasses). ``process_group.py`` owns the group's lifetime, timeouts and peer failures; ``dsconfig.py``

@@ -67,33 +67,39 @@ class Backend:
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def clip_and_step(self, model: nn.Module, max_norm: float, scaler=None):
-        """Unscale, clip and step without a host sync. Returns (grad_norm, skipped) as device tensors.
+        """Clip and step without a host sync or a pass of its own over the gradients. Returns (grad_norm, skipped)
+        as device tensors.
 
-        A non-finite gradient norm (NaN/inf loss or overflow) skips the update through the fused optimizer's
-        ``found_inf`` input, exactly as GradScaler does for fp16: no parameter, moment or step-count change.
+        One reduction: the global L2 norm of the gradients as backward left them (fp16: still multiplied by the loss
+        scale S, so the true norm is that / S, exact for a power of 2). The clip, ``g * max_norm / (norm + 1e-6)``
+        where that is below 1 (``torch.nn.utils.clip_grad_norm_``), and the fp16 unscale are one divisor of the
+        fused AdamW step, its ``grad_scale`` input: ``S * max(1, (norm + 1e-6) / max_norm)``; none at all without
+        clipping (``max_norm`` 0 or inf) in fp32/bf16. A non-finite norm (NaN/inf loss, overflow) skips the update
+        through the step's ``found_inf`` input (no parameter, moment or step-count change) and, in fp16, backs the
+        loss scale off as GradScaler does. Without clipping the norm is still computed: it is the device-side check
+        that decides the skip on every rank alike (and is logged).
         """
         opt = self.optimizer
-        params = [p for p in model.parameters() if p.requires_grad]
-        if scaler is not None:
-            scaler.unscale_(opt)
-        grad_norm = self._clip(params, max_norm)
-        bad = ~torch.isfinite(grad_norm)
-        if scaler is not None:
-            # GradScaler's per-device overflow flags (private but stable since 1.6); read before update() resets them.
-            found = sum(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
-            scaler.step(opt)
-            scaler.update()
-            skipped = bad | (found > 0)
-        else:
-            opt.found_inf, opt.grad_scale = bad.float(), None
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        loss_scale = scaler._scale.reshape(()) if scaler is not None and scaler.is_enabled() else None
+        grad_norm = self._grad_norm(grads)
+        if loss_scale is not None:
+            grad_norm = grad_norm / loss_scale
+        skipped = ~torch.isfinite(grad_norm)
+        opt.grad_scale = step_divisor(grad_norm, max_norm, loss_scale)
+        opt.found_inf = skipped.float()
+        try:
             opt.step()
-            del opt.found_inf, opt.grad_scale
-            skipped = bad
+        finally:
+            del opt.grad_scale, opt.found_inf
+        if loss_scale is not None:
+            update_loss_scale(scaler, opt, skipped)
         opt.zero_grad(set_to_none=True)
         return grad_norm.detach(), skipped
 
-    def _clip(self, params, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global L2 norm of ``grads`` (one multi-tensor reduction), a plain tensor on this rank."""
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
 
     def update_ema(self, ema, model: nn.Module, decay: float, skipped: torch.Tensor) -> None:
         ema.update(model, decay, skip=skipped)
@@ -152,6 +158,32 @@ class Backend:
 
     def shutdown(self, clean: bool = True) -> None:
         pass
+
+
+def step_divisor(grad_norm: torch.Tensor, max_norm: float, loss_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """What the fused step divides every gradient by: the loss scale times the clip's inverse coefficient
+    ``max(1, (norm + 1e-6) / max_norm)``; None when there is neither (given a grad_scale, the fused step also writes
+    the divided gradients back: one more write of them, which fp32 without clipping avoids).
+
+    Unclipped, the divisor is exactly 1 (or S): the same update, bit for bit, as unscale-then-clip. Clipped,
+    g / divisor rounds g * max_norm / (norm + 1e-6) in two steps where clip_grad_norm_ takes three
+    (1 / (norm + 1e-6), times max_norm, times g): the clipped gradients differ by at most 1 fp32 ulp when max_norm
+    is a power of 2 (the recipes' 1.0), 2 ulps otherwise (tests/engine/test_clip_in_step.py)."""
+    clip = 0 < max_norm < float("inf")
+    divisor = torch.clamp((grad_norm + 1e-6) / max_norm, min=1.0) if clip else None
+    if loss_scale is None:
+        return divisor
+    return loss_scale if divisor is None else divisor * loss_scale
+
+
+def update_loss_scale(scaler, optimizer, found_inf: torch.Tensor) -> None:
+    """GradScaler's update (back off after an overflow, grow after ``growth_interval`` clean steps) from our own
+    overflow flag: ``clip_and_step`` never calls ``scaler.unscale_`` / ``scaler.step``, whose check would be one
+    more read and write of every gradient. The flag goes where those would have put it (GradScaler's per-optimizer
+    state, private but stable since torch 1.6)."""
+    state = scaler._per_optimizer_states[id(optimizer)]
+    state["found_inf_per_device"][found_inf.device] = found_inf.float().reshape(1)
+    scaler.update()
 
 
 def param_group_settings(optimizer) -> list[dict]:

@@ -10,9 +10,15 @@ Non-finite gradients: DeepSpeed's ZeRO optimizers check the global norm and skip
 step-count change); the check is a host synchronisation inside ``engine.step()`` (DeepSpeed reads the overflow flag on
 the host). ``engine.was_step_applied()`` then tells the EMA to skip too.
 
-EMA: stages 0-2 keep full fp32 parameters on every rank, so the EMA is the full copy of the other backends. Under
-ZeRO-3 each rank owns a contiguous partition of every parameter (DeepSpeed's fp32 master partition,
-``safe_get_local_fp32_param``); the EMA keeps the matching partitions and all-gathers them only to save or preview.
+EMA: stages 0-2 keep full fp32 parameters on every rank, so each rank averages its 1/world slice of every parameter
+(``slices.py``, as under DDP). Under ZeRO-3 each rank owns a contiguous partition of every parameter (DeepSpeed's fp32
+master partition, ``safe_get_local_fp32_param``); the EMA keeps the matching partitions. Either way the full tensors
+are all-gathered only to save or preview.
+
+Clipping stays DeepSpeed's (``gradient_clipping``): inside ``engine.step()`` it computes the global norm and multiplies
+this rank's flat gradient partition by 1 / max(1, (norm + 1e-6) / clip) (``unscale_and_clip_grads``,
+deepspeed/runtime/zero/stage_1_and_2.py; no pass at all with clipping 0) before calling the trainer's AdamW, so the
+fold of ``Backend.clip_and_step`` does not apply; the pass it keeps covers 1/world of the gradients.
 
 Checkpoints: full weights from the module (stages 0-2) or gathered partitions (3); the optimizer state through
 DeepSpeed's public fragment API (``safe_get/set_full_optimizer_state``), keyed by parameter name.
@@ -36,6 +42,7 @@ from repa_fast.engine.parallel.base import (
 )
 from repa_fast.engine.parallel.dsconfig import check_resolved, zero_stage
 from repa_fast.engine.parallel.process_group import DistributedBackend, bound_process_groups, dist_timeout
+from repa_fast.engine.parallel.slices import all_gather_slices, replicated_ema
 
 logger = logging.getLogger("repa_fast")
 
@@ -97,7 +104,7 @@ class DeepSpeedBackend(DistributedBackend):
     # -- EMA -------------------------------------------------------------------------------------------------------
     def make_ema(self, model):
         if self.stage < 3:
-            return super().make_ema(model)
+            return replicated_ema(model, self.rank, self.world_size)
         from deepspeed.utils import safe_get_local_fp32_param
 
         self._params = dict(model.named_parameters())
@@ -121,9 +128,7 @@ class DeepSpeedBackend(DistributedBackend):
                 f"ZeRO-3 partition of {name} has {local.numel()} elements, expected {n}; this "
                 "DeepSpeed version lays partitions out differently (please report)"
             )
-        out = torch.empty(n * self.world_size, dtype=torch.float32, device=local.device)
-        dist.all_gather_into_tensor(out, local.detach().float().contiguous().reshape(-1))
-        return out[: p.ds_numel].view(p.ds_shape).cpu()
+        return all_gather_slices(local, n, p.ds_numel).view(p.ds_shape).cpu()
 
     def _my_partition(self, name, full):
         """This rank's partition of a full tensor, zero-padded to the partition size."""

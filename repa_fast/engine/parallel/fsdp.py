@@ -4,8 +4,9 @@ Wrapping policy: every child of every ``nn.ModuleList`` (the SiT blocks, the REP
 then the root (embedders, final layer, frozen ``pos_embed``). Parameters stay fp32 with no ``MixedPrecisionPolicy``:
 bf16/fp16 is the loop's torch.autocast, as on every backend, and gradients are reduce-scattered in fp32 (same numerics
 as DDP). Gradient accumulation turns the reduce-scatter off on all but the last micro-batch
-(``set_requires_gradient_sync``). Clipping uses the global norm of the sharded gradients (a replicated DTensor), and
-the fused AdamW skips non-finite steps through ``found_inf`` with no host sync, as in one process.
+(``set_requires_gradient_sync``). Clipping uses the global norm of the sharded gradients (the shards' squared norms
+all-reduced: a replicated DTensor), folded into the fused AdamW step's ``grad_scale`` as in one process, and the step
+skips non-finite steps through ``found_inf`` with no host sync.
 
 Checkpoints: ``torch.distributed.checkpoint.state_dict`` assembles full fp32 model and optimizer state keyed by
 parameter name (rank 0, CPU); loading cuts full tensors into this rank's shards (``distribute_tensor`` with
@@ -68,11 +69,11 @@ class FSDPBackend(DistributedBackend):
         train_model.set_requires_gradient_sync(last_micro_step)
         return super().no_sync(train_model, last_micro_step)
 
-    def _clip(self, params, max_norm):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # replicated DTensor -> plain tensor
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        return norm
+    def _grad_norm(self, grads):
+        # The local shards' squared norms, all-reduced (sum) over the ranks: a Partial DTensor made replicated and
+        # plain (``full_tensor``). The clip itself is the fused step's grad_scale (Backend.clip_and_step).
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # -- EMA ---------------------------------------------------------------------------------------------------------
     def make_ema(self, model):
