@@ -9,8 +9,9 @@ Head-dim padding (the FLOPs a kernel really computes at SiT-XL's head dim 72):
   tokens fill exactly.
 - FlashAttention-3 (``flash3``, Hopper): 72 runs the d<=96 kernel with a 192 x 144 forward tile (hopper/tile_size.h
   ``tile_size_fwd_sm90``); 256 tokens take two 192-row tiles (384 rows computed) and two 144-column tiles (288):
-  1.33 (head dim) x 1.5 x 1.125 of the useful FLOPs in the forward. Early FA3 releases had only 64/128/256
-  kernels (hopper/static_switch.h ``HEADDIM_SWITCH``): 72 -> 128.
+  1.33 (head dim) x 1.5 x 1.125 of the useful FLOPs in the forward. Its backward tile for d=96 is 64 x 128
+  (hopper/flash_bwd_launch_template.h ``run_mha_bwd_hdim96``): no sequence waste, the head-dim padding only.
+  Early FA3 releases had only 64/128/256 kernels (hopper/static_switch.h ``HEADDIM_SWITCH``): 72 -> 128.
 - cuDNN fused attention (``cudnn``, SDPA's cuDNN backend): any head dim that is a multiple of 8 up to 128 runs
   unpadded (cuDNN's fused flash attention support table); no padding is charged.
 - ``math``: explicit scores, softmax and values (timm/DINOv2 without a fused kernel): unpadded matmuls, but the
@@ -31,12 +32,14 @@ def _round_up(x: int, choices) -> int:
     return next(c for c in choices if c >= x)
 
 
-def padding_factor(backend: str, head_dim: int, tokens: int) -> float:
-    """Computed FLOPs / useful FLOPs of one attention forward (see the module docstring)."""
+def padding_factor(backend: str, head_dim: int, tokens: int, backward: bool = False) -> float:
+    """Computed FLOPs / useful FLOPs of one attention forward or backward (see the module docstring)."""
     if backend in ("flash2", "sdpa-flash"):
         return _round_up(head_dim, FA2_HEADDIMS) / head_dim
     if backend == "flash3":
         d = _round_up(head_dim, FA3_HEADDIMS)
+        if backward:
+            return d / head_dim
         bm, bn = FA3_FWD_TILE[d]
         rows, cols = math.ceil(tokens / bm) * bm, math.ceil(tokens / bn) * bn
         return d / head_dim * rows / tokens * cols / tokens

@@ -76,6 +76,7 @@ class Linear:
     epilogue_saved: float = 0.0  # bytes of that extra output kept for the backward
     dx_epilogue_read: float = 0.0  # extra bytes the input-gradient GEMM reads (e.g. that GELU input)
     fp8: str = "none"  # "tensorwise" | "rowwise": torchao float8 (see fp8_forward)
+    fp8_casts: str = "separate"  # "fused": the producing kernel writes the fp8 copy (and its amax) itself
 
     @property
     def autocast(self) -> bool:
@@ -136,6 +137,8 @@ class Linear:
     # high-precision input for the backward and re-casts it (and the weight) there, along the other axis for the
     # weight-gradient matmul (rowwise: a fresh amax per row; tensorwise: the scale is reused, one cast-transpose pass).
     def _to_fp8(self, name: str, numel: float, src: int, amax: bool = True, part: str = "elementwise") -> list[Op]:
+        if self.fp8_casts == "fused":  # only the extra fp8 output of the kernel that produced the tensor
+            return [Op(part, f"{name}.fp8_out", 0.0, 1.0 * numel, launches=0.0)]
         ops = [ew(f"{name}.amax", src * numel, 4.0, part)] if amax else []
         return ops + [ew(f"{name}.to_fp8", src * numel, 1.0 * numel, part)]
 

@@ -14,7 +14,7 @@ TensorIterator preserves the layout) and LayerNorm copies a non-contiguous input
 fused path writes a contiguous residual from block 0's gated kernel on, so only block 0 pays the copies.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from repa_fast.cost.attention import attention_flops, padding_factor
 from repa_fast.cost.ops import F32, Linear, Op, cast, ew, staged, times
@@ -59,6 +59,8 @@ class SiTStep:
     # -- helpers ---------------------------------------------------------------------------------------------------
     def linear(self, name, rows, k, n, x_bytes, **kw) -> Linear:
         st = self.st
+        if kw.get("fp8", "none") != "none":
+            kw["fp8_casts"] = st.fp8_casts
         return Linear(name, rows, k, n, self.a, x_bytes, weights=st.weights, wgrad=st.wgrad, **kw)
 
     def strided(self, block: int) -> bool:
@@ -150,11 +152,13 @@ class SiTStep:
         backend = self.st.attn_backend
         useful = attention_flops(sh.tokens, sh.dim, self.B, forward_only=True)
         pad = padding_factor(backend, sh.head_dim, sh.tokens)
+        pad_bwd = padding_factor(backend, sh.head_dim, sh.tokens, backward=True)
         lse = 4 * self.B * sh.heads * sh.tokens
         if backend == "math":
             return self._math_attention(name, useful)
-        fwd = [Op("attention", name, 3 * a * MD, a * MD + lse, flops=useful * pad, saved=4 * a * MD + lse)]
-        bwd = [Op("attention", f"{name}.bwd", 5 * a * MD + lse, 3 * a * MD, flops=2.5 * useful * pad, stage="bwd")]
+        rate = f"attn:{backend}"
+        fwd = [Op("attention", name, 3 * a * MD, a * MD + lse, flops=useful * pad, rate=rate, saved=4 * a * MD + lse)]
+        bwd = [Op("attention", f"{name}.bwd", 5 * a * MD + lse, 3 * a * MD, flops=2.5 * useful * pad_bwd, rate=rate)]
         bwd.append(ew(f"{name}.dqkv_stack", 3 * a * MD, 3 * a * MD))
         if self.st.attn_glue == "timm":  # qkv.reshape(...).permute(2, 0, 3, 1, 4): the stacked grads are re-laid out
             bwd.append(ew(f"{name}.dqkv_copy", 3 * a * MD, 3 * a * MD))
@@ -175,7 +179,7 @@ class SiTStep:
             ew(f"{name}.dscale", a * MD, a * MD),
         ]
         bwd += [ew(f"{name}.dqkv_stack", 3 * a * MD, 3 * a * MD)]
-        return [o if o.part != "elementwise" else o for o in fwd], staged(bwd, "bwd")
+        return fwd, staged([replace(o, part="attention") for o in bwd], "bwd")
 
     def block(self, i: int) -> tuple[list, list]:
         sh, st, a, y, M, D = self.sh, self.st, self.a, self.y, self.M, self.D
@@ -290,6 +294,11 @@ class SiTStep:
         return fwd, staged(bwd, "bwd")
 
     # -- the whole model -------------------------------------------------------------------------------------------
+    def largest_backward_write(self) -> float:
+        """Bytes of the largest single output of the backward (a transient on top of the saved activations)."""
+        ops = self.block(min(1, self.sh.depth - 1))[1] + self.final()[1] + self.projector()[1] + self.loss()[1]
+        return max(o.write for o in ops)
+
     def ops(self) -> list[Op]:
         """Forward (embedders, blocks, projectors, final layer), losses, then the backward in reverse order."""
         emb_f, emb_b = self.embed()
@@ -318,7 +327,7 @@ def math_attention_forward(name: str, batch: int, heads: int, tokens: int, dim: 
     ops += [Op("gemm", f"{name}.qk", 2 * a * MD, a * S, flops=flops)] + cast(f"{name}.scores", S, a, s)
     ops += [ew(f"{name}.softmax", s * S, s * S, saved=s * S)] + cast(f"{name}.probs", S, s, a)
     ops += [ew(f"{name}.v.copy", a * MD, a * MD), Op("gemm", f"{name}.pv", a * S + a * MD, a * MD, flops=flops)]
-    return ops + [ew(f"{name}.out.copy", a * MD, a * MD)]
+    return [replace(o, part="attention") for o in ops + [ew(f"{name}.out.copy", a * MD, a * MD)]]
 
 
 def _normalize(name: str, rows: float, z: int) -> list[Op]:

@@ -46,6 +46,7 @@ class StepStructure:
     parallel: str = "none"  # PARALLEL: ZeRO-1/2 and FSDP2 shard the optimizer state
     shard_ema: bool = False  # cut 2f: the EMA sharded like the optimizer state
     fp8: str = "none"  # "none" | "tensorwise" | "rowwise": torchao float8 on the block linears
+    fp8_casts: str = "separate"  # "separate" (amax + cast passes per tensor) | "fused" (the producer writes fp8)
     act_ckpt: str = "none"  # "none" | "full" (every block recomputed in the backward)
     weights: str = "fp32"  # "fp32" (autocast casts each weight at each use) | "bf16_copy" (optimizer writes bf16)
     wgrad: str = "cast"  # weight gradients: "cast" (GEMM writes bf16, cast to fp32) | "fp32" (GEMM writes fp32)
@@ -61,6 +62,7 @@ class StepStructure:
             ("encoder_attn", self.encoder_attn, ATTN_BACKENDS),
             ("parallel", self.parallel, PARALLEL),
             ("fp8", self.fp8, ("none", "tensorwise", "rowwise")),
+            ("fp8_casts", self.fp8_casts, ("separate", "fused")),
             ("clip", self.clip, ("separate", "in_step", "off")),
             ("ema", self.ema, ("per_param", "foreach3", "one_pass")),
             ("optimizer", self.optimizer, ("fused", "foreach")),
@@ -110,7 +112,8 @@ def cuts(world_size: int = 1) -> list[StepStructure]:
         ("+2e cuDNN attention", dict(attn_backend="cudnn", encoder_attn="cudnn")),
         ("+2f optimizer and EMA sharded", dict(parallel="zero2" if world_size > 1 else "none", shard_ema=True)),
         ("+cached targets", dict(targets="cached")),
-        ("+fp8 tensorwise", dict(fp8="tensorwise")),
+        ("+fp8 tensorwise (torchao casts)", dict(fp8="tensorwise")),
+        ("+fp8 casts fused into producers", dict(fp8_casts="fused")),
         ("+bf16 weight copies, fp32 wgrad", dict(weights="bf16_copy", wgrad="fp32")),
         ("+cross-block fusion, CUDA graphs", dict(mlp_gate="next_block", cuda_graphs=True)),
     ]
@@ -121,5 +124,10 @@ def cuts(world_size: int = 1) -> list[StepStructure]:
     return rows
 
 
-def fp8_rowwise_alternative(structure: StepStructure) -> StepStructure:
-    return replace(structure, name=structure.name.replace("tensorwise", "rowwise"), fp8="rowwise")
+def alternatives(rows: list[StepStructure]) -> list[StepStructure]:
+    """Variants of the last row that are not on the cumulative path: fp8 rowwise, and no fp8 at all."""
+    last = rows[-1]
+    return [
+        replace(last, name="alt: last row with fp8 rowwise", fp8="rowwise", note="instead of tensorwise"),
+        replace(last, name="alt: last row without fp8", fp8="none", fp8_casts="separate", note="bf16 GEMMs"),
+    ]
