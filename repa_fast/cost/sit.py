@@ -24,13 +24,19 @@ from repa_fast.cost.structure import StepStructure
 MIN_CHUNK_TOKENS = 32  # kernels/adaln.py: tokens per backward chunk (each chunk writes fp32 partial sums)
 
 
-def adaln_chunks(tokens: int, batch: int, num_sms: int, interpreted: bool = False) -> int:
-    """Chunks per sample of the adaLN backward's partial sums (kernels/adaln.py ``_launch_config``); 1 under the
-    CPU interpreter."""
+def adaln_chunks(tokens: int, dim: int, batch: int, num_sms: int, interpreted: bool = False) -> int:
+    """Chunks per sample of the adaLN backward's fp32 partial sums: kernels/adaln.py ``_launch_config`` (backward)
+    and ``_num_chunks`` (tests/test_cost.py checks the two agree); 1 under the CPU interpreter."""
     if interpreted:
         return 1
-    chunks = max(1, min(-(-tokens // MIN_CHUNK_TOKENS), -(-4 * num_sms // max(batch, 1))))
-    return -(-tokens // -(-tokens // chunks))
+    block_m = max(1, min(16, 2048 // (1 << max(0, dim - 1).bit_length())))
+    chunks = max(1, min(_cdiv(tokens, MIN_CHUNK_TOKENS), _cdiv(4 * num_sms, max(batch, 1))))
+    rows_per_chunk = _cdiv(_cdiv(tokens, chunks), block_m) * block_m
+    return _cdiv(tokens, rows_per_chunk)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class SiTStep:
         self.BD = batch * shape.dim
         ref = structure.impl == "ref"
         self.y = F32 if (ref or structure.adaln_out == "fp32" or self.a == F32) else self.a  # adaLN output bytes
-        self.chunks = adaln_chunks(shape.tokens, batch, policy.num_sms, policy.interpreted)
+        self.chunks = adaln_chunks(shape.tokens, shape.dim, batch, policy.num_sms, policy.interpreted)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def linear(self, name, rows, k, n, x_bytes, **kw) -> Linear:

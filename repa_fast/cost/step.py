@@ -170,16 +170,22 @@ def memory(cfg: Config, st: StepStructure, eff: Efficiency, policy: Policy = Pol
     return Memory({k: v / GB for k, v in parts.items()})
 
 
-def max_batch(cfg: Config, st: StepStructure, card: Card, eff: Efficiency, policy: Policy = Policy(), cap=4096) -> int:
-    """The largest per-GPU batch whose predicted peak fits ``card.memory_gb`` (0 if none does)."""
-    fits = lambda b: memory(replace(cfg, batch=b), st, eff, policy).total_gb <= card.memory_gb  # noqa: E731
-    lo, hi = 0, 1
-    while hi <= cap and fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+def max_batch(cfg: Config, st: StepStructure, card: Card, eff: Efficiency, policy: Policy = Policy(), cap=8192) -> int:
+    """The largest per-GPU batch whose predicted peak fits ``card.memory_gb`` (0 if none does). The estimate is
+    affine in the batch, so two evaluations place it and a few more confirm it."""
+
+    def fits(b: int) -> bool:
+        return memory(replace(cfg, batch=b), st, eff, policy).total_gb <= card.memory_gb
+
+    m1, m2 = (memory(replace(cfg, batch=b), st, eff, policy).total_gb for b in (1, 2))
+    if m1 > card.memory_gb:
+        return 0
+    b = min(cap, max(1, int((card.memory_gb - m1) / max(m2 - m1, 1e-12)) + 1))
+    while b > 1 and not fits(b):
+        b -= 1
+    while b < cap and fits(b + 1):
+        b += 1
+    return b
 
 
 # ---------------------------------------------------------------------------------------------------------------
