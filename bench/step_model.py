@@ -117,6 +117,10 @@ def predict_rows(args, eff: Efficiency) -> list[dict]:
     base = Config(args.model, encs, args.resolution, args.batch or 1, args.world_size, args.encoder_depth)
     out = []
     for st in structures(args):
+        if st.fp8 != "none" and not gpu.fp8_tflops:
+            if st.name.startswith("custom:"):
+                raise SystemExit(f"--fp8 {st.fp8}: {gpu.name} has no FP8 tensor cores (sm_89+ needed)")
+            continue  # FP8 rows are left out on cards without FP8 (constants_lines says so)
         batch = args.batch or max_batch(base, st, gpu, eff)
         if batch < 1:
             raise SystemExit(f"{st.name}: not even batch 1 is predicted to fit {gpu.name}")

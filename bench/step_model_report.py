@@ -99,6 +99,10 @@ def markdown(args, eff, rows: list[dict], argv) -> str:
     at32 = copy.copy(args)
     at32.batch = 32
     rows32 = predict_rows(at32, eff)
+    at8 = copy.copy(at32)
+    at8.world_size = 8
+    keep = ("reference", "ours (as built)", "+2e cuDNN attention", CUTS_ONLY, "+cached targets")
+    rows8 = [r for r in predict_rows(at8, eff) if r["name"] in keep]
     att = attention_rows(args, eff, next(r for r in rows if r["name"] == "ours (as built)")["batch"])
     names = ["reference", CUTS_ONLY, "+cached targets", "+fp8 casts fused into producers"]
     lines = [
@@ -149,6 +153,10 @@ def markdown(args, eff, rows: list[dict], argv) -> str:
         "## The same rows at the reference's per-GPU batch, 32 (fixed per-step costs weigh more)",
         "",
         *table_lines(rows32, "|"),
+        "",
+        "## Eight GPUs at batch 32 per GPU: what 2f buys (DDP all-reduce -> ZeRO-2, optimizer state and EMA sharded)",
+        "",
+        *table_lines(rows8, "|"),
         "",
         "## Not in the model",
         "",

@@ -76,7 +76,8 @@ def sit_params(s: SiTShape) -> list[tuple[str, tuple, bool]]:
     out = [("x_embedder.proj.weight", (D, s.in_channels, s.patch, s.patch)), ("x_embedder.proj.bias", (D,))]
     out += _linear("t_embedder.mlp.0", D, s.freq_dim) + _linear("t_embedder.mlp.2", D, D)
     out += [("y_embedder.embedding_table.weight", (s.num_classes + 1, D))]
-    params = [(n, shape, True) for n, shape in out] + [("pos_embed", (1, s.tokens, D), False)]
+    # nn.Module.named_parameters yields a module's own parameters (the frozen pos_embed) before its children's
+    params = [("pos_embed", (1, s.tokens, D), False)] + [(n, shape, True) for n, shape in out]
     for i in range(s.depth):
         block = _linear("attn.qkv", 3 * D, D) + _linear("attn.proj", D, D)
         block += _linear("mlp.fc1", s.hidden, D) + _linear("mlp.fc2", D, s.hidden)
