@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from repa_fast.cost.hardware import GPUS
 from repa_fast.kernels.adaln import _adaln_modulate_op, _gated_adaln_op, adaln_modulate_ref, gated_residual_adaln_ref
 from repa_fast.kernels.align_loss import _cos_rows_op, alignment_loss_ref
 from repa_fast.kernels.rope import _norm_rope_op, apply_rope_2d_ref, qk_norm_rope_ref
@@ -258,7 +259,7 @@ def projector_fusion_saving(batch: int, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 REPORT_SHAPES = [("SiT-XL/2", 256), ("SiT-B/2", 32)]
 REPORT_DTYPES = [torch.bfloat16, torch.float32]
-H100_HBM_BYTES_PER_S = 3.35e12  # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3
+H100_HBM_BYTES_PER_S = GPUS["h100"].hbm_tb_s * 1e12  # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3 (repa_fast.cost)
 TARGET_IMG_PER_S = 600  # the project's SiT-XL/2 + REPA speed target per H100 (README §Performance)
 
 

@@ -49,7 +49,7 @@ class Policy:
 
 
 class SiTStep:
-    """Kernels of one SiT forward + backward + loss at ``batch`` images. ``forward()``, ``backward()``: op lists."""
+    """Kernels of one SiT forward + backward + losses at ``batch`` images: ``ops()``, in execution order."""
 
     def __init__(self, shape: SiTShape, structure: StepStructure, batch: int, policy: Policy = Policy()):
         self.sh, self.st, self.B, self.pol = shape, structure, batch, policy

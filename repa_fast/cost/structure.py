@@ -28,7 +28,11 @@ class StepStructure:
     amp: str = "bf16"  # autocast dtype: "bf16" | "fp16" | "no" (fp32 everywhere)
     impl: str = "triton"  # adaLN / gated residual / alignment loss: fused Triton kernels or their PyTorch references
     adaln_out: str = "fp32"  # what the fused adaLN kernels write under autocast: "fp32" (today) | "amp" (cut 2d)
-    bias_gelu: str = "unfused"  # fc1 bias + GELU: "unfused" (addmm, then gelu) | "epilogue" (in the GEMM, cut 2d)
+    # fc1 bias + GELU: "unfused" (addmm with the bias in cuBLAS's epilogue, then a gelu kernel) | "epilogue" (cut 2d:
+    # GELU in the GEMM epilogue, keeping its input for the backward, and dGELU in fc2's input-gradient epilogue, as
+    # cuBLASLt's GELU_AUX / DGELU epilogues do). torch.compile's split, an mm then one bias + GELU kernel, moves the
+    # same forward bytes as "unfused" (cuBLAS already adds the bias in its epilogue).
+    bias_gelu: str = "unfused"
     mlp_gate: str = "unfused"  # x + gate * mlp(h): "unfused" (mul, add) | "fused" (one kernel) | "next_block"
     contiguous_residual: bool = False  # cut 2a: (N, T, D) contiguous from the patch embedding on
     attn_backend: str = "flash2"  # SiT attention kernel (ATTN_BACKENDS)
@@ -108,14 +112,14 @@ def cuts(world_size: int = 1) -> list[StepStructure]:
         ("+2a contiguous residual", dict(contiguous_residual=True)),
         ("+2b one-pass EMA", dict(ema="one_pass")),
         ("+2c clip in the optimizer step", dict(clip="in_step")),
-        ("+2d bf16 adaLN outputs, bias+GELU fused", dict(adaln_out="amp", bias_gelu="epilogue", mlp_gate="fused")),
+        ("+2d bf16 adaLN outputs, bias+GELU fused", dict(adaln_out="amp", bias_gelu="epilogue")),
         ("+2e cuDNN attention", dict(attn_backend="cudnn", encoder_attn="cudnn")),
         ("+2f optimizer and EMA sharded", dict(parallel="zero2" if world_size > 1 else "none", shard_ema=True)),
         ("+cached targets", dict(targets="cached")),
         ("+fp8 tensorwise (torchao casts)", dict(fp8="tensorwise")),
         ("+fp8 casts fused into producers", dict(fp8_casts="fused")),
         ("+bf16 weight copies, fp32 wgrad", dict(weights="bf16_copy", wgrad="fp32")),
-        ("+cross-block fusion, CUDA graphs", dict(mlp_gate="next_block", cuda_graphs=True)),
+        ("+MLP gate fused into the next adaLN, CUDA graphs", dict(mlp_gate="next_block", cuda_graphs=True)),
     ]
     base = replace(OURS, parallel="ddp" if world_size > 1 else "none")
     rows = [base]
