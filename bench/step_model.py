@@ -143,7 +143,8 @@ def table_lines(rows: list[dict], sep: str = "  ") -> list[str]:
         cells = [r["name"], str(r["batch"]), f"{r['predicted_img_s']:.0f}", f"{r['x_reference']:.2f}"]
         cells += [f"{100 * r['predicted_mfu']:.1f}%", f"{r['flops_per_img'] / 1e9:.0f}"]
         cells += [f"{r['hbm_bytes_per_img'] / 1e9:.2f}"] + [f"{part_ms(r, ps):.3f}" for _, ps in PART_COLUMNS]
-        cells += [f"{r['predicted_memory_gb']:.1f}", f"{r['launches_per_step']:.0f}"]
+        fits = "" if r["fits"] else " (does not fit)"
+        cells += [f"{r['predicted_memory_gb']:.1f}{fits}", f"{r['launches_per_step']:.0f}"]
         body.append(cells)
     if sep == "|":
         return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
