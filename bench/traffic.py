@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from repa_fast.cost.hardware import GPUS
 from repa_fast.kernels.adaln import _adaln_modulate_op, _gated_adaln_op, adaln_modulate_ref, gated_residual_adaln_ref
 from repa_fast.kernels.align_loss import _cos_rows_op, alignment_loss_ref
 from repa_fast.kernels.rope import _norm_rope_op, apply_rope_2d_ref, qk_norm_rope_ref
@@ -62,36 +63,84 @@ def unique_bytes(t: torch.Tensor) -> int:
     return n * t.element_size() if t.numel() else 0
 
 
-class TrafficCounter(TorchDispatchMode):
-    """Counts bytes read and written by every dispatched op; ``ops`` keeps (op name, read, written)."""
+_METADATA_NAMESPACES = ("prim", "profiler")  # device queries and profiler markers: no kernel
+# Fused Adam(W) declares its gradients mutable but stores them back only when it unscales them (grad_scale given):
+# pytorch aten/src/ATen/native/cuda/fused_adam_utils.cuh ``if (i != kGradIdx || grad_scale_ptr)``.
+_GRADS_WRITTEN_ONLY_WHEN_SCALED = {"_fused_adamw_", "_fused_adam_"}
 
-    def __init__(self):
+
+def _written(func, args, kwargs, out) -> int:
+    """Bytes an op writes: its arguments the schema marks as mutated (``Tensor(a!)``) and its fresh outputs (a
+    returned alias of a mutated argument is not counted twice)."""
+    schema = func._schema
+    written = 0
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if arg.name == "grads" and schema.name.split("::")[-1] in _GRADS_WRITTEN_ONLY_WHEN_SCALED:
+            if kwargs.get("grad_scale") is None:
+                continue
+        written += sum(unique_bytes(t) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+    outs = [out] if len(schema.returns) == 1 else list(out) if isinstance(out, (tuple, list)) else [out]
+    for ret, value in zip(schema.returns, outs):
+        if ret.alias_info is None:
+            written += sum(unique_bytes(t) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+    return written
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Counts bytes read and written by every dispatched op; ``ops`` keeps (op name, read, written).
+
+    With ``record=True``, ``records`` also keeps, per op, what a classification needs without holding the tensors
+    (holding them would change what autograd does, e.g. make AccumulateGrad copy instead of steal a gradient):
+    the ids of the inputs, the shapes, dtypes and devices of inputs and outputs, and which inputs are 3-D and not
+    contiguous."""
+
+    def __init__(self, record: bool = False):
         super().__init__()
         self.read = self.written = 0
         self.ops: list = []
+        self.record, self.records = record, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = func._schema.name.split("::")[-1]
-        if func.is_view or name in _FREE_NAMES:
+        namespace, name = func._schema.name.split("::")
+        if func.is_view or name in _FREE_NAMES or namespace in _METADATA_NAMESPACES:
             return out
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if name in _WRITE_ONLY_NAMES:
-            inputs = []
-        elif name == "copy_":
-            inputs = inputs[1:]  # copy_(dst, src) reads only src
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not tensors and not outs:
+            return out  # e.g. promote_types: dispatched, but no kernel
+        inputs = [] if name in _WRITE_ONLY_NAMES else tensors[1:] if name == "copy_" else tensors  # copy_ reads src
         inputs = list({id(t): t for t in inputs}.values())  # a tensor passed twice is read once
         read = sum(unique_bytes(t) for t in inputs)
-        written = sum(unique_bytes(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        written = _written(func, args, kwargs, out)
         self.read += read
         self.written += written
         self.ops.append((str(func), read, written))
+        if self.record:
+            self.records.append(_record(namespace, name, read, written, tensors, outs))
         return out
 
     @property
     def total(self) -> int:
         return self.read + self.written
+
+
+def _record(namespace, name, read, written, tensors, outs) -> dict:
+    return dict(
+        namespace=namespace,
+        name=name,
+        read=read,
+        written=written,
+        in_ids=[id(t) for t in tensors],
+        in_devices={t.device.type for t in tensors},
+        strided_3d=[unique_bytes(t) for t in tensors if t.dim() == 3 and not t.is_contiguous()],
+        out_shapes=[tuple(t.shape) for t in outs],
+        out_dtypes=[t.dtype for t in outs],
+    )
 
 
 @dataclass
@@ -210,7 +259,7 @@ def projector_fusion_saving(batch: int, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 REPORT_SHAPES = [("SiT-XL/2", 256), ("SiT-B/2", 32)]
 REPORT_DTYPES = [torch.bfloat16, torch.float32]
-H100_HBM_BYTES_PER_S = 3.35e12  # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3
+H100_HBM_BYTES_PER_S = GPUS["h100"].hbm_tb_s * 1e12  # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3 (repa_fast.cost)
 TARGET_IMG_PER_S = 600  # the project's SiT-XL/2 + REPA speed target per H100 (README §Performance)
 
 

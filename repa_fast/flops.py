@@ -4,11 +4,37 @@ Counted: every Linear/Conv (forward 2*in*out per token), attention scores and va
 its projectors and the frozen encoders. Backward = 2x forward for the trainable SiT (activation and weight gradients);
 the encoders run forward only. Elementwise work (norms, GELU, softmax, optimizer) is not counted, as in MFU conventions.
 The tests check these formulas against torch.utils.flop_counter on real modules.
+
+The matmuls are also listed one by one (``Gemm``: rows per image, out and in features, count per forward), so that the
+whole-step cost model (``repa_fast.cost``) can give each GEMM its own bytes and roofline; the totals below are sums of
+those lists, one source for both. Torch-free (plain arithmetic on the ``EncoderArch`` table).
 """
 
 from dataclasses import dataclass
 
 from repa_fast.models.encoder_archs import EncoderArch, encoder_arch
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """``count`` matmuls of (rows x k) @ (k x n) per image and forward: rows = tokens, or 1 for per-image layers
+    (the adaLN modulation and the timestep MLP act on one conditioning vector per image)."""
+
+    name: str
+    rows: int
+    n: int
+    k: int
+    count: int = 1
+    bias: bool = True
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.rows * self.n * self.k * self.count
+
+    @property
+    def params(self) -> int:
+        """Weights (and biases) of the ``count`` layers."""
+        return self.count * (self.n * self.k + (self.n if self.bias else 0))
 
 
 @dataclass
@@ -33,37 +59,82 @@ class StepFlops:
         return self.encoder_forward / self.train_step
 
 
+def attention_flops(tokens: int, dim: int) -> float:
+    """Scores q k^T and values p v of one attention layer over ``tokens`` tokens, all heads: 4 T^2 D."""
+    return 4.0 * tokens * tokens * dim
+
+
+def vit_block_gemms(tokens: int, dim: int, mlp_hidden: int, count: int = 1, swiglu: bool = False) -> list[Gemm]:
+    """qkv, proj and the FFN of ``count`` pre-norm blocks (SwiGLU: w12 dim -> 2h, w3 h -> dim)."""
+    ffn = (
+        [Gemm("w12", tokens, 2 * mlp_hidden, dim, count), Gemm("w3", tokens, dim, mlp_hidden, count)]
+        if swiglu
+        else [Gemm("fc1", tokens, mlp_hidden, dim, count), Gemm("fc2", tokens, dim, mlp_hidden, count)]
+    )
+    return [Gemm("qkv", tokens, 3 * dim, dim, count), Gemm("proj", tokens, dim, dim, count), *ffn]
+
+
 def vit_block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
     """One pre-norm transformer block on ``tokens`` tokens: qkv, proj, fc1, fc2 and attention."""
-    linear = 2 * tokens * (dim * 3 * dim + dim * dim + 2 * dim * mlp_hidden)
-    attention = 4 * tokens * tokens * dim
-    return linear + attention
+    return sum(g.flops for g in vit_block_gemms(tokens, dim, mlp_hidden)) + attention_flops(tokens, dim)
+
+
+def sit_gemms(
+    depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4, mlp_ratio: float = 4.0, freq_dim: int = 256
+) -> list[Gemm]:
+    """Every matmul of the SiT forward (projectors excluded), in execution order; the patch embedding is a
+    Linear over the C p p values of each patch (a Conv2d with kernel = stride = p)."""
+    pixels = in_channels * patch * patch
+    return [
+        Gemm("x_embedder", tokens, dim, pixels),
+        Gemm("t_embedder.fc1", 1, dim, freq_dim),
+        Gemm("t_embedder.fc2", 1, dim, dim),
+        Gemm("adaLN", 1, 6 * dim, dim, depth),
+        *vit_block_gemms(tokens, dim, int(dim * mlp_ratio), depth),
+        Gemm("final.adaLN", 1, 2 * dim, dim),
+        Gemm("final.linear", tokens, pixels, dim),
+    ]
 
 
 def sit_forward_flops(
     depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4, mlp_ratio: float = 4.0, freq_dim: int = 256
 ) -> float:
     """SiT forward per image, projectors excluded."""
-    blocks = depth * vit_block_flops(tokens, dim, int(dim * mlp_ratio))
-    patch_in = 2 * tokens * (in_channels * patch * patch) * dim
-    final = 2 * tokens * dim * (patch * patch * in_channels)
-    conditioning = 2 * (freq_dim * dim + dim * dim) + depth * 2 * dim * 6 * dim + 2 * dim * 2 * dim  # per image
-    return blocks + patch_in + final + conditioning
+    gemms = sit_gemms(depth, dim, tokens, patch, in_channels, mlp_ratio, freq_dim)
+    return sum(g.flops for g in gemms) + depth * attention_flops(tokens, dim)
+
+
+def projector_gemms(tokens: int, dim: int, projector_dim: int, z_dims) -> list[Gemm]:
+    """The REPA projector MLPs (dim -> projector_dim -> projector_dim -> z), one per target encoder."""
+    out = []
+    for z in z_dims:
+        out += [Gemm("proj.0", tokens, projector_dim, dim), Gemm("proj.2", tokens, projector_dim, projector_dim)]
+        out.append(Gemm("proj.4", tokens, z, projector_dim))
+    return out
 
 
 def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims) -> float:
-    return sum(2 * tokens * (dim * projector_dim + projector_dim * projector_dim + projector_dim * z) for z in z_dims)
+    return sum(g.flops for g in projector_gemms(tokens, dim, projector_dim, z_dims))
+
+
+def encoder_tokens(arch: EncoderArch, grid: int) -> int:
+    """Tokens a ViT encoder's blocks see: the grid's patches + the class token and registers."""
+    return grid * grid + int(arch.class_token) + arch.num_register_tokens
+
+
+def encoder_gemms(arch: EncoderArch, grid: int) -> list[Gemm]:
+    """Every matmul of a ViT target encoder's forward per image on a grid x grid patch grid."""
+    tokens = encoder_tokens(arch, grid)
+    patch = Gemm("patch_embed", grid * grid, arch.embed_dim, 3 * arch.patch_size**2)
+    return [patch, *vit_block_gemms(tokens, arch.embed_dim, arch.ffn_hidden, arch.depth, arch.ffn == "swiglu")]
 
 
 def encoder_forward_flops(arch: EncoderArch, grid: int) -> float:
     """A ViT target encoder's forward per image on a grid x grid patch grid (+ the class token and registers).
     MAE and CLIP skip the final norm and I-JEPA has no class token; norms are not counted anyway."""
-    tokens = grid * grid + int(arch.class_token) + arch.num_register_tokens
-    dim, hidden = arch.embed_dim, arch.ffn_hidden
-    blocks = arch.depth * vit_block_flops(tokens, dim, hidden)
-    if arch.ffn == "swiglu":  # w12: dim -> 2h, w3: h -> dim, instead of fc1 dim -> h and fc2 h -> dim
-        blocks += arch.depth * 2 * tokens * dim * hidden
-    return blocks + 2 * grid * grid * (3 * arch.patch_size**2) * dim
+    tokens = encoder_tokens(arch, grid)
+    attention = arch.depth * attention_flops(tokens, arch.embed_dim)
+    return sum(g.flops for g in encoder_gemms(arch, grid)) + attention
 
 
 def repa_step_flops(
