@@ -56,7 +56,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        # The transpose alone leaves the tokens D-strided (strides (T*D, 1, T)): block 0 would read another layout
+        # than blocks 1..depth-1 (a recompile of the per-block compiled module, strided loads, a copy inside every
+        # LayerNorm of the reference path). One copy of the conv output gives every block the same contiguous stream;
+        # the values are unchanged, bit for bit.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):
