@@ -5,9 +5,13 @@ Norm is LayerNorm without affine (eps 1e-6, DiT/SiT), or RMSNorm with a learnabl
 ``RMSNorm(x.float()).type_as(x) * weight``); LayerNorm also takes an optional weight (no bias).
 Replaces ``modulate(self.norm1(x), shift, scale)`` of DiT/SiT and the pair
 ``x = x + gate * branch; y = modulate(self.norm2(x), shift, scale)`` (``gated_residual_adaln``: one pass,
-both outputs). Statistics are fp32 and recomputed in the backward, which reads each row of x once and
+both outputs), and the block's last ``x = x + gate * branch`` (``gated_residual``: the same kernels without the
+norm). Statistics are fp32 and recomputed in the backward, which reads each row of x once and
 returns dx, dshift, dscale (and dbranch, dgate, dweight) from that single pass; the per-sample reductions
 over tokens are written as per-chunk partial sums, then summed in fp32 (deterministic, no atomics).
+Dtypes: x_new keeps eager's promotion (the fp32 residual stream under autocast); y is written in ``y_dtype``
+when given: SiT passes the dtype its next GEMM reads under autocast, so y is rounded once from fp32 on store
+instead of being written in fp32 and cast by the GEMM (issue 18, docs/objective.md §Training defaults).
 """
 
 import torch
