@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from repa_fast.kernels import (
     adaln_modulate,
@@ -117,7 +118,8 @@ class LabelEmbedder(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 (D -> 4D) - GELU(tanh) - fc2, as timm's Mlp in the reference; fc1's bias + GELU is one fused op
-    (``kernels.linear_gelu``; with impl="ref" exactly the reference's ``gelu(fc1(x))``)."""
+    (``kernels.linear_gelu``; with impl="ref" exactly the reference's ``gelu(fc1(x))``). A converted fc1 (another
+    class than nn.Linear, e.g. fp8 training's Float8Linear) keeps its own forward: ``gelu(fc1(x))``."""
 
     def __init__(self, dim: int, hidden: int, impl: str = "auto"):
         super().__init__()
@@ -126,7 +128,9 @@ class Mlp(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, impl=self.impl))
+        if type(self.fc1) is nn.Linear:
+            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, impl=self.impl))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class Attention(nn.Module):

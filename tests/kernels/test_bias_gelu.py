@@ -112,6 +112,28 @@ def test_linear_gelu_under_autocast_is_bf16_with_fp32_parameter_grads():
     assert_lowp_error(y, y_ref, exact)
 
 
+def test_mlp_keeps_the_forward_of_a_converted_fc1():
+    """SiT's Mlp fuses fc1's bias + GELU only for a plain nn.Linear: a module swapped in by a conversion (fp8
+    training's Float8Linear, ...) is called, so its own matmul runs."""
+    from repa_fast.models.sit import Mlp
+
+    class Converted(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Converted.calls += 1
+            return super().forward(x)
+
+    mlp = Mlp(64, 256, impl="triton")
+    x = torch.randn(2, 9, 64)
+    fused = mlp(x)
+    converted = Converted(64, 256)
+    converted.load_state_dict(mlp.fc1.state_dict())
+    mlp.fc1 = converted
+    assert_close(mlp(x), fused.double())
+    assert Converted.calls == 1
+
+
 def test_ops_pass_opcheck():
     u, b = _inputs((2, 5, 130))
     for op, args in [
