@@ -290,3 +290,15 @@ def test_gated_residual_bad_inputs_and_logged_choice(monkeypatch, caplog):
         for _ in range(3):
             gated_residual(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 8), impl="triton")
     assert [r.getMessage() for r in caplog.records].count("repa_fast.kernels: gated_residual uses triton") == 1
+
+
+@pytest.mark.gpu
+def test_gated_residual_compiled_triton_at_sit_xl_width():
+    x, br, g, _, _ = (t.detach().cuda().requires_grad_() for t in _sit_amp_inputs(4, 256, 1152))
+    check_against_fp64(
+        _residual("triton"),
+        gated_residual_ref,
+        [x, br, g],
+        ["elementwise"],
+        ["elementwise", "elementwise", "reduction"],
+    )

@@ -163,3 +163,13 @@ def test_compiles_fullgraph():
 def test_bad_bias_shape():
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         bias_gelu(torch.randn(2, 8), torch.randn(7))
+
+
+@pytest.mark.gpu
+def test_compiled_triton_at_sit_xl_width():
+    """On a CUDA GPU (compiled Triton, RTNE stores): fp32 vs float64 and the bf16 2x rule at fc1's 4608 width."""
+    u, b = (t.detach().cuda().requires_grad_() for t in _inputs((4, 256, 4608)))
+    check_against_fp64(_kernel, bias_gelu_ref, [u, b], ["elementwise"], ["elementwise", "reduction"])
+    u16 = u.detach().bfloat16()
+    exact = bias_gelu_ref(u16.double(), b.detach().double())
+    assert_lowp_error(bias_gelu(u16, b.detach(), impl="triton"), bias_gelu_ref(u16, b.detach()), exact)
