@@ -67,3 +67,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not `in item.keywords`: it holds folder names too
             item.add_marker(skip_gpu)
+
+
+# Low precision (STYLE.md "Tests"): a kernel's error against the float64 reference may be at most LOWP_ERROR_RATIO
+# times that of plain PyTorch computing in the same dtype, plus the table's atol for that dtype.
+LOWP_ERROR_RATIO = 2.0
+
+
+def assert_lowp_error(actual: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, kind: str = "elementwise"):
+    """``actual`` (a kernel's low-precision output) vs ``exact`` (float64): max error <= 2 x that of ``plain`` (the
+    same computation in plain PyTorch at actual's dtype) + atol."""
+    assert actual.shape == plain.shape == exact.shape, (actual.shape, plain.shape, exact.shape)
+    assert torch.isfinite(actual).all(), "non-finite values (an unwritten, poisoned output?)"
+    err = (actual.double() - exact.double()).abs().max().item()
+    base = (plain.double() - exact.double()).abs().max().item()
+    atol = tol(actual.dtype, kind)["atol"]
+    assert err <= LOWP_ERROR_RATIO * base + atol, f"error {err:.3g} > {LOWP_ERROR_RATIO} x plain {base:.3g} + {atol}"

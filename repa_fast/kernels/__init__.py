@@ -6,14 +6,18 @@ Every Triton launcher is registered with ``torch.library.custom_op`` (+ ``regist
 the model code that calls them. Importing this package does not need Triton.
 """
 
-from .adaln import adaln_modulate, gated_residual_adaln
+from .adaln import adaln_modulate, gated_residual, gated_residual_adaln
 from .align_loss import alignment_loss, cosine_similarity_rows
 from .attention import attention, select_backend
+from .bias_gelu import bias_gelu, linear_gelu
 from .rope import apply_rope_2d, qk_norm_rope, rope_2d_cos_sin
 
 __all__ = [
     "adaln_modulate",
     "gated_residual_adaln",
+    "gated_residual",
+    "bias_gelu",
+    "linear_gelu",
     "alignment_loss",
     "cosine_similarity_rows",
     "attention",

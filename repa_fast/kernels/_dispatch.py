@@ -117,6 +117,17 @@ def out_dtype(*items, norm_autocast: bool = False) -> torch.dtype:
     return dtype
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype an autocast GEMM (nn.Linear) reads ``x`` in: autocast's dtype when autocast is on for x's device and
+    x is one it casts (fp32/fp16/bf16; float64 stays float64), else None. A fused op whose output feeds such a GEMM
+    writes this dtype directly (computed in fp32, rounded once on store, as the GEMM's own cast would round) instead
+    of an fp32 tensor that the GEMM reads back to cast (docs/objective.md §Training defaults: reference precision)."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype losses are computed in: fp32 or the inputs' wider type (float64 stays float64, bf16 goes to fp32)."""
     dtype = torch.float32

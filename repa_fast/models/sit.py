@@ -31,11 +31,13 @@ from repa_fast.kernels import (
     adaln_modulate,
     apply_rope_2d,
     attention,
+    gated_residual,
     gated_residual_adaln,
+    linear_gelu,
     qk_norm_rope,
     rope_2d_cos_sin,
 )
-from repa_fast.kernels._dispatch import IMPLS
+from repa_fast.kernels._dispatch import IMPLS, autocast_dtype
 from repa_fast.kernels.attention import BACKENDS
 
 from .projectors import build_mlp, build_projector, check_projector_options, project  # noqa: F401 (build_mlp: API)
@@ -53,7 +55,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        # The transpose alone leaves the tokens D-strided (strides (T*D, 1, T)): block 0 would read another layout
+        # than blocks 1..depth-1 (a recompile of the per-block compiled module, strided loads, a copy inside every
+        # LayerNorm of the reference path). One copy of the conv output gives every block the same contiguous stream;
+        # the values are unchanged, bit for bit.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -108,14 +114,19 @@ class LabelEmbedder(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 (D -> 4D) - GELU(tanh) - fc2, as timm's Mlp in the reference."""
+    """fc1 (D -> 4D) - GELU(tanh) - fc2, as timm's Mlp in the reference; fc1's bias + GELU is one fused op
+    (``kernels.linear_gelu``; with impl="ref" exactly the reference's ``gelu(fc1(x))``). A converted fc1 (another
+    class than nn.Linear, e.g. fp8 training's Float8Linear) keeps its own forward: ``gelu(fc1(x))``."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, impl: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.fc1) is nn.Linear:
+            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, impl=self.impl))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -155,22 +166,24 @@ class Attention(nn.Module):
 class SiTBlock(nn.Module):
     """adaLN-Zero block: x += g1 * Attn(mod(LN(x), s1, c1)); x += g2 * MLP(mod(LN(x), s2, c2)).
 
-    The LN + modulate and the gated residual + next LN + modulate are single fused ops (repa_fast.kernels);
-    LayerNorms have no affine and eps 1e-6, as in the reference.
+    The LN + modulate, the gated residual + next LN + modulate and the last gated residual are single fused ops
+    (repa_fast.kernels); LayerNorms have no affine and eps 1e-6, as in the reference. Under autocast the modulated
+    LN outputs are written in the autocast dtype their GEMMs read; the residual stream x stays fp32.
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, attn_backend="auto", impl="auto"):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, attn_backend=attn_backend, impl=impl)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), impl=impl)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.impl = impl
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # each (B, D)
-        h = adaln_modulate(x, shift1, scale1, impl=self.impl)
-        x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.impl)
-        return x + gate2.unsqueeze(1) * self.mlp(h)
+        amp = autocast_dtype(x)  # h feeds the qkv / fc1 GEMMs: written in the dtype they read (None: no autocast)
+        h = adaln_modulate(x, shift1, scale1, impl=self.impl, y_dtype=amp)
+        x, h = gated_residual_adaln(x, self.attn(h, rope), gate1, shift2, scale2, impl=self.impl, y_dtype=amp)
+        return gated_residual(x, self.mlp(h), gate2, impl=self.impl)
 
 
 class FinalLayer(nn.Module):
@@ -190,7 +203,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        h = adaln_modulate(x, shift, scale, impl=self.impl)  # (N, T, D), or (N, 1 + T, D) with REG
+        h = adaln_modulate(x, shift, scale, impl=self.impl, y_dtype=autocast_dtype(x))  # (N, T, D) or (N, 1 + T, D)
         if not hasattr(self, "linear_cls"):
             return self.linear(h)
         return self.linear(h[:, 1:]), self.linear_cls(h[:, 0])  # (N, T, p*p*C), (N, cls_dim)

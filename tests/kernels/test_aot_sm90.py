@@ -177,12 +177,14 @@ def _m(*shape, dtype=torch.bfloat16):
 
 
 def _adaln_calls(adaln):
-    """Forward and backward launches of adaln_modulate / gated_residual_adaln as SiT calls them: under bf16 autocast
-    (fp32 residual stream, bf16 branch and adaLN Linear chunks, fp32 outputs), in pure bf16, and RMSNorm+weight."""
+    """Forward and backward launches of adaln_modulate / gated_residual_adaln / gated_residual as SiT calls them:
+    under bf16 autocast (fp32 residual stream, bf16 branch and adaLN Linear chunks, bf16 modulated outputs: y_dtype),
+    under autocast with fp32 outputs (the ops' default dtype), in pure bf16, and RMSNorm+weight."""
     f32, bf16 = torch.float32, torch.bfloat16
+    schemes = (("amp", f32, bf16, False), ("amp-f32", f32, f32, False), ("bf16", bf16, bf16, False))
     for D in WIDTHS:
         mods = _m(BATCH, 6 * D).chunk(6, dim=1)  # adaLN_modulation Linear output: strided (B, D) chunks
-        for scheme, xd, yd, rms in (("amp", f32, f32, False), ("bf16", bf16, bf16, False), ("rms", bf16, bf16, True)):
+        for scheme, xd, yd, rms in schemes + (("rms", bf16, bf16, True),):
             w = _m(D) if rms else None
             x, br = _m(BATCH, TOKENS, D, dtype=xd), _m(BATCH, TOKENS, D)
             tag = f"D={D} {scheme}"
@@ -191,6 +193,26 @@ def _adaln_calls(adaln):
             dy = _m(BATCH, TOKENS, D, dtype=yd)
             yield f"adaln bwd {tag}", partial(adaln.adaln_bwd, dy, None, x, None, None, mods[1], w, 1e-6, rms, xd)
             yield f"gated bwd {tag}", partial(adaln.adaln_bwd, dy, x, x, br, mods[2], mods[1], w, 1e-6, rms, xd)
+            if scheme in ("amp", "bf16"):  # the block's last residual x + gate2 * fc2(h): no norm, no dy
+                yield (
+                    f"residual fwd {tag}",
+                    partial(adaln.adaln_fwd, x, br, mods[5], None, None, None, 0.0, False, xd, None),
+                )
+                yield (
+                    f"residual bwd {tag}",
+                    partial(adaln.adaln_bwd, None, x, None, br, mods[5], None, None, 0.0, False, None),
+                )
+
+
+def _bias_gelu_calls(bias_gelu):
+    """bias + GELU(tanh) on fc1's output (B*T, 4D) as linear_gelu calls it: bf16 u with the fp32 bias parameter
+    (autocast) and with a bf16 bias (a bf16 model), forward and backward."""
+    for D in WIDTHS:
+        u, dy = _m(BATCH * TOKENS, 4 * D), _m(BATCH * TOKENS, 4 * D)
+        for bd in (torch.float32, torch.bfloat16):
+            tag = f"F={4 * D} bias {str(bd)[6:]}"
+            yield f"bias_gelu fwd {tag}", partial(bias_gelu.bias_gelu_fwd, u, _m(4 * D, dtype=bd))
+            yield f"bias_gelu bwd {tag}", partial(bias_gelu.bias_gelu_bwd, dy, u, _m(4 * D, dtype=bd))
 
 
 def _rope_calls(rope):
@@ -238,16 +260,21 @@ NARROW_LOADS_ALLOWED = {
     "_cos_rows_bwd_kernel": 4,  # the upstream gradient, one fp32 per row (BLOCK_M rows, stride 0 after .mean())
     "_norm_rope_fwd_kernel": 2,  # qk-norm weight and bias, (HEAD_DIM,) once per program
     "_norm_rope_bwd_kernel": 1,  # qk-norm weight
+    "_bias_gelu_fwd_kernel": 1,  # the bias, (BLOCK_F,) once per program
+    "_bias_gelu_bwd_kernel": 1,  # the bias
 }
 
 
 def record_launches() -> list:
     """[(label, kernel, args, kwargs)] of every launch the launchers make for the cases above, plus the list of
     every @triton.jit kernel (name ending in ``_kernel``) of repa_fast.kernels, to prove coverage."""
+    import importlib
+
     from repa_fast.kernels import adaln, align_loss, rope
 
+    bias_gelu = importlib.import_module("repa_fast.kernels.bias_gelu")  # the package re-exports a function of that name
     sink, label, kernels = [], [""], {}
-    modules = (adaln, align_loss, rope)
+    modules = (adaln, align_loss, rope, bias_gelu)
     saved = []
     for mod in modules:
         for name, obj in vars(mod).items():
@@ -256,7 +283,7 @@ def record_launches() -> list:
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, sink, label))
     try:
-        for calls in (_adaln_calls(adaln), _align_calls(align_loss), _rope_calls(rope)):
+        for calls in (_adaln_calls(adaln), _align_calls(align_loss), _rope_calls(rope), _bias_gelu_calls(bias_gelu)):
             for case, call in calls:
                 label[0] = case
                 call()
