@@ -245,3 +245,26 @@ def test_compiled_checkpointed_blocks_give_the_plain_gradients():
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tol(torch.float32, "reduction"))
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_full_keeps_only_the_block_inputs_and_mlp_drops_the_mlp_hidden_activations(autocast_dtype):
+    """Bytes autograd keeps between forward and backward (engine.profiling.saved_bytes, parameters excluded): a
+    fully checkpointed block keeps exactly its inputs x (N, T, D) and c (N, D); the MLP mode no longer keeps the two
+    (N, T, 4D) hidden activations (fc1's output, GELU's output) and keeps the MLP input h instead."""
+    from repa_fast.engine.profiling import saved_bytes
+
+    model = random_sit()
+    skip = [*model.parameters(), *model.buffers()]
+    x, c = torch.randn(B, T, 48, requires_grad=True), torch.randn(B, 48, requires_grad=True)
+    amp = dict(device_type="cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    seen = {}
+    model.blocks[1].mlp.fc1.register_forward_hook(lambda m, a, o: seen.update(h=a[0], hidden=o))
+    saved = {}
+    for mode in ("none", "full", "mlp"):
+        apply_activation_checkpointing(model, mode)
+        with torch.autocast(**amp):
+            saved[mode] = saved_bytes(model.blocks[1], x, c, exclude=skip)
+    assert saved["full"] == x.nbytes + c.nbytes
+    hidden = seen["hidden"].nbytes  # (N, T, 4D) in the compute dtype; GELU's output has the same size
+    assert saved["none"] - saved["mlp"] >= 2 * hidden - seen["h"].nbytes > 0
