@@ -80,7 +80,8 @@ def check_fp8(device=None) -> None:
     need = "--fp8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada L4/L40/RTX 40xx, Hopper H100/H200, "
     need += "Blackwell) for fp8 tensor cores"
     if not torch.cuda.is_available() or cuda_capability(device) is None:
-        raise ConfigError(f"{need}; this run's device is {device} (no CUDA). Train without --fp8 (bf16).")
+        why = "no CUDA" if not torch.cuda.is_available() else "not a CUDA device"
+        raise ConfigError(f"{need}; this run's device is {device} ({why}). Train without --fp8 (bf16).")
     cap = cuda_capability(device)
     if cap < MIN_CAPABILITY:
         try:

@@ -44,6 +44,16 @@ def linear_names(model):
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+@pytest.fixture
+def inductor_config():
+    """torch._inductor.config with emulate_precision_casts False, restored afterwards by the config's own ``patch``
+    (pytest's monkeypatch deletes a config entry on undo, breaking inductor for the rest of the session)."""
+    import torch._inductor.config as config
+
+    with config.patch(emulate_precision_casts=False):
+        yield config
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What is converted
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,6 +107,10 @@ def test_reg_and_irepa_layers_stay_high_precision_and_reg_pads_the_inner_dimensi
         assert type(reg.get_submodule(kept)) is nn.Linear
     # 1 + 16 tokens: the grad-weight GEMM contracts over B (1 + T) rows, not a multiple of 16 for most B.
     assert reg.blocks[0].attn.qkv.config.pad_inner_dim
+    x0, y, patch, cls = torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,)), torch.randn(3, T, Z), torch.randn(3, Z)
+    out = training_loss(reg, x0, y, [patch], cls_targets=[cls], impl="ref", autocast_dtype=torch.bfloat16)
+    out["loss"].backward()  # REG's loss through the padded fp8 path
+    assert torch.isfinite(reg.blocks[0].mlp.fc2.weight.grad).all() and reg.blocks[0].mlp.fc2.weight.grad.abs().sum() > 0
     for kind in ("linear", "conv"):
         model = sit(projection_layer_type=kind)
         apply_fp8(model, "tensorwise", emulate=True)
@@ -239,6 +253,38 @@ def test_fp8_model_trains_and_its_losses_stay_within_one_e4m3_rounding_of_bf16s(
     assert not torch.equal(fp8, bf16)  # the fp8 path is live (an unconverted model would match bitwise)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_hardware_path_through_torch_scaled_mm_matches_the_emulation(monkeypatch, inductor_config, recipe):
+    """Not emulated, torchao calls ``torch._scaled_mm`` (torch 2.14 also runs it on CPU): the torchao-torch glue of the
+    GPU path (operand layouts, scales, padding of REG's 1 + T rows) runs here and agrees with the emulation."""
+    base = sit(reg=True)
+    emulated, hardware = copy.deepcopy(base), copy.deepcopy(base)
+    apply_fp8(emulated, recipe, emulate=True)
+    fake_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
+    apply_fp8(hardware, recipe, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    x0, y, patch, cls = (
+        torch.randn(3, 4, 8, 8, generator=g),
+        torch.randint(0, 10, (3,), generator=g),
+        torch.randn(3, T, Z, generator=g),
+        torch.randn(3, Z, generator=g),
+    )
+    kw = dict(
+        t=torch.rand(3, generator=g),
+        noise=torch.randn(3, 4, 8, 8, generator=g),
+        cls_noise=torch.randn(3, Z, generator=g),
+    )
+    losses = []
+    for m in (emulated, hardware):
+        out = training_loss(m, x0, y, [patch], cls_targets=[cls], impl="ref", autocast_dtype=torch.bfloat16, **kw)
+        out["loss"].backward()
+        losses.append(out["loss"].detach())
+    torch.testing.assert_close(losses[1], losses[0], **tol(torch.float32, "reduction"))
+    for (name, p), q in zip(emulated.named_parameters(), hardware.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, **tol(torch.bfloat16, "reduction"), msg=name)
+
+
 def test_activation_checkpointing_after_fp8_keeps_the_fp8_gradients_bitwise():
     """torchtitan's order, fp8 then checkpointing: the recomputed fp8 casts see the same inputs, hence the same amax
     and scales, so the gradients do not change."""
@@ -306,11 +352,10 @@ def test_ada_hopper_and_blackwell_are_accepted(monkeypatch, capability):
     check_fp8("cuda")  # no error
 
 
-def test_hardware_path_conversion_on_an_accepted_gpu_sets_torchtitans_rowwise_inductor_flag(monkeypatch):
-    import torch._inductor.config as inductor_config
-
+def test_hardware_path_conversion_on_an_accepted_gpu_sets_torchtitans_rowwise_inductor_flag(
+    monkeypatch, inductor_config
+):
     fake_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(inductor_config, "emulate_precision_casts", False)
     model = sit()
     names = apply_fp8(model, "rowwise", device="cuda")  # not emulated: conversion only, no forward on this CPU
     assert len(names) == 4 * SMALL["depth"] and not model.blocks[0].mlp.fc1.config.emulate
