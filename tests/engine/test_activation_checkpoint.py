@@ -268,3 +268,27 @@ def test_full_keeps_only_the_block_inputs_and_mlp_drops_the_mlp_hidden_activatio
     assert saved["full"] == x.nbytes + c.nbytes
     hidden = seen["hidden"].nbytes  # (N, T, 4D) in the compute dtype; GELU's output has the same size
     assert saved["none"] - saved["mlp"] >= 2 * hidden - seen["h"].nbytes > 0
+
+
+def test_trainer_steps_with_checkpointing_give_the_same_weights_and_ema_through_erws_phase_switch(tmp_path):
+    """Four trainer steps (optimizer, EMA, ERW's warm-up -> full switch at step 3) with every:2 checkpointing applied
+    to the built model end bitwise where the plain model's end."""
+    from .helpers import StepRig, tiny_cfg
+
+    ends = []
+    for mode in ("none", "every:2"):
+        torch.manual_seed(0)
+        rig = StepRig(tiny_cfg(tmp_path / mode, "--warmup-steps", 3, "--l2r-depth", 2, "--encoder-depth", 3, steps=6))
+        apply_activation_checkpointing(rig.model, mode)
+        rig.enter(rig.state.phase)
+        for _ in range(4):
+            phase = rig.state.recipe.phase(rig.state.step)  # the trainer loop's phase check (engine/trainer.py)
+            if phase.name != rig.state.phase.name:
+                rig.enter(phase)
+            rig.step()
+        assert rig.state.phase.name == "full"
+        ends.append((rig.model.state_dict(), rig.state.ema.state_dict()))
+    (model_a, ema_a), (model_b, ema_b) = ends
+    assert list(model_a) == list(model_b) and list(ema_a) == list(ema_b)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
