@@ -25,8 +25,8 @@ the same computation on the same inputs: gradients are bitwise those of the plai
 test_activation_checkpoint.py). The RNG state is still stashed (``preserve_rng_state=True``, torch's default) so that
 a block with randomness would stay exact too.
 
-Order, as in torchtitan's parallelize (torchtitan/models/llama3/infra/parallelize.py: float8 conversion, then
-activation checkpointing, then compile, then FSDP): ``engine.fp8.apply_fp8``, then ``apply_activation_checkpointing``,
+Order, as in torchtitan (float8 conversion when the model is built; then torchtitan/models/llama3/parallelize.py:47-68:
+activation checkpointing, compile, FSDP): ``engine.fp8.apply_fp8``, then ``apply_activation_checkpointing``,
 then ``parallelize.apply_compile`` (``Module.compile`` of a block then compiles the checkpointed forward; dynamo
 traces a non-reentrant checkpoint as one higher-order op), then ``backend.wrap``. Applying the same mode again is a
 no-op, so the function can run at every recipe phase.

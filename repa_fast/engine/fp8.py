@@ -22,10 +22,11 @@ needs to be a multiple of 16; with REG's class token T = 1 + 256 (and with ``ada
 ``pad_inner_dim`` is turned on (zero padding; a no-op copy when the rows happen to be aligned).
 
 Order and compile: torchao's fp8 is only fast under torch.compile (the amax, scale and cast fuse into a few kernels
-around ``_scaled_mm``). The trainer converts first, then applies activation checkpointing, then compiles each block,
-then wraps for its backend: torchtitan's order (torchtitan/models/llama3/infra/parallelize.py: float8, AC, compile,
-FSDP). ``emulate=True`` (tests, CPU) computes the GEMMs in fp32 from the fp8-rounded operands, same rounding and
-scales as the hardware path; torchtitan notes it is not meant for torch.compile.
+around ``_scaled_mm``). Convert first, then apply activation checkpointing, then compile each block, then wrap for the
+backend: torchtitan's order (its float8 converter rewrites the model when it is built, before parallelize;
+torchtitan/models/llama3/parallelize.py:47-68 then applies AC, compiles each block "after AC wrapping and before
+FSDP", and shards). ``emulate=True`` (tests, CPU) computes the GEMMs in fp32 from the fp8-rounded operands, same
+rounding and scales as the hardware path; torchtitan notes it is not meant for torch.compile.
 
 Capability: ``fp8_supported(device)`` (a function, never an import-time constant) and ``check_fp8(device)`` (the
 project's errors). fp8 tensor cores are NVIDIA compute capability 8.9+ (Ada, Hopper, Blackwell).
