@@ -17,6 +17,9 @@ EXTRAS = {
     # nvidia-dali-cuda130, same API).
     "dali": ["nvidia-dali-cuda120>=2.4"],
     "wandb": ["wandb>=0.16"],  # --report-to wandb
+    # --fp8 tensorwise|rowwise: torchao's float8 training (tested: torchao 0.18.0 with torch 2.14.1; CPU emulation in
+    # the tests, fp8 tensor cores need an sm_89+ GPU).
+    "fp8": ["torchao>=0.18"],
     # python -m repa_fast.evaluate (SciPy's sqrtm for the Fréchet distance), CKNNA / linear-probe plots, FD-digits.
     "eval": ["scipy>=1.10", "matplotlib>=3.7", "scikit-learn>=1.3"],
 }
@@ -28,6 +31,7 @@ EXTRAS["dev"] = sorted(
         + EXTRAS["logging"]
         + EXTRAS["dali"]  # the DALI tests run its CPU pipeline
         + EXTRAS["eval"]
+        + EXTRAS["fp8"]  # tests/engine/test_fp8.py runs torchao's emulation on CPU
         + [
             "pytest>=7.4",
             "triton>=3.0",  # kernels are tested on CPU through Triton's interpreter
