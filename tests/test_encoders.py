@@ -26,13 +26,9 @@ from repa_fast.models.dinov2 import (
     resample_pos_embed,
 )
 from repa_fast.models.encoder_archs import EncoderArch
-from repa_fast.models.encoders import (
-    candidate_paths,
-    hub_filename,
-    load_dinov2_weights,
-    load_encoders,
-    timm_model_name,
-)
+from repa_fast.models.encoders import load_dinov2_weights, load_encoders
+from repa_fast.models.weight_files import dinov2_candidate_paths as candidate_paths
+from repa_fast.models.weight_files import hub_filename, timm_model_name
 from tests.conftest import assert_close
 
 
