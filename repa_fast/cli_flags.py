@@ -64,7 +64,7 @@ def _help(s: dict, default) -> str:
         text += f" [{s['check']}]"
     if s.get("note"):
         text += f"; {s['note']}"
-    elif default not in (None, False, dataclasses.MISSING):
+    elif default is not None and default is not False and default is not dataclasses.MISSING:
         text += f" (default: {default})"
     return text.replace("%", "%%")  # argparse %-formats help texts
 
@@ -147,13 +147,15 @@ def add_checkpoint_flags(p, help: str) -> None:
 def add_model_flags(p) -> None:
     g = p.add_argument_group("model (what the checkpoint's keys do not say)")
     add_option_flags(g, ModelOptions)
-    # Accepted for command-line compatibility with REPA's generate.py; read from the checkpoint's keys instead.
+    # Accepted for command-line compatibility with REPA's generate.py (generate.py:187-202); the checkpoint's keys
+    # give both instead.
     for flag in ("--projector-embed-dims", "--qk-norm"):
         g.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
+    g.add_argument("--no-qk-norm", dest="qk_norm", action="store_const", const=False, help=argparse.SUPPRESS)
 
 
 def add_vae_flag(p) -> None:
-    p.add_argument("--vae", default=None, help=VAE_HELP.replace("%", "%%"))
+    p.add_argument_group("VAE").add_argument("--vae", default=None, help=VAE_HELP.replace("%", "%%"))
 
 
 def add_sampling_flags(p) -> None:

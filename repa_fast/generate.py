@@ -257,7 +257,7 @@ def parse_args(argv=None) -> GenerateOptions:
     cli_flags.add_model_flags(p)
     cli_flags.add_vae_flag(p)
     cli_flags.add_sampling_flags(p)
-    cli_flags.add_option_flags(p, GenerateOptions, skip=("ckpt", "weights", "vae"))
+    cli_flags.add_option_flags(p.add_argument_group("output"), GenerateOptions, skip=("ckpt", "weights", "vae"))
     cli_flags.add_eval_flags(p)
     ns = p.parse_args(argv)
     cli_flags.apply_sampling_preset(p, ns, argv)

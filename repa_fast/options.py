@@ -157,6 +157,8 @@ class LayerFeatureOptions(Checked):
     num_images: int = option(1024, "images of the run's dataset, in order", check=AT_LEAST_1)
     batch_size: int = option(64, "images per batch", check=AT_LEAST_1)
     enc_type: str | None = option(None, "target encoder (default: the run's first one)")
-    encoder_checkpoint_dir: str | None = option(None, config="encoder_checkpoint_dir", note="default: the run's")
+    encoder_checkpoint_dir: str | None = option(
+        None, "directory with the encoder weight files (default: the run's)", config="encoder_checkpoint_dir"
+    )
     seed: int = option(0, "seed of the noise in x_t", check=NON_NEGATIVE)
     out: str | None = option(None, "output directory (default: <run dir>/eval)")
