@@ -269,8 +269,8 @@ def load_run(path: str, which: str = "ema", step: int = 0) -> Run:
         return _load_own(path, find_checkpoint_dir(path, step), which)
     if not os.path.isfile(path):
         raise CheckpointError(
-            f"{path}: no such file or directory; pass a run directory (<output-dir>/<exp-name>), one of its "
-            "checkpoints/<step>/ directories, or a checkpoint file (.pt)"
+            f"{path}: no such file or directory: neither a checkpoint directory nor a run directory "
+            "(<output-dir>/<exp-name>) nor a checkpoint file (.pt)"
         )
     if step:
         raise CheckpointError(f"{path} is a file: a step ({step}) only picks a checkpoint of a run directory")
