@@ -141,7 +141,8 @@ def read_as_saved(path: str, model: torch.nn.Module, step: int, phase_of) -> dic
     opt = {"state": {}, "param_groups": []}
     if f["opt"] is not None:
         raw = f["model"] if f["model"] is not None else f["ema"]
-        opt, skipped = map_optimizer(f["opt"], list(raw), model)
+        key_order = list(clean_state_dict(raw, f["adapter"])[0])  # our names, in the file's order
+        opt, skipped = map_optimizer(f["opt"], key_order, model)
         lost += skipped
     else:
         lost.append("optimizer state (none in the file)")
