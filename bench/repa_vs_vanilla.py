@@ -77,10 +77,10 @@ def cknna_at_aligned_layer(run_dir: str, depth: int) -> float:
     from repa_fast.eval.digits import digits_images
     from repa_fast.eval.layer_features import collect_layer_features
     from repa_fast.models.digits_encoder import build_digits_encoder
+    from repa_fast.options import LayerFeatureOptions
 
-    ns = argparse.Namespace(ckpt=run_dir, weights="ema", t=0.5, num_images=512, batch_size=128, seed=0, out=None)
-    ns.enc_type = ns.encoder_checkpoint_dir = None
-    feats = collect_layer_features(ns, need_target=False)
+    opts = LayerFeatureOptions(ckpt=run_dir, weights="ema", t=0.5, num_images=512, batch_size=128, seed=0)
+    feats = collect_layer_features(opts, need_target=False)
     target = build_digits_encoder("digits-ssl", 16, grid=8)(digits_images(16)[0][:512]).mean(1)
     return cknna(feats.layers[depth - 1], target, k=10)
 

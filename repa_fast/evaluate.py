@@ -14,10 +14,8 @@ digits``, the demo's stand-in network, whose FID is reported as "FD-digits").
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import zipfile
@@ -29,9 +27,8 @@ from repa_fast import errors
 from repa_fast.config import ConfigError
 from repa_fast.eval.fid import FeatureStats
 from repa_fast.eval.inception import extract
-
-FEATURE_NETS = ("inception", "digits")
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "repa_fast", "eval")
+from repa_fast.io import atomic_path, write_json
+from repa_fast.options import DEFAULT_CACHE, FEATURE_NETS, EvalOptions
 
 
 @contextlib.contextmanager
@@ -116,8 +113,7 @@ def gather_features(local: dict, rank: int, world: int, work_dir: str, tag: str)
     if world == 1:
         return local
     part = os.path.join(work_dir, f".{tag}.rank{rank}.npz")
-    np.savez(part + ".tmp.npz", **local)
-    os.replace(part + ".tmp.npz", part)
+    save_arrays(part, local)
     torch.distributed.barrier()
     out = None
     if rank == 0:
@@ -129,23 +125,31 @@ def gather_features(local: dict, rank: int, world: int, work_dir: str, tag: str)
     return out
 
 
+def save_arrays(path: str, arrays: dict) -> str:
+    """``np.savez`` of ``arrays`` to ``path``, atomically (repa_fast.io)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
+        np.savez(f, **arrays)
+    return path
+
+
 def reference_cache_path(ref: str, net, cache_dir: str) -> str:
     st = os.stat(ref)
     key = hashlib.sha256(f"{os.path.abspath(ref)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{os.path.basename(ref).removesuffix('.npz')}-{key}-{net.cache_tag}.npz")
 
 
-def reference_statistics(ref: str, net, args, device, rank: int, world: int) -> dict | None:
-    """{"pool": features for P/R, "mu", "sigma", "mu_s", "sigma_s"} of the reference, from our cache when there."""
-    cache = reference_cache_path(ref, net, args.cache_dir)
+def reference_statistics(
+    ref: str, net, device, rank: int = 0, world: int = 1, *, batch_size: int = 64, cache_dir: str = DEFAULT_CACHE
+) -> dict | None:
+    """{"pool": features for P/R, "mu", "sigma", "mu_s", "sigma_s"} of the reference (rank 0; None elsewhere), from
+    the cache in ``cache_dir`` when there; features in batches of ``batch_size``."""
+    cache = reference_cache_path(ref, net, cache_dir)
     cached = [os.path.isfile(cache)]
     if world > 1:  # rank 0 decides: a late rank must not see the file that rank 0 writes below
         torch.distributed.broadcast_object_list(cached, src=0)
     if cached[0]:
         return dict(np.load(cache)) if rank == 0 else None
-    feats = gather_features(
-        compute_features(ref, net, args.batch_size, device, rank, world), rank, world, args.cache_dir, "ref"
-    )
+    feats = gather_features(compute_features(ref, net, batch_size, device, rank, world), rank, world, cache_dir, "ref")
     if rank != 0:
         return None
     out = {"pool": feats["pool"]}
@@ -157,10 +161,8 @@ def reference_statistics(ref: str, net, args, device, rank: int, world: int) -> 
         if f"mu{key}" not in out:
             s = FeatureStats.from_features(feats[name])
             out[f"mu{key}"], out[f"sigma{key}"] = s.mu, s.sigma
-    os.makedirs(args.cache_dir, exist_ok=True)
-    tmp = cache + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, cache)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_arrays(cache, out)
     return out
 
 
@@ -201,7 +203,7 @@ def check_inputs(samples: str, ref: str) -> None:
         )
 
 
-def prepare_evaluation(args, ref: str | None, device, need: str):
+def prepare_evaluation(opts: EvalOptions, ref: str | None, device, need: str = "REF.npz"):
     """Check everything an evaluation needs and return the feature network, before any sample is drawn.
 
     ``need`` names the option that supplies ``ref`` (for the error message).
@@ -212,10 +214,10 @@ def prepare_evaluation(args, ref: str | None, device, need: str):
         if shape[0] < 2:
             raise ConfigError(f"{ref}: arr_0 has {shape[0]} image(s); statistics need at least 2")
     try:
-        os.makedirs(args.cache_dir, exist_ok=True)
+        os.makedirs(opts.cache_dir, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--cache-dir {args.cache_dir}: cannot create it ({e.strerror}); pass a writable one") from e
-    net = build_feature_net(args.feature_net, args.inception_weights, args.cache_dir, device)
+        raise ConfigError(f"--cache-dir {opts.cache_dir}: cannot create it ({e.strerror}); pass a writable one") from e
+    net = build_feature_net(opts.feature_net, opts.inception_weights, opts.cache_dir, device)
     stored = npz_keys(ref) & {"mu", "sigma", "mu_s", "sigma_s"}
     if stored:  # ADM uses a reference's stored statistics: they must be complete and fit this network
         with np.load(ref) as z:
@@ -224,53 +226,45 @@ def prepare_evaluation(args, ref: str | None, device, need: str):
         want |= {"mu_s": net.feature_dims["spatial"], "sigma_s": net.feature_dims["spatial"]}
         if dims != want:
             raise ConfigError(
-                f"{ref}: stored statistics {dims} do not fit --feature-net {args.feature_net} {want}; "
+                f"{ref}: stored statistics {dims} do not fit --feature-net {opts.feature_net} {want}; "
                 "ADM's reference batches hold Inception statistics (use --feature-net inception)"
             )
     return net
 
 
-def evaluate(samples: str, ref: str, args, device, rank: int = 0, world: int = 1, net=None) -> dict | None:
+def evaluate(
+    samples: str, ref: str, opts: EvalOptions | None = None, device="cpu", rank: int = 0, world: int = 1, net=None
+) -> dict | None:
     """Metrics dict on rank 0 (also written as JSON next to the samples), None elsewhere."""
+    opts = opts or EvalOptions()
     check_inputs(samples, ref)
     if net is None:
-        net = prepare_evaluation(args, ref, device, need="REF.npz")
-    ref_stats = reference_statistics(ref, net, args, device, rank, world)
+        net = prepare_evaluation(opts, ref, device, need="REF.npz")
+    ref_stats = reference_statistics(
+        ref, net, device, rank, world, batch_size=opts.batch_size, cache_dir=opts.cache_dir
+    )
     work = os.path.dirname(os.path.abspath(samples))
     feats = gather_features(
-        compute_features(samples, net, args.batch_size, device, rank, world), rank, world, work, "s"
+        compute_features(samples, net, opts.batch_size, device, rank, world), rank, world, work, "s"
     )
     if rank != 0:
         return None
-    result = {"samples": samples, "reference": ref, "num_samples": len(feats["pool"]), "feature_net": args.feature_net}
+    result = {"samples": samples, "reference": ref, "num_samples": len(feats["pool"]), "feature_net": opts.feature_net}
     result |= compute_metrics(feats, ref_stats, net)
-    path = results_path(samples, args.feature_net)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(results_path(samples, opts.feature_net), result, indent=2)
     return result
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    """Options shared with ``repa_fast.generate --fid-reference``."""
-    p.add_argument("--inception-weights", default=None, help="Inception weights file (default: torch hub cache)")
-    p.add_argument("--feature-net", choices=FEATURE_NETS, default="inception", help="digits = the demo's stand-in")
-    p.add_argument("--eval-batch-size", dest="batch_size", type=int, default=64, help="images per batch (ADM: 64)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="reference statistics cache and digits network")
+def parse_args(argv=None) -> tuple[str, str, EvalOptions]:
+    """(samples, reference, options) from the command line."""
+    from repa_fast import cli_flags
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m repa_fast.evaluate",
-        description=__doc__,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli_flags.parser("python -m repa_fast.evaluate", __doc__)
     p.add_argument("samples", help="sample .npz (arr_0 uint8 NHWC)")
     p.add_argument("reference", help="reference batch .npz (ADM's VIRTUAL_*.npz or any arr_0 .npz)")
-    add_eval_args(p)
-    errors.add_debug_flag(p)
-    return p.parse_args(argv)
+    cli_flags.add_eval_flags(p)
+    ns = p.parse_args(argv)
+    return ns.samples, ns.reference, cli_flags.options_from(ns, EvalOptions)
 
 
 def format_metrics(m: dict) -> str:
@@ -282,12 +276,12 @@ def format_metrics(m: dict) -> str:
 def main(argv=None) -> int:
     from repa_fast.engine.parallel.process_group import launched_command
 
-    args = parse_args(argv)
+    samples, reference, opts = parse_args(argv)
     with launched_command() as (rank, world, device):
-        result = evaluate(args.samples, args.reference, args, device, rank, world)
+        result = evaluate(samples, reference, opts, device, rank, world)
         if result is not None:
-            print(f"{args.samples} ({result['num_samples']} images): {format_metrics(result)}")
-            print(f"wrote {results_path(args.samples, args.feature_net)}")
+            print(f"{samples} ({result['num_samples']} images): {format_metrics(result)}")
+            print(f"wrote {results_path(samples, opts.feature_net)}")
     return 0
 
 

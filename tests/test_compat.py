@@ -193,3 +193,22 @@ def test_vae_ema_resolves_through_the_local_hub_cache(tmp_path, monkeypatch):
 
     with pytest.raises(DataError, match="sd-vae-ft-mse"):
         resolve_vae("mse")  # not cached, offline: a clear error naming the hub id
+
+
+def test_a_ddp_prefixed_reference_file_resumes_with_its_adamw_moments(tmp_path):
+    """Keys saved through a DDP wrapper (``module.``) map to ours, and so does the index-keyed optimizer state."""
+    model = _sit(seed=4)
+    opt = _reference_file(tmp_path / "plain.pt", model)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        blob = torch.load(tmp_path / "plain.pt", weights_only=True)
+    for part in ("model", "ema"):
+        blob[part] = {"module." + k: v for k, v in blob[part].items()}
+    torch.save(blob, tmp_path / "0000007.pt")
+    saved = compat.read_as_saved(str(tmp_path / "0000007.pt"), _sit(seed=5), 0, lambda s: "full")
+    assert saved["state"]["step"] == 7 and saved["model"].keys() == model.state_dict().keys()
+    assert torch.equal(saved["model"]["blocks.2.mlp.fc1.weight"], model.blocks[2].mlp.fc1.weight)
+    w = model.blocks[2].mlp.fc1.weight
+    assert torch.equal(
+        saved["state"]["optimizer"]["state"]["blocks.2.mlp.fc1.weight"]["exp_avg"], opt.state[w]["exp_avg"]
+    )
+    assert not any("optimizer state" in x for x in saved["state"]["foreign"])

@@ -26,13 +26,9 @@ from repa_fast.models.dinov2 import (
     resample_pos_embed,
 )
 from repa_fast.models.encoder_archs import EncoderArch
-from repa_fast.models.encoders import (
-    candidate_paths,
-    hub_filename,
-    load_dinov2_weights,
-    load_encoders,
-    timm_model_name,
-)
+from repa_fast.models.encoders import load_dinov2_weights, load_encoders
+from repa_fast.models.weight_files import dinov2_candidate_paths as candidate_paths
+from repa_fast.models.weight_files import hub_filename, timm_model_name
 from tests.conftest import assert_close
 
 
@@ -440,3 +436,15 @@ def test_low_precision_runs_match_fp32():
         cos = F.cosine_similarity(out.float(), ref, dim=-1)
         assert cos.min() > 0.98, cos.min()
     assert half.dtype == torch.bfloat16
+
+
+def test_models_have_no_import_circle_even_through_lazy_imports():
+    """encoders (the dispatch) imports the builders lazily, the builders import weight_files, nothing imports back."""
+    from tests.test_imports import PACKAGE_DIR, find_cycle, import_graph
+
+    graph = import_graph(PACKAGE_DIR, "repa_fast", lazy=True)
+    models = {n: {t for t in e if t.startswith("repa_fast.models")} for n, e in graph.items()}
+    models = {n: e for n, e in models.items() if n.startswith("repa_fast.models")}
+    assert "repa_fast.models.vit_encoder_files" in models["repa_fast.models.encoders"]  # the lazy import is seen
+    assert models["repa_fast.models.weight_files"] <= {"repa_fast.models.dinov2", "repa_fast.models.vit_encoders"}
+    assert find_cycle(models) is None, find_cycle(models)

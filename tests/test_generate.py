@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from repa_fast.engine.checkpoint import load_run
 from repa_fast.engine.trainer import train
 from repa_fast.export import export_ref_layout
 from repa_fast.generate import build_model, generate_shard, main, output_name, parse_args
@@ -50,10 +51,7 @@ def test_pixel_space_run_dir_to_npz_matches_the_sampler(run_dir, tmp_path):
 
     # The same numbers by hand: the EMA weights, generate.py's seed rule, balanced labels, rounding.
     args = parse_args(argv)
-    from repa_fast.generate import load_weights
-
-    sd, config = load_weights(args)
-    model = build_model(args, sd, config)
+    model = build_model(args.sit, load_run(args.ckpt, args.weights))
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(5) % 10
     expected = []
@@ -65,11 +63,8 @@ def test_pixel_space_run_dir_to_npz_matches_the_sampler(run_dir, tmp_path):
 
 
 def test_shards_cover_every_sample_once_with_rank_seeds(run_dir):
-    args = parse_args(["--ckpt", run_dir, "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--num-steps", "2"])
-    from repa_fast.generate import load_weights
-
-    sd, config = load_weights(args)
-    model = build_model(args, sd, config)
+    opts = parse_args(["--ckpt", run_dir, "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--num-steps", "2"])
+    model, args = build_model(opts.sit, load_run(opts.ckpt, opts.weights)), opts.sampling
     parts = [generate_shard(args, model, None, r, 3, torch.device("cpu"), 1.0) for r in range(3)]
     assert [len(p) for p in parts] == [3, 2, 2]
     again = generate_shard(args, model, None, 1, 3, torch.device("cpu"), 1.0)
@@ -117,9 +112,10 @@ def test_errors(tmp_path, run_dir, capsys):
     torch.save({"model": model.state_dict()}, tmp_path / "bad.pt")
     assert main(["--ckpt", str(tmp_path / "bad.pt"), "--model", "SiT-S/2"]) == 2
     assert "expected the reference layout" in capsys.readouterr().err
-    args = parse_args(["--ckpt", run_dir, "--preset", "paper", "--cfg-scale", "1.5"])
+    opts = parse_args(["--ckpt", run_dir, "--preset", "paper", "--cfg-scale", "1.5"])
+    args = opts.sampling
     assert (args.mode, args.num_steps, args.cfg_scale, args.guidance_high) == ("sde", 250, 1.5, 0.7)
-    assert "sde250" in output_name(args, "SiT-T/2")
+    assert "sde250" in output_name(opts, "SiT-T/2")
 
 
 def test_export_then_generate_from_reference_file(run_dir, tmp_path):

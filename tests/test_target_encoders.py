@@ -1,4 +1,5 @@
-"""MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoders (repa_fast.models.vit_encoders, vit_encoder_files).
+"""MoCo v3 / MAE / I-JEPA / CLIP / DINO v1 target encoders (repa_fast.models: vit_encoders, vit_encoder_files and
+weight_files).
 
 Random weights are written in each official file layout (prefixes, extra keys, RCG's odd ViT-L names, OpenAI's
 fp16 TorchScript archive) at reduced width/depth; the targets are compared with an explicit forward written here
@@ -14,10 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repa_fast.models import encoders, vit_encoder_files
+from repa_fast.models import encoders, weight_files
 from repa_fast.models.encoders import load_encoders
-from repa_fast.models.vit_encoder_files import check_state_dict, load_vit_encoder_weights, to_timm_layout
+from repa_fast.models.vit_encoder_files import check_state_dict, load_vit_encoder_weights
 from repa_fast.models.vit_encoders import SPECS, TimmViTEncoder
+from repa_fast.models.weight_files import to_timm_layout
 from tests.conftest import assert_close
 
 pytest.importorskip("timm")
@@ -430,7 +432,7 @@ def test_wrong_architecture_names_keys_and_shapes():
 def test_missing_file_names_file_places_and_download_page(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(vit_encoder_files, "CLIP_CACHE", tmp_path / "clipcache")
+    monkeypatch.setattr(weight_files, "CLIP_CACHE", tmp_path / "clipcache")
     for name, file, page in [
         ("mocov3-vit-l", "mocov3_vitl.pth", "https://github.com/LTH14/rcg"),
         ("jepa-vit-h", "ijepa_vith.pth", "https://github.com/facebookresearch/ijepa"),
@@ -447,7 +449,7 @@ def test_found_in_reference_places_and_frozen(tmp_path, monkeypatch):
     """./ckpts/<reference file>, --encoder-checkpoint-dir and ~/.cache/clip, through load_encoders."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(vit_encoder_files, "CLIP_CACHE", tmp_path / "clipcache")
+    monkeypatch.setattr(weight_files, "CLIP_CACHE", tmp_path / "clipcache")
     for name in ("mocov3-vit-b", "clip-vit-L"):
         monkeypatch.setitem(SPECS, name, small_spec(name))
     (tmp_path / "ckpts").mkdir()

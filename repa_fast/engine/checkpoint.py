@@ -12,18 +12,20 @@ full disk mid-save leaves the previous checkpoint intact, and a failed save remo
 Older checkpoints beyond ``keep`` are deleted only after the new one is in place.
 """
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from repa_fast.config import weight_options
-from repa_fast.errors import CheckpointError, WriteError
+from repa_fast.config import TrainConfig, field_specs, weight_options
+from repa_fast.errors import CheckpointError, ConfigError, WriteError
 from repa_fast.io import TMP_PREFIX, atomic_path, fsync_dir
 
 logger = logging.getLogger("repa_fast")
@@ -209,3 +211,123 @@ def check_compatible(path: str, saved_config: dict, config: dict) -> None:
         raise CheckpointError(
             f"{path} was trained with {pairs}; resume with the same options, or start a new run with another --exp-name"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a run: one way for generate, export, layer features and --init-from (the writing side is above).
+
+
+def find_checkpoint_dir(path: str, step: int = 0) -> str:
+    """A checkpoint directory from itself, or from a run directory (latest, or ``step``)."""
+    if os.path.isfile(os.path.join(path, "ema.safetensors")):
+        return path
+    steps = list_checkpoints(path)
+    if not steps:
+        raise CheckpointError(
+            f"{path}: neither a checkpoint directory (no ema.safetensors) nor a run directory "
+            "with checkpoints/<step>/; pass <output-dir>/<exp-name>"
+        )
+    if step and step not in steps:
+        raise CheckpointError(f"{path}: no checkpoint for step {step}; available: {steps}")
+    return step_dir(path, step or steps[-1])
+
+
+@dataclass
+class Run:
+    """What ``load_run`` found: the checkpoint it read, the run's options and the requested weights (our key names).
+
+    ``config`` holds the options the source states (``stated``: the run's config.json "trainer" section, or the
+    foreign file's saved flags that are repa_fast options) and the defaults for the rest. ``format`` is
+    "repa_fast" or the foreign format's adapter name (``repa_fast.engine.adapters``).
+    """
+
+    path: str  # the checkpoint directory, or the file, that was read
+    config: TrainConfig
+    weights: dict
+    stated: frozenset = frozenset()
+    format: str = "repa_fast"
+    config_path: str | None = None
+    step: int | None = None
+    dropped: list = field(default_factory=list)  # keys of the file the adapter dropped (rebuilt RoPE tables)
+
+    @property
+    def foreign(self) -> bool:
+        return self.format != "repa_fast"
+
+
+WHICH = ("ema", "model")
+
+
+def load_run(path: str, which: str = "ema", step: int = 0) -> Run:
+    """Find and read a run: a run directory (its latest checkpoint, or ``step``), a checkpoint directory, one of its
+    ``ema`` / ``model`` .safetensors files, or a foreign .pt file (the reference's, ERW's, REPA's released
+    ``last.pt``, an exported ``{'ema': ...}`` file). ``which``: the EMA or the raw model weights. A CheckpointError
+    names ``path`` and what it expected when the path is none of these or lacks the weights."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if os.path.isdir(path):
+        return _load_own(path, find_checkpoint_dir(path, step), which)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path}: no such file or directory: neither a checkpoint directory nor a run directory "
+            "(<output-dir>/<exp-name>) nor a checkpoint file (.pt)"
+        )
+    if step:
+        raise CheckpointError(f"{path} is a file: a step ({step}) only picks a checkpoint of a run directory")
+    name = os.path.basename(path)
+    if name in (f"{w}.safetensors" for w in WHICH):
+        if name != f"{which}.safetensors":
+            other = name.removesuffix(".safetensors")
+            raise CheckpointError(f"{path} holds the {other} weights, not the {which} weights; ask for {other!r}")
+        return _load_own(path, os.path.dirname(os.path.abspath(path)), which)
+    return _load_foreign(path, which)
+
+
+def _load_own(path: str, ckpt: str, which: str) -> Run:
+    weights = load_tensors(os.path.join(ckpt, f"{which}.safetensors"))
+    candidates = (os.path.join(ckpt, "..", "..", "config.json"), os.path.join(path, "config.json"))
+    config_path = next((os.path.normpath(c) for c in candidates if os.path.isfile(c)), None)
+    cfg, stated = read_run_config(config_path) if config_path else (TrainConfig(), frozenset())
+    base = os.path.basename(os.path.normpath(ckpt))
+    step = int(base) if _STEP_DIR.match(base) else None
+    return Run(ckpt, cfg, weights, stated, "repa_fast", config_path, step)
+
+
+def read_run_config(path: str) -> tuple[TrainConfig, frozenset]:
+    """A run's config.json as (TrainConfig, the options it states). Options this version does not know (an older or
+    newer repa_fast wrote them) are skipped with a warning; a known option with a bad value is an error."""
+    try:
+        with open(path) as f:
+            trainer = json.load(f).get("trainer", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's configuration ({e}); restore the file") from e
+    known = {name for name, _ in field_specs()}
+    unknown = sorted(set(trainer) - known)
+    if unknown:
+        logger.warning("%s: options %s are not known to this repa_fast; ignored", path, unknown)
+    values = {k: v for k, v in trainer.items() if k in known}
+    cfg = TrainConfig()
+    cfg.update(values, source=path)
+    return cfg, frozenset(values)
+
+
+def _load_foreign(path: str, which: str) -> Run:
+    from repa_fast.engine.adapters import read_foreign
+
+    f = read_foreign(path)
+    sd = getattr(f, which)
+    if sd is None:
+        other = WHICH[1 - WHICH.index(which)]
+        raise CheckpointError(
+            f"{path}: no {which!r} weights (expected the reference layout {{'ema': state_dict}}, or a bare state "
+            f"dict as REPA's last.pt); read the {other!r} weights instead (--weights {other})"
+        )
+    weights, dropped = f.adapter.to_ours(sd)
+    cfg, stated = TrainConfig(), set()
+    for key, value in f.adapter.config(f.args).items():
+        try:
+            cfg.update({key: value}, source=f"{path} (saved args)")
+            stated.add(key)
+        except ConfigError:  # e.g. the reference's --model None: not stated, the caller asks for it
+            logger.debug("%s: saved %s=%r is not a valid repa_fast option value; not used", path, key, value)
+    return Run(path, cfg, weights, frozenset(stated), f.kind, None, f.step, dropped)

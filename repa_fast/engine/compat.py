@@ -1,140 +1,41 @@
-"""Checkpoints users already have: the reference REPA train.py's, REPA's released ``last.pt`` and ERW's, read safely.
+"""Training from checkpoints users already have: ``--resume-step N`` on the reference's / ERW's files, ``--init-from``.
 
-Layouts (README §Checkpoints you already have):
-    reference train.py   ``{"model", "ema", "opt", "args": argparse.Namespace, "steps"}``     (REPA train.py:328-339)
-    REPA release         a bare SiT state dict, or ``{"ema": ...}`` as generate.py reads it     (REPA generate.py:78)
-    ERW train.py         the reference's keys; warm-up files hold only blocks < l2r-depth, the embedders and
-                         the projectors (no final layer), whatever their name          (LINs-lab/ERW train.py:228-244)
+Which files exist and how each format's keys map to ours: ``repa_fast.engine.adapters`` (one adapter per format,
+its detection beside it); this module is what the trainer does with them (README §Checkpoints you already have).
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only
-admitted class. Anything else pickled in the file is refused before any of it runs.
-The reference's AdamW state is keyed by parameter index (over ``model.parameters()``, frozen ``pos_embed``
-included; ERW filters to trainable ones): it is mapped back to names through the file's own key order.
+admitted class. The reference's AdamW state is keyed by parameter index (over ``model.parameters()``, frozen
+``pos_embed`` included; ERW filters to trainable ones): it is mapped back to names through the file's own key order.
 """
 
-import argparse
 import logging
 import os
-import pickle
-import re
 
 import torch
 
-from repa_fast.engine.checkpoint import CheckpointError, list_checkpoints, resolve_resume, step_dir
+from repa_fast.engine import adapters
+from repa_fast.engine.adapters import (  # noqa: F401 (the names this module has always offered)
+    arch_from_keys,
+    complete_warmup,
+    is_state_dict,
+    is_warmup_state,
+    legacy_remap,
+    load_pickle_safely,
+)
+from repa_fast.engine.checkpoint import CheckpointError, list_checkpoints, load_run, resolve_resume, step_dir
 
 logger = logging.getLogger("repa_fast")
 
-# Non-persistent in our SiT, persistent in ERW's RoPE module (LightningDiT models/pos_embed.py): rebuilt, never read.
-_ROPE_TABLE = re.compile(r"(^|\.)(freqs_cos|freqs_sin|rope_cos|rope_sin)$")
-
-
-def load_pickle_safely(path: str):
-    """``torch.load`` of a .pt file with no class admitted but argparse.Namespace; a refusal is a CheckpointError."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: it pickles objects other than tensors, containers and argparse.Namespace "
-            f"({first}). Nothing in it was run. If you trust the file, re-save its state dicts with plain "
-            "torch.save({'model': ..., 'ema': ...}) and pass that file."
-        ) from e
-
-
-def is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def is_warmup_state(sd: dict) -> bool:
-    """ERW warm-up weights: SiT blocks and projectors but no final layer (ERW models/sit.py:301-307)."""
-    return any(k.startswith("blocks.") for k in sd) and not any(k.startswith("final_layer.") for k in sd)
-
 
 def read_foreign(path: str) -> dict:
-    """A reference/ERW/REPA .pt file as {"kind", "model", "ema", "opt", "args", "step"} (missing parts are None).
-
-    kind: "reference" (train.py layout), "erw-warmup" (its weights have no final layer), "state-dict" (bare).
-    """
-    obj = load_pickle_safely(path)
-    if is_state_dict(obj):
-        out = {"model": None, "ema": obj, "opt": None, "args": {}, "step": None}
-    elif isinstance(obj, dict) and ("ema" in obj or "model" in obj):
-        args = obj.get("args")
-        out = {
-            "model": obj.get("model"),
-            "ema": obj.get("ema"),
-            "opt": obj.get("opt"),
-            "args": vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}),
-            "step": int(obj["steps"]) if "steps" in obj else None,
-        }
-    else:
-        kinds = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: not a SiT checkpoint (expected a state dict or the keys 'model'/'ema'/'opt'/'args', got {kinds})"
-        )
-    weights = out["model"] if out["model"] is not None else out["ema"]
-    out["kind"] = (
-        "erw-warmup" if is_warmup_state(weights) else ("reference" if out["model"] is not None else "state-dict")
-    )
-    return out
+    """A reference/ERW/REPA .pt file as {"kind", "model", "ema", "opt", "args", "step", "adapter"} (missing parts
+    None); kind: the adapter's name ("reference", "erw", "erw-warmup", "state-dict")."""
+    return adapters.read_foreign(path).as_dict()
 
 
-def clean_state_dict(sd: dict) -> tuple[dict, list[str]]:
-    """Drop a DDP ``module.`` prefix and RoPE tables (rebuilt from the configuration); returns (sd, dropped keys)."""
-    out, dropped = {}, []
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
-        if _ROPE_TABLE.search(k):
-            dropped.append(k)
-            continue
-        out[k] = v
-    return out, dropped
-
-
-def legacy_remap(sd: dict, encoder_depth: int) -> dict:
-    """The reference's ``--legacy``: ``decoder_blocks.i.*`` -> ``blocks.(i + encoder_depth).*``.
-
-    As REPA's ``load_legacy_checkpoints`` (utils.py:203-215), used by its generate.py.
-    """
-    if not any(k.startswith("decoder_blocks.") for k in sd):
-        raise CheckpointError(
-            "--legacy remaps decoder_blocks.* keys, but this checkpoint has none: it is in the current layout; "
-            "drop --legacy"
-        )
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("decoder_blocks."):
-            _, idx, rest = k.split(".", 2)
-            k = f"blocks.{int(idx) + encoder_depth}.{rest}"
-        out[k] = v
-    return out
-
-
-def arch_from_keys(sd: dict) -> dict:
-    """What a SiT state dict's keys and shapes tell: projector widths, depth, qk-norm, channels, classes, tokens."""
-    z_dims = []
-    while f"projectors.{len(z_dims)}.4.weight" in sd:
-        z_dims.append(sd[f"projectors.{len(z_dims)}.4.weight"].shape[0])
-    return {
-        "z_dims": z_dims,
-        "projector_dim": sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
-        "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-        "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
-        "in_channels": sd["x_embedder.proj.weight"].shape[1],
-        "num_classes": sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-        "num_patches": sd["pos_embed"].shape[1],
-        "hidden_size": sd["pos_embed"].shape[2],
-    }
-
-
-def complete_warmup(sd: dict, model: torch.nn.Module) -> tuple[dict, list[str]]:
-    """ERW warm-up weights completed with ``model``'s own (fresh) tensors for what the warm-up model lacks."""
-    own = model.state_dict()
-    unknown = [k for k in sd if k not in own]
-    if unknown:
-        raise CheckpointError(f"warm-up checkpoint has keys this model lacks: {unknown[:4]}; check --model/--l2r-depth")
-    filled = [k for k in own if k not in sd]
-    return {**{k: v for k, v in own.items() if k in filled}, **sd}, filled
+def clean_state_dict(sd: dict, adapter: adapters.StateDictAdapter | None = None) -> tuple[dict, list[str]]:
+    """``adapter``'s key mapping (default: the reference's: drop a DDP ``module.`` prefix and RoPE tables, rebuilt
+    from the configuration); returns (sd, dropped keys)."""
+    return (adapter or adapters.REPATrain()).to_ours(sd)
 
 
 def weights_for(path: str, model: torch.nn.Module, which: str = "model", f: dict | None = None) -> dict:
@@ -144,7 +45,7 @@ def weights_for(path: str, model: torch.nn.Module, which: str = "model", f: dict
     """
     f = f if f is not None else read_foreign(path)
     sd = f[which] if f[which] is not None else (f["ema"] if f["ema"] is not None else f["model"])
-    sd, dropped = clean_state_dict(sd)
+    sd, dropped = clean_state_dict(sd, f.get("adapter"))
     if dropped:
         logger.info("%s: RoPE tables %s are rebuilt from the configuration, not read", path, dropped[:2])
     if f["kind"] == "erw-warmup":
@@ -240,7 +141,8 @@ def read_as_saved(path: str, model: torch.nn.Module, step: int, phase_of) -> dic
     opt = {"state": {}, "param_groups": []}
     if f["opt"] is not None:
         raw = f["model"] if f["model"] is not None else f["ema"]
-        opt, skipped = map_optimizer(f["opt"], list(raw), model)
+        key_order = list(clean_state_dict(raw, f["adapter"])[0])  # our names, in the file's order
+        opt, skipped = map_optimizer(f["opt"], key_order, model)
         lost += skipped
     else:
         lost.append("optimizer state (none in the file)")
@@ -259,11 +161,7 @@ def _arch_args(args: dict) -> dict:
 def init_weights(path: str, model: torch.nn.Module) -> dict:
     """``--init-from``: the raw (non-EMA) weights of a repa_fast run/checkpoint directory or a foreign .pt file."""
     if os.path.isdir(path):
-        from safetensors.torch import load_file
-
-        from repa_fast.export import find_checkpoint_dir
-
-        sd = load_file(os.path.join(find_checkpoint_dir(path), "model.safetensors"))
+        sd = load_run(path, which="model").weights
         own = model.state_dict()
         if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in sd):
             raise CheckpointError(

@@ -20,7 +20,6 @@ clean image; N images of the run's dataset. Writes ``cknna_t<t>.csv`` and ``.png
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -72,34 +71,37 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     return float((_topk_mask(K, k) * _topk_mask(L, k)).sum(1).div(k).mean())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from repa_fast.eval.layer_features import add_layer_feature_args
+def parse_args(argv=None):
+    """(layer-feature options, k) from the command line."""
+    from repa_fast import cli_flags
+    from repa_fast.options import LayerFeatureOptions
 
-    p = argparse.ArgumentParser(
-        prog="python -m repa_fast.eval.cknna",
-        description=__doc__,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_layer_feature_args(p)
+    p = cli_flags.parser("python -m repa_fast.eval.cknna", __doc__)
+    cli_flags.add_layer_feature_flags(p)
     p.add_argument("--k", type=int, default=10, help="neighbours (Huh et al.: 10)")
-    errors.add_debug_flag(p)
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    return cli_flags.options_from(ns, LayerFeatureOptions), ns.k
+
+
+def layer_scores(feats, k: int = 10) -> list[dict]:
+    """CKNNA and mutual k-NN of every layer's features against the target's, one row per layer (1-indexed)."""
+    return [
+        {"layer": i + 1, "cknna": cknna(h, feats.target, k), "mutual_knn": mutual_knn(h, feats.target, k)}
+        for i, h in enumerate(feats.layers)
+    ]
 
 
 @errors.entry_point("python -m repa_fast.eval.cknna")
 def main(argv=None) -> int:
     from repa_fast.eval.layer_features import collect_layer_features, write_scores
 
-    args = parse_args(argv)
-    if args.k < 2 or args.k >= args.num_images:
-        raise ConfigError(f"--k {args.k} must be >= 2 and below --num-images {args.num_images}")
-    feats = collect_layer_features(args)
-    rows = [
-        {"layer": i + 1, "cknna": cknna(h, feats.target, args.k), "mutual_knn": mutual_knn(h, feats.target, args.k)}
-        for i, h in enumerate(feats.layers)
-    ]
-    path = write_scores(rows, args.out, f"cknna_t{args.t}", "cknna", f"CKNNA vs {feats.target_name}, t = {args.t}")
+    opts, k = parse_args(argv)
+    if k < 2 or k >= opts.num_images:
+        raise ConfigError(f"--k {k} must be >= 2 and below --num-images {opts.num_images}")
+    feats = collect_layer_features(opts)
+    rows = layer_scores(feats, k)
+    title = f"CKNNA vs {feats.target_name}, t = {opts.t}"
+    path = write_scores(rows, feats.out_dir(opts), f"cknna_t{opts.t}", "cknna", title)
     best = max(rows, key=lambda r: r["cknna"])
     print(f"wrote {path}: best layer {best['layer']} (CKNNA {best['cknna']:.4f})")
     return 0

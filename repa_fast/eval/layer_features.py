@@ -5,19 +5,23 @@ otherwise), x_t = alpha_t x0 + sigma_t eps (the run's interpolant, ``objective.i
 label, and every block's output averaged over its tokens (forward hooks; the model is not changed). The target
 is the run's encoder (same name, weights, token grid; a random-weight demo encoder is rebuilt from the run's seed
 exactly as training built it) on the clean image, averaged over its patch tokens.
+
+``collect_layer_features(LayerFeatureOptions(ckpt=RUN_DIR, t=0.5, ...))``; the options and their defaults are
+``repa_fast.options.LayerFeatureOptions`` (the CLIs' flags: ``repa_fast.cli_flags.add_layer_feature_flags``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
+import io
 import os
 from dataclasses import dataclass
 
 import torch
 
-from repa_fast.config import ConfigError, TrainConfig
+from repa_fast.config import ConfigError
+from repa_fast.io import atomic_path, write_text
+from repa_fast.options import LayerFeatureOptions, ModelOptions
 
 
 @dataclass
@@ -26,32 +30,11 @@ class LayerFeatures:
     target: torch.Tensor | None  # (N, D_enc), patch-mean pooled
     labels: torch.Tensor  # (N,)
     target_name: str
+    run_dir: str = ""  # the run the features come from
 
-
-def add_layer_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="repa_fast run directory (or one of its checkpoint directories)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--t", type=float, default=0.5, help="interpolation time of x_t (0 = clean; REPA: 0, 0.25, 0.5)")
-    p.add_argument("--num-images", type=int, default=1024, help="images of the run's dataset, in order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--enc-type", default=None, help="target encoder (default: the run's first one)")
-    p.add_argument("--encoder-checkpoint-dir", default=None, help="default: the run's")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise in x_t")
-    p.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
-
-
-def _run_config(ckpt: str) -> tuple[TrainConfig, str]:
-    from repa_fast.export import find_checkpoint_dir
-
-    ckpt_dir = find_checkpoint_dir(ckpt)
-    run = os.path.normpath(os.path.join(ckpt_dir, "..", ".."))
-    path = os.path.join(run, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--ckpt {ckpt}: no config.json in {run}; pass a repa_fast run directory")
-    cfg = TrainConfig()
-    with open(path) as f:
-        cfg.update(json.load(f).get("trainer", {}), source=path)
-    return cfg, run
+    def out_dir(self, opts: LayerFeatureOptions) -> str:
+        """Where the scores go: ``opts.out``, else <run dir>/eval."""
+        return opts.out or os.path.join(self.run_dir, "eval")
 
 
 def _hidden_states(model, x, t, y) -> list[torch.Tensor]:
@@ -65,39 +48,53 @@ def _hidden_states(model, x, t, y) -> list[torch.Tensor]:
     return out
 
 
+def _load_run(opts: LayerFeatureOptions):
+    """``opts.ckpt`` read: a repa_fast run (its config.json names the data, the encoder and the seed)."""
+    from repa_fast.engine.checkpoint import load_run
+
+    run = load_run(opts.ckpt, which=opts.weights)
+    if run.config_path is None:
+        raise ConfigError(f"--ckpt {opts.ckpt}: no config.json in its run directory; pass a repa_fast run directory")
+    return run
+
+
+def _target_encoder(opts: LayerFeatureOptions, cfg, resolution: int, device):
+    """The run's target encoder named by ``opts.enc_type`` (default: the first), built as training built it."""
+    from repa_fast.build import build_encoders, seed_everything
+
+    seed_everything(cfg.run.seed)  # a random-weight target is drawn first after this seed, as in training
+    if opts.encoder_checkpoint_dir:
+        cfg.target.encoder_checkpoint_dir = opts.encoder_checkpoint_dir
+    (encoder,) = build_encoders(cfg, resolution, device, enc_type=opts.enc_type or cfg.target.enc_type.split(",")[0])
+    return encoder
+
+
 @torch.no_grad()
-def collect_layer_features(args, need_target: bool = True, indices=None) -> LayerFeatures:
-    """Features of the first ``args.num_images`` images (or of ``indices``) of the run's dataset (module doc)."""
-    from repa_fast.build import build_dataset, build_encoders, seed_everything
-    from repa_fast.generate import build_model, load_weights
-    from repa_fast.generate import parse_args as generate_args
+def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, indices=None) -> LayerFeatures:
+    """Features of the first ``opts.num_images`` images (or of ``indices``) of the run's dataset (module doc)."""
+    from repa_fast.build import build_dataset
+    from repa_fast.generate import build_model
     from repa_fast.objective import interpolant, sample_posterior
 
-    cfg, run = _run_config(args.ckpt)
-    args.out = args.out or os.path.join(run, "eval")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = _load_run(opts)
+    cfg = run.config
     dataset = build_dataset(cfg)
-    indices = [i for i in (range(args.num_images) if indices is None else indices) if i < len(dataset)]
+    indices = [i for i in (range(opts.num_images) if indices is None else indices) if i < len(dataset)]
     if len(indices) < 4:
-        raise ConfigError(f"--num-images {args.num_images}: need at least 4 images (the dataset has {len(dataset)})")
-    encoder, name = None, args.enc_type or cfg.target.enc_type.split(",")[0]
-    if need_target:
-        seed_everything(cfg.run.seed)  # a random-weight target is drawn first after this seed, as in training
-        if args.encoder_checkpoint_dir:
-            cfg.target.encoder_checkpoint_dir = args.encoder_checkpoint_dir
-        (encoder,) = build_encoders(cfg, dataset.resolution, device, enc_type=name)  # as training built it
-    gen_args = generate_args(["--ckpt", args.ckpt, "--weights", args.weights])  # generate's defaults, one source
-    sd, config = load_weights(gen_args)
-    model = build_model(gen_args, sd, config).to(device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+        raise ConfigError(f"--num-images {opts.num_images}: need at least 4 images (the dataset has {len(dataset)})")
+    name = opts.enc_type or cfg.target.enc_type.split(",")[0]
+    encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target else None
+    model = build_model(ModelOptions(), run).to(device)  # generate's defaults: one source
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
     layers, targets, labels = [], [], []
-    for start in range(0, len(indices), args.batch_size):
-        items = [dataset[i] for i in indices[start : start + args.batch_size]]
+    for start in range(0, len(indices), opts.batch_size):
+        items = [dataset[i] for i in indices[start : start + opts.batch_size]]
         image = torch.stack([it[0] for it in items]).to(device)
         moments = torch.stack([it[1] for it in items]).to(device)
         labels.append(torch.stack([it[2] for it in items]))
         x0 = sample_posterior(moments, cfg.data.latent_scale)
-        t = torch.full((len(x0),), float(args.t), device=device)
+        t = torch.full((len(x0),), float(opts.t), device=device)
         alpha, sigma, _, _ = interpolant(t.view(-1, 1, 1, 1), cfg.loss.path_type)
         x_t = alpha * x0 + sigma * torch.randn(x0.shape, device=device, generator=gen)
         y = torch.full((len(x0),), model.num_classes, device=device)  # the null class
@@ -109,18 +106,18 @@ def collect_layer_features(args, need_target: bool = True, indices=None) -> Laye
         target=torch.cat(targets).cpu() if targets else None,
         labels=torch.cat(labels),
         target_name=name,
+        run_dir=os.path.dirname(run.config_path),
     )
 
 
 def write_scores(rows: list[dict], out_dir: str, stem: str, key: str, title: str) -> str:
-    """``<out_dir>/<stem>.csv`` (atomic) and a PNG plot of ``key`` vs layer; returns the CSV path."""
+    """``<out_dir>/<stem>.csv`` and a PNG plot of ``key`` vs layer, both atomic; returns the CSV path."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{stem}.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    path = write_text(os.path.join(out_dir, f"{stem}.csv"), text.getvalue())
     try:
         import matplotlib
 
@@ -133,8 +130,7 @@ def write_scores(rows: list[dict], out_dir: str, stem: str, key: str, title: str
     ax.set(xlabel="SiT layer", ylabel=key, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = os.path.join(out_dir, f"{stem}.png")
-    fig.savefig(png + ".tmp.png", dpi=120)
+    with atomic_path(os.path.join(out_dir, f"{stem}.png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(png + ".tmp.png", png)
     return path

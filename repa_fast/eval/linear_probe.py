@@ -14,7 +14,6 @@ Writes ``linear_probe_t<t>.csv`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -65,46 +64,51 @@ def train_probe(
         return float((probe(x_val).argmax(1) == y_val).float().mean())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from repa_fast.eval.layer_features import add_layer_feature_args
+def parse_args(argv=None):
+    """(layer-feature options, the probe's own flags) from the command line."""
+    from repa_fast import cli_flags
+    from repa_fast.options import LayerFeatureOptions
 
-    p = argparse.ArgumentParser(
-        prog="python -m repa_fast.eval.linear_probe",
-        description=__doc__,
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_layer_feature_args(p)
-    p.add_argument("--val-images", type=int, default=256, help="held-out images after the training ones")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--probe-batch-size", type=int, default=256)
-    p.add_argument("--base-lr", type=float, default=0.1)
-    errors.add_debug_flag(p)
-    return p.parse_args(argv)
+    p = cli_flags.parser("python -m repa_fast.eval.linear_probe", __doc__)
+    cli_flags.add_layer_feature_flags(p)
+    g = p.add_argument_group("probe")
+    g.add_argument("--val-images", type=int, default=256, help="held-out images after the training ones")
+    g.add_argument("--epochs", type=int, default=90)
+    g.add_argument("--probe-batch-size", type=int, default=256)
+    g.add_argument("--base-lr", type=float, default=0.1)
+    ns = p.parse_args(argv)
+    return cli_flags.options_from(ns, LayerFeatureOptions), ns
+
+
+def probe_layers(feats, n: int, epochs: int = 90, batch_size: int = 256, base_lr: float = 0.1, seed: int = 0):
+    """Top-1 of a probe per layer, trained on the first ``n`` images' features and tested on the rest."""
+    y = feats.labels
+    num_classes = int(y.max()) + 1
+    return [
+        {
+            "layer": i + 1,
+            "top1": train_probe(h[:n], y[:n], h[n:], y[n:], num_classes, epochs, batch_size, base_lr, seed),
+        }
+        for i, h in enumerate(feats.layers)
+    ]
 
 
 @errors.entry_point("python -m repa_fast.eval.linear_probe")
 def main(argv=None) -> int:
     from repa_fast.eval.layer_features import collect_layer_features, write_scores
 
-    args = parse_args(argv)
+    opts, args = parse_args(argv)
     if args.val_images < 1 or args.epochs < 1:
         raise ConfigError("--val-images and --epochs must be positive")
-    n = args.num_images
-    feats = collect_layer_features(args, need_target=False, indices=range(n + args.val_images))
+    n = opts.num_images
+    feats = collect_layer_features(opts, need_target=False, indices=range(n + args.val_images))
     if len(feats.labels) < n + args.val_images:
         raise ConfigError(
             f"the dataset has {len(feats.labels)} images; --num-images {n} + --val-images {args.val_images} is more"
         )
-    y = feats.labels
-    num_classes = int(y.max()) + 1
-    rows = []
-    for i, h in enumerate(feats.layers):
-        acc = train_probe(
-            h[:n], y[:n], h[n:], y[n:], num_classes, args.epochs, args.probe_batch_size, args.base_lr, args.seed
-        )
-        rows.append({"layer": i + 1, "top1": acc})
-    path = write_scores(rows, args.out, f"linear_probe_t{args.t}", "top1", f"linear probe top-1, t = {args.t}")
+    rows = probe_layers(feats, n, args.epochs, args.probe_batch_size, args.base_lr, opts.seed)
+    title = f"linear probe top-1, t = {opts.t}"
+    path = write_scores(rows, feats.out_dir(opts), f"linear_probe_t{opts.t}", "top1", title)
     best = max(rows, key=lambda r: r["top1"])
     print(f"wrote {path}: best layer {best['layer']} (top-1 {best['top1']:.4f})")
     return 0

@@ -11,7 +11,6 @@ weights, a decoder) is checked when training starts, not at the first evaluation
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import numpy as np
@@ -22,11 +21,13 @@ from repa_fast.config import ConfigError, TrainConfig
 logger = logging.getLogger("repa_fast")
 
 
-def _eval_args(cfg: TrainConfig) -> argparse.Namespace:
-    from repa_fast.evaluate import DEFAULT_CACHE
+def eval_options(cfg: TrainConfig):
+    """The evaluation options of the run's ``--eval-*`` flags (the feature network of ``python -m repa_fast.evaluate``
+    and its caches)."""
+    from repa_fast.options import DEFAULT_CACHE, EvalOptions
 
     r = cfg.run
-    return argparse.Namespace(
+    return EvalOptions(
         feature_net=r.eval_feature_net,
         inception_weights=r.inception_weights,
         cache_dir=r.eval_cache_dir or DEFAULT_CACHE,
@@ -48,9 +49,14 @@ class TrainingEvaluator:
         if cfg.data.vae is None and c != 3:
             raise ConfigError("--eval-every on latent data needs --vae DIR to decode the samples into images")
         self.cfg, self.device, self.is_main = cfg, device, is_main
-        self.args = _eval_args(cfg)
-        self.net = prepare_evaluation(self.args, r.fid_reference, device, need="--fid-reference REF.npz")
-        self.ref = reference_statistics(r.fid_reference, self.net, self.args, device, 0, 1) if is_main else None
+        self.options = eval_options(cfg)
+        self.net = prepare_evaluation(self.options, r.fid_reference, device, need="--fid-reference REF.npz")
+        o = self.options
+        self.ref = (
+            reference_statistics(r.fid_reference, self.net, device, batch_size=o.batch_size, cache_dir=o.cache_dir)
+            if is_main
+            else None
+        )
         self.vae = None
         if cfg.data.vae and is_main:
             from repa_fast.data.vae import load_vae

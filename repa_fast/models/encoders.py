@@ -1,4 +1,4 @@
-"""REPA target encoders: names, weight files, ``load_encoders`` (docs/objective.md §Alignment targets; reference
+"""REPA target encoders: names, ``build_encoder`` / ``load_encoders`` (docs/objective.md §Alignment targets; reference
 utils.py:52-160). Their shapes are rows of ``encoder_archs.ENCODER_ARCHS``.
 
 Names mirror the reference ``--enc-type`` strings (``type-arch-config``, comma-separated for several encoders):
@@ -6,27 +6,15 @@ Names mirror the reference ``--enc-type`` strings (``type-arch-config``, comma-s
 a toy DINOv2-architecture encoder (D 192, depth 4, 3 heads, patch 14) for the embedded demo and tests: no
 official weights exist for it, so it only works with ``pretrained=False``. The other reference encoders
 (``mocov3-vit-{s,b,l}``, ``mae-vit-l``, ``jepa-vit-h``, ``clip-vit-L``, ``dinov1-vit-b``) are built on timm by
-``vit_encoders.py`` (files: ``vit_encoder_files.py``); ``build_encoder`` dispatches on ``VIT_SPECS``.
+``vit_encoders.py`` / ``vit_encoder_files.py``; ``build_encoder`` dispatches on ``VIT_SPECS``.
 
-Weight files, looked for in this order (the first that exists wins; the chosen path is logged):
-  1. ``checkpoint_dir`` itself when it is a file (one encoder only);
-  2. inside ``checkpoint_dir``: the torch.hub file ``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``, the same under
-     ``checkpoints/``, timm's ``<timm name>/model.safetensors`` or ``<timm name>.safetensors``, and the Hugging
-     Face cache layout ``models--timm--<timm name>/snapshots/*/model.safetensors``;
-  3. the torch.hub cache, ``torch.hub.get_dir()/checkpoints/<hub file>`` (where ``torch.hub.load`` puts it);
-  4. the Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``).
-Files are read with ``torch.load(weights_only=True)`` or safetensors only. Both layouts give the same module:
-the hub layout has ``mask_token`` (dropped), ``register_tokens`` and a class position in ``pos_embed``
-(1, 1370, D); timm's layout (``timm/vit_*_patch14[_reg4]_dinov2.lvd142m``) has no ``mask_token``, calls the
-registers ``reg_token``, and for the reg variants folds the class position into ``cls_token`` and stores only the
-1369 patch positions (timm ``_convert_dinov2``); ViT-g's ``mlp.w12/w3`` are timm's ``mlp.fc1/fc2``.
+Where the weight files are looked for, which layouts are read and how (hub, timm, TorchScript, safetensors):
+``weight_files.py``, which imports no builder. Every encoder built here is frozen (``freeze``): targets are constants.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -35,11 +23,10 @@ import torch
 from .dinov2 import ARCHS, DINOv2ViT, dinov2_arch, resample_pos_embed
 from .vit_encoders import SPECS as VIT_SPECS
 from .vit_encoders import check_resolution
+from .weight_files import find_dinov2_file, find_vit_file, read_state_dict, to_hub_layout
 
 logger = logging.getLogger("repa_fast.models.encoders")
 
-HUB_URL = "https://dl.fbaipublicfiles.com/dinov2"
-TIMM_SIZE = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 TOY_SIZES = ("t",)  # random-init only
 DEMO_ENCODERS = ("digits-ssl",)  # the embedded demo's self-supervised digits CNN (models/digits_encoder.py)
 # Reference families we do not implement (reference utils.py load_encoders raises NotImplementedError too).
@@ -71,97 +58,15 @@ def parse_encoder_name(name: str) -> tuple[str, bool]:
     return parts[2], FAMILIES[parts[0]]
 
 
-def hub_filename(size: str, registers: bool) -> str:
-    return f"dinov2_vit{size}14{'_reg4' if registers else ''}_pretrain.pth"
-
-
-def hub_url(size: str, registers: bool) -> str:
-    return f"{HUB_URL}/dinov2_vit{size}14/{hub_filename(size, registers)}"
-
-
-def timm_model_name(size: str, registers: bool) -> str:
-    return f"vit_{TIMM_SIZE[size]}_patch14{'_reg4' if registers else ''}_dinov2.lvd142m"
-
-
-def _hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
-
-
-def candidate_paths(size: str, registers: bool, checkpoint_dir: str | os.PathLike | None) -> list[str]:
-    """Every place a weight file is looked for, in order (globs unexpanded, for the error message)."""
-    hub, timm_name = hub_filename(size, registers), timm_model_name(size, registers)
-    hf_snapshots = f"models--timm--{timm_name}/snapshots/*/model.safetensors"
-    out = []
-    if checkpoint_dir is not None:
-        d = Path(checkpoint_dir)
-        out += [str(d / hub), str(d / "checkpoints" / hub), str(d / timm_name / "model.safetensors")]
-        out += [str(d / f"{timm_name}.safetensors"), str(d / hf_snapshots)]
-    out += [str(Path(torch.hub.get_dir()) / "checkpoints" / hub), str(_hf_cache_dir() / hf_snapshots)]
-    return out
-
-
 def find_checkpoint(name: str, checkpoint_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the weight file for encoder ``name``; FileNotFoundError naming the file, the places searched and
-    where to download it."""
+    """Path of the weight file for encoder ``name`` (``weight_files``: where each encoder's files are looked for);
+    FileNotFoundError naming the file, the places searched and where to download it."""
     if name.strip() in VIT_SPECS:
-        from .vit_encoder_files import find_checkpoint as find_vit_checkpoint
-
-        return find_vit_checkpoint(VIT_SPECS[name.strip()], checkpoint_dir)
+        return find_vit_file(VIT_SPECS[name.strip()], checkpoint_dir)
     size, registers = parse_encoder_name(name)
     if size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")
-    if checkpoint_dir is not None and Path(checkpoint_dir).is_file():
-        return Path(checkpoint_dir)
-    searched = candidate_paths(size, registers, checkpoint_dir)
-    for pattern in searched:
-        hits = sorted(glob.glob(pattern)) if "*" in pattern else ([pattern] if Path(pattern).is_file() else [])
-        if hits:
-            return Path(hits[-1])
-    hub, timm_name = hub_filename(size, registers), timm_model_name(size, registers)
-    raise FileNotFoundError(
-        f"weights for encoder {name!r} not found: expected the torch.hub file {hub!r} (or timm's "
-        f"{timm_name}/model.safetensors). Looked in:\n  "
-        + "\n  ".join(searched)
-        + f"\nGet it with e.g. `wget {hub_url(size, registers)} -P {Path(torch.hub.get_dir()) / 'checkpoints'}` "
-        f"(URL pattern {HUB_URL}/dinov2_vit<s|b|l|g>14/dinov2_vit<s|b|l|g>14[_reg4]_pretrain.pth), or from "
-        f"https://huggingface.co/timm/{timm_name}, and pass checkpoint_dir=<folder or file>."
-    )
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a plain ``torch.save(state_dict)`` file (weights_only=True)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / truncated / pickled objects: say which file
-        raise RuntimeError(f"could not read DINOv2 weights from {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a flat state dict of tensors (a DINOv2 hub .pth or safetensors file)")
-    return sd
-
-
-def to_hub_layout(state_dict: dict[str, torch.Tensor], model: DINOv2ViT) -> dict[str, torch.Tensor]:
-    """Hub or timm key layout -> this module's (hub names, no mask_token), pos_embed still at the file's grid."""
-    sd = {k: v for k, v in state_dict.items() if k != "mask_token"}
-    if "reg_token" in sd:
-        sd["register_tokens"] = sd.pop("reg_token")
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1] and pos.shape[1] > 1:
-        # timm reg layout: no class position (it is folded into cls_token): a zero class position is exact,
-        # fl(cls_folded + 0) == fl(cls + pos0) as the hub model computes it.
-        sd["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
-    if model.arch.ffn == "swiglu":
-        sd = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in sd.items()}
-    return sd
+    return find_dinov2_file(name, size, registers, checkpoint_dir)
 
 
 def load_dinov2_weights(model: DINOv2ViT, source: str | os.PathLike | dict) -> DINOv2ViT:
@@ -210,13 +115,12 @@ def build_encoder(
         from .vit_encoder_files import build_vit_encoder  # lazy: the base module never imports implementations
 
         kw = dict(grid=grid, pretrained=pretrained, attn_backend=attn_backend, device=device)
-        return build_vit_encoder(name.strip(), resolution, checkpoint_dir, **kw)
+        return freeze(build_vit_encoder(name.strip(), resolution, checkpoint_dir, **kw))
     if name.strip() in DEMO_ENCODERS:
         from .digits_encoder import build_digits_encoder  # lazy: the base module never imports implementations
 
-        return build_digits_encoder(
-            name.strip(), resolution, checkpoint_dir, grid=grid, pretrained=pretrained, device=device
-        )
+        kw = dict(grid=grid, pretrained=pretrained, device=device)
+        return freeze(build_digits_encoder(name.strip(), resolution, checkpoint_dir, **kw))
     size, registers = parse_encoder_name(name)
     if pretrained and size in TOY_SIZES:
         raise ValueError(f"encoder {name!r} is a random-init toy: no official weights exist; use pretrained=False")

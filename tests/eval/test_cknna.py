@@ -107,12 +107,9 @@ def test_cknna_and_linear_probe_clis_on_a_tiny_run(run_dir, tmp_path):
     assert [int(r["layer"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
     assert os.path.getsize(os.path.join(out, "cknna_t0.25.png")) > 1000
     # The CSV holds the metric of the collected features (and the random demo target is the training one).
-    import argparse
+    from repa_fast.options import LayerFeatureOptions
 
-    args = argparse.Namespace(
-        ckpt=run_dir, weights="ema", t=0.25, num_images=40, batch_size=64, enc_type=None,
-        encoder_checkpoint_dir=None, seed=0, out=out,
-    )  # fmt: skip
+    args = LayerFeatureOptions(ckpt=run_dir, weights="ema", t=0.25, num_images=40, batch_size=64, seed=0, out=out)
     feats = collect_layer_features(args)
     for r, h in zip(rows, feats.layers):
         assert float(r["cknna"]) == pytest.approx(cknna(h, feats.target, 5), abs=1e-6)
