@@ -4,8 +4,8 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/<step:07d>/``:
     model.safetensors   trainable model weights (full, unsharded, fp32)
     ema.safetensors     EMA weights
     state.pt            optimizer, grad scaler, step, data position, config: plain containers of tensors and numbers,
-                        loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference stores an
-                        argparse.Namespace that needs ``weights_only=False``)
+                        loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference pickles
+                        its parsed command line, a Namespace that needs ``weights_only=False``)
     rng/rank<r>.pt      RNG states of process r (python, numpy, torch CPU, CUDA)
 Everything is written into ``.tmp-<step>-<pid>/`` (repa_fast.io.atomic_path), fsynced, then renamed: a crash or a
 full disk mid-save leaves the previous checkpoint intact, and a failed save removes its partial files and says so.

@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     _report_launcher(cfg, backend)
     resume_from, saved, foreign = check_resume(cfg, backend)
     run = build_run(cfg, backend)  # seed, dataset, encoders / cached targets, SiT, recipe (repa_fast.build)
-    if foreign:  # a reference / ERW .pt file (read without unpickling anything but argparse.Namespace)
+    if foreign:  # a reference / ERW .pt file (weights_only: no class unpickled but the reference's Namespace)
         saved = compat.read_as_saved(resume_from, run.model, cfg.run.resume_step, lambda s: run.recipe.phase(s).name)
     evaluator = make_training_evaluator(cfg, run.dataset, backend.device, backend.is_main)  # checked before any write
     init_sd = compat.init_weights(cfg.run.init_from, run.model) if cfg.run.init_from and saved is None else None
