@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_fast.io import atomic_path
+
 logger = logging.getLogger("repa_fast")
 
 RESOLUTION = 16
@@ -89,9 +91,9 @@ def load_digits_classifier(cache_dir: str, device=None) -> DigitsClassifier:
         net, acc = train_digits_classifier()
         logger.info("trained the digits feature network: held-out accuracy %.3f; cached in %s", acc, path)
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp, metadata={"accuracy": f"{acc:.4f}"})
-        os.replace(tmp, path)
+        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(weights, tmp, metadata={"accuracy": f"{acc:.4f}"})
     return net.eval().requires_grad_(False).to(device or "cpu")
 
 
