@@ -65,6 +65,27 @@ def imports_of(name: str, file: str, is_pkg: bool, known: set, lazy: bool = Fals
     return {t for t in targets if t in known and t != name and not name.startswith(t + ".")}
 
 
+def unresolved_imports(name: str, file: str, is_pkg: bool, known: set, prefix: str) -> list[str]:
+    """The ``prefix`` modules that module ``name`` imports (at any level) but that do not exist, e.g. a relative
+    import left behind when a module moved to another subpackage."""
+    with open(file) as f:
+        tree = ast.parse(f.read(), file)
+    here = name if is_pkg else name.rpartition(".")[0]
+    out = []
+    for node in _import_nodes(tree.body, lazy=True):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith(prefix + ".") and a.name not in known]
+            continue
+        base = node.module or ""
+        if node.level:
+            parts = here.split(".")
+            anchor = ".".join(parts[: len(parts) - node.level + 1])
+            base = f"{anchor}.{base}" if base else anchor
+        if (base == prefix or base.startswith(prefix + ".")) and base not in known:
+            out.append(base)
+    return out
+
+
 def import_graph(path: str, prefix: str, lazy: bool = False) -> dict[str, set]:
     modules = walk_modules(path, prefix)
     return {n: imports_of(n, f, pkg, set(modules), lazy) for n, (f, pkg) in modules.items()}
@@ -156,6 +177,23 @@ def test_repa_fast_has_no_import_cycle():
     assert len(graph) > 30 and "repa_fast.engine.parallel.base" in graph["repa_fast.engine.parallel"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_repa_fast_import_names_an_existing_module():
+    modules = walk_modules(PACKAGE_DIR, "repa_fast")
+    missing = {n: unresolved_imports(n, f, pkg, set(modules), "repa_fast") for n, (f, pkg) in modules.items()}
+    assert {n: m for n, m in missing.items() if m} == {}
+
+
+def test_unresolved_imports_are_found(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "tools").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tools" / "__init__.py").write_text("")
+    (pkg / "tools" / "w.py").write_text("def f():\n    from .reader import r\n    from pkg.tools import w\n")
+    modules = walk_modules(str(pkg), "pkg")
+    f, is_pkg = modules["pkg.tools.w"]
+    assert unresolved_imports("pkg.tools.w", f, is_pkg, set(modules), "pkg") == ["pkg.tools.reader"]
 
 
 def test_no_import_cycle_through_function_level_imports():

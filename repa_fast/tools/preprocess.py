@@ -295,7 +295,7 @@ class Job:
     def _crops(self, shards: list[int], rank: int):
         """(indices, uint8 (B, 3, S, S)) batches: PIL in DataLoader workers, or DALI (--decoder dali)."""
         if self.cfg.decoder == "dali":
-            from .dali_loader import adm_crop_batches
+            from repa_fast.data.dali_loader import adm_crop_batches
 
             paths = [os.path.join(self.cfg.source, f) for f in self.files]
             threads = max(1, self.cfg.loader_workers)
