@@ -383,33 +383,40 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, che
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
         stopping = _stop_agreed(state, backend, meter) and step < cfg.run.max_train_steps
-        save_due = checkpointer.due(step, stopping)
-        preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
-        if (save_due or preview_due) and backend.device.type == "cuda":
-            torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
-        t_pause = time.perf_counter()
-        if save_due:
-            if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
-                _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
-            checkpointer.save(state, backend)
-        if preview_due:
-            ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
-            if previewer is not None:
-                path = previewer(
-                    ema_model,
-                    os.path.join(out, "samples", f"{step:07d}.png"),
-                    num_steps=cfg.run.preview_num_steps,
-                    cfg_scale=cfg.run.preview_cfg_scale,
-                )
-                sinks.add_image("samples", path, step)
-        if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
-            sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
-        t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
+        t_last += _between_steps(cfg, state, backend, meter, checkpointer, sinks, previewer, stopping)
         if stopping:
             state.stopped_by = state.stop.name or "a signal to another process"
             break
     progress.close()
     return last_metrics
+
+
+def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previewer, stopping: bool) -> float:
+    """The checkpoint, preview and evaluation due after ``state.step``; returns the seconds they took (img/s counts
+    training time only, not checkpoints and previews)."""
+    step, out = state.step, checkpointer.run_dir
+    save_due = checkpointer.due(step, stopping)
+    preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
+    if (save_due or preview_due) and backend.device.type == "cuda":
+        torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
+    t_pause = time.perf_counter()
+    if save_due:
+        if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
+            _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
+        checkpointer.save(state, backend)
+    if preview_due:
+        ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
+        if previewer is not None:
+            path = previewer(
+                ema_model,
+                os.path.join(out, "samples", f"{step:07d}.png"),
+                num_steps=cfg.run.preview_num_steps,
+                cfg_scale=cfg.run.preview_cfg_scale,
+            )
+            sinks.add_image("samples", path, step)
+    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
+        sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
+    return time.perf_counter() - t_pause
 
 
 def _stop_agreed(state: State, backend: Backend, meter: LossMeter) -> bool:
