@@ -54,6 +54,8 @@ for _p in (ROOT, BENCH):
 
 import torch  # noqa: E402
 
+from repa_fast.io import atomic_path, write_text  # noqa: E402
+
 PARTS = "abcdef"
 H100_BF16_PEAK = 989.0  # dense bf16 TFLOP/s of an H100 SXM (datasheet), the MFU denominator
 FILES = ("env.json", "pytest_gpu.log", "ops.csv", "step.csv", "profile.md", "train_check.log", "report.md")
@@ -82,20 +84,15 @@ class Check:
 
 
 def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r)) or ["note"]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows or [{"note": "no rows"}])
-    os.replace(tmp, path)
 
 
 def md_table(rows: list[dict]) -> str:

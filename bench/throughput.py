@@ -23,6 +23,7 @@ import csv
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,15 +33,16 @@ from _common import git_sha  # noqa: E402  (bench/ is on sys.path when run as a 
 
 from repa_fast import build as B  # noqa: E402
 from repa_fast.cli import resolve_config  # noqa: E402
-from repa_fast.engine import trainer as T  # noqa: E402
+from repa_fast.data import ResumableDistributedSampler  # noqa: E402
+from repa_fast.engine import trainer as T  # noqa: E402  (the step functions the trainer runs)
 from repa_fast.engine.ema import EMA  # noqa: E402
 from repa_fast.engine.metrics import LossMeter  # noqa: E402
-from repa_fast.engine.parallel import Backend, apply_compile  # noqa: E402
+from repa_fast.engine.parallel import Backend  # noqa: E402
 from repa_fast.flops import repa_step_flops  # noqa: E402
 from repa_fast.models.encoder_archs import encoder_arch  # noqa: E402
-from repa_fast.models.encoders import load_encoders  # noqa: E402
-from repa_fast.models.sit import SIT_SIZES, build_sit, parse_model_name  # noqa: E402
+from repa_fast.models.sit import SIT_SIZES, parse_model_name  # noqa: E402
 from repa_fast.objective import interpolant, sample_posterior  # noqa: E402
+from repa_fast.recipe import build_recipe  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; add your device if missing.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0}
@@ -102,18 +104,31 @@ def synthetic_batch(args, device):
     return image.to(device), moments.to(device), labels.to(device)
 
 
+@dataclass
+class SyntheticShape:
+    """What ``build.build_models`` reads of a dataset, for ``synthetic_batch``'s data: SD-VAE latents (4 channels,
+    resolution / 8) of ``num_classes`` classes."""
+
+    latent_shape: tuple
+    resolution: int
+    num_classes: int
+
+
+def synthetic_shape(cfg) -> SyntheticShape:
+    r = cfg.data.resolution
+    return SyntheticShape((8, r // 8, r // 8), r, cfg.data.num_classes)
+
+
+def models_from_config(cfg, device, encoder_attn: str | None = None):
+    """(SiT, encoders) exactly as training builds them from ``cfg`` (``repa_fast.build.build_models``), for the
+    synthetic batch's shape; ``encoder_attn`` overrides the encoders' attention backend (the reference provider)."""
+    return B.build_models(cfg, synthetic_shape(cfg), device, attn_backend=encoder_attn)
+
+
 def build(args, device, kernels: str, encoder_attn: str | None):
-    """Models as the trainer builds them from the config (``encoder_attn`` overrides the encoders' backend)."""
+    """The config of these flags and its models, built as the trainer builds them (``models_from_config``)."""
     cfg = make_cfg(args, kernels)
-    enc_kw = B.encoder_kwargs(cfg.model) if encoder_attn is None else dict(attn_backend=encoder_attn)
-    encoders = load_encoders(args.enc_type, args.resolution, pretrained=False, device=device, **enc_kw)
-    model = build_sit(
-        args.model,
-        input_size=args.resolution // 8,
-        num_classes=1000,
-        z_dims=[e.embed_dim for e in encoders],
-        **B.model_kwargs(cfg.model),
-    ).to(device)
+    model, encoders = models_from_config(cfg, device, encoder_attn)
     return cfg, model, encoders
 
 
@@ -169,15 +184,15 @@ class ReferenceStep:
 class RepaFastStep:
     def __init__(self, args, device, kernels: str = "auto", cached: bool = False):
         self.cfg, model, encoders = build(args, device, kernels, None)
-        if args.compile:
-            apply_compile(model)  # the trainer's per-block compile (inductor)
+        self.cfg.model.compile = args.compile  # the trainer's per-block compile (inductor), applied by build_phase
         self.encoders = encoders
         self.backend = Backend(device.type)
-        opt = B.build_optimizer(self.cfg, model)
+        recipe = build_recipe(self.cfg)  # the REPA recipe: one phase, constant alignment weight
+        fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+        train_model, opt, ema = B.build_phase(self.cfg, self.backend, model, recipe.phase(0), fixed)
         self.scaler = torch.amp.GradScaler(device.type) if args.mixed_precision == "fp16" else None
-        sampler = T.ResumableDistributedSampler(args.batch_size, args.batch_size)
-        recipe = T.build_recipe(self.cfg)  # the REPA recipe: one phase, constant alignment weight
-        self.state = T.State(model, self.backend.wrap(model, opt), EMA(model), opt, self.scaler, sampler, recipe=recipe)
+        sampler = ResumableDistributedSampler(args.batch_size, args.batch_size)
+        self.state = T.State(model, train_model, ema, opt, self.scaler, sampler, recipe=recipe, fixed=fixed)
         self.state.phase = recipe.phase(0)
         self.meter = LossMeter(device)
         self.amp = B.AMP_DTYPES[args.mixed_precision]

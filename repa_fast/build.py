@@ -1,31 +1,44 @@
 """The one assembly module: a TrainConfig becomes the pieces of a run (STYLE.md "one assembly module").
 
 Everything that builds from a config calls these factories: training (``engine/trainer.py``), the target-cache
-writer (``tools/cache_targets.py``), layer features / CKNNA / linear probes (``eval/layer_features.py``), in-training
-evaluation and ``bench/throughput.py``. The user-facing switch names become the code's names here only
-(``--kernels`` -> ``impl``, ``--fused-attn`` -> ``attn_backend``: ``model_kwargs`` / ``encoder_kwargs``), so every
-entry point builds the same model and encoders from the same config.
+writer (``tools/cache_targets.py``), layer features / CKNNA / linear probes (``eval/layer_features.py``) and
+``bench/throughput.py``; the in-training evaluation builds no model (it samples the EMA the loop hands it). The
+user-facing switch names become the code's names here only (``--kernels`` -> ``impl``, ``--fused-attn`` ->
+``attn_backend``: ``model_kwargs`` / ``encoder_kwargs``), so every entry point builds the same model and encoders from
+the same config (tests/test_build.py checks the constructor arguments of each).
 
-Order and seeding (docs/architecture.md): ``seed_everything(seed)`` first (identical initial SiT weights and
-random-weight target encoders on every rank), then ``build_dataset`` -> ``build_encoders`` (the token grid comes from
-the data) -> ``build_model`` (``z_dims`` from the encoders) -> ``build_targets`` (``--targets cached`` swaps the
-encoders for the stored targets) -> ``build_optimizer`` over the trainable set; the backend wraps the model and makes
-the EMA (``engine/parallel``); then every rank reseeds with ``seed + rank`` (the reference's per-process seed) for
-everything drawn during training.
+Order and seeding of a training run (docs/architecture.md), each step a factory below:
+    build_backend(cfg)          process group and device (engine/parallel); nothing random
+    build_run(cfg, backend)     seed_everything(seed): identical initial weights and random-weight target encoders on
+                                every rank; then build_dataset -> build_encoders (the token grid comes from the data;
+                                random-weight encoders are the first draws after the seed) -> build_model (z_dims from
+                                the encoders) -> check_token_grids -> build_targets (``--targets cached`` swaps the
+                                encoders for the stored targets) -> build_recipe
+    (the trainer reads a checkpoint's or --init-from's weights into ``Run.model`` here, before anything is wrapped)
+    build_training(run, phase)  build_phase: freeze what the phase does not train, build_optimizer over the rest,
+                                compile + wrap (engine/parallel/parallelize.py), the EMA from the wrapped weights; then
+                                seed_everything(rank_seed(seed, rank)) = seed + rank, the reference's per-process seed,
+                                for everything drawn during training; then the grad scaler and the sampler
+    build_loader(...)           after a resume has restored the sampler; its workers' seeds come from seed + rank
+A resume that cannot restore the saved RNG streams (another process count, a foreign checkpoint) reseeds with
+``rank_seed(seed, rank, step)`` (engine/trainer.py ``load_state``).
 """
 
 import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from repa_fast.config import ConfigError, ModelConfig, TrainConfig
-from repa_fast.data import DigitsDataset, open_dataset
+from repa_fast.config import ConfigError, ModelConfig, TrainConfig, micro_batch_size
+from repa_fast.data import DigitsDataset, ResumableDistributedSampler, open_dataset
+from repa_fast.engine.parallel import Backend, make_backend, parallelize
 from repa_fast.engine.stop import ignore_in_worker
 from repa_fast.models.encoders import load_encoders
 from repa_fast.models.sit import build_sit, parse_model_name
+from repa_fast.recipe import Phase, Recipe, build_recipe
 
 logger = logging.getLogger("repa_fast")
 
@@ -97,13 +110,24 @@ def encoder_kwargs(m: ModelConfig) -> dict:
     return dict(attn_backend="sdpa" if m.kernels == "ref" else "auto")
 
 
-def build_encoders(cfg: TrainConfig, resolution: int, device: torch.device, enc_type: str | None = None) -> list:
+def build_encoders(
+    cfg: TrainConfig,
+    resolution: int,
+    device: torch.device,
+    enc_type: str | None = None,
+    attn_backend: str | None = None,
+) -> list:
     """The frozen target encoders of the run (none when it does not align: ``--proj-coeff 0`` or no ``--enc-type``),
     built exactly as training builds them. ``enc_type`` picks a subset (e.g. one encoder for CKNNA); random-weight
-    encoders (``--no-encoder-pretrained``) are drawn from the global RNG, so call ``seed_everything`` first."""
+    encoders (``--no-encoder-pretrained``) are drawn from the global RNG, so call ``seed_everything`` first.
+    ``attn_backend`` overrides the config's attention choice (``encoder_kwargs``); only bench/throughput.py's
+    reference provider sets it, to time the reference's explicit-softmax encoder."""
     names = enc_type or cfg.target.enc_type
     if not names or (enc_type is None and cfg.loss.proj_coeff == 0):
         return []
+    kw = encoder_kwargs(cfg.model)
+    if attn_backend is not None:
+        kw["attn_backend"] = attn_backend
     return load_encoders(
         names,
         resolution,
@@ -111,7 +135,7 @@ def build_encoders(cfg: TrainConfig, resolution: int, device: torch.device, enc_
         grid=cfg.target.encoder_grid or None,
         pretrained=cfg.target.encoder_pretrained,
         device=device,
-        **encoder_kwargs(cfg.model),
+        **kw,
     )
 
 
@@ -142,11 +166,12 @@ def check_token_grids(cfg: TrainConfig, model, encoders, input_size: int) -> Non
             )
 
 
-def build_models(cfg: TrainConfig, dataset, device: torch.device):
-    """SiT sized from the data, and the frozen target encoders on the matching token grid."""
+def build_models(cfg: TrainConfig, dataset, device: torch.device, attn_backend: str | None = None):
+    """SiT sized from the data, and the frozen target encoders on the matching token grid. ``dataset`` needs only
+    ``latent_shape``, ``resolution`` and ``num_classes`` (a benchmark passes those of its synthetic batch)."""
     if dataset.latent_shape[1] != dataset.latent_shape[2]:  # before any encoder is loaded
         raise ConfigError(f"latents of shape {dataset.latent_shape} are not square; SiT needs square inputs")
-    encoders = build_encoders(cfg, dataset.resolution, device)
+    encoders = build_encoders(cfg, dataset.resolution, device, attn_backend=attn_backend)
     model = build_model(cfg, dataset.latent_shape, dataset.num_classes, [e.embed_dim for e in encoders]).to(device)
     check_token_grids(cfg, model, encoders, dataset.latent_shape[1])
     return model, encoders
@@ -171,3 +196,92 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+RESEED_STRIDE = 1_000_003  # a prime above any process count: (rank, step) pairs of one seed never share a seed
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of process ``rank``'s random streams from optimizer step ``step`` on: ``seed + rank + 1_000_003 *
+    step``, the one reseed rule.
+
+    At step 0 this is the reference's per-process seed ``seed + rank`` (REPA train.py:151, ``set_seed(args.seed +
+    accelerator.process_index)``), used by every fresh run. A resume that cannot restore the saved per-rank streams
+    (a different process count, or a reference / ERW checkpoint that saved none) starts fresh streams at its step: one
+    per rank, different from the streams of step 0 (so the resumed run does not redraw the noise of its first steps),
+    and dependent on ``--seed`` as every other stream is. The trainer once used ``step * 1_000_003 + rank`` after a
+    foreign resume, which ignored ``--seed`` (two seeds resumed from one reference checkpoint drew the same noise);
+    the two rules agree at seed 0, the default."""
+    return seed + rank + RESEED_STRIDE * step
+
+
+def build_backend(cfg: TrainConfig) -> Backend:
+    """The process backend for ``--parallel`` on ``--device`` (engine/parallel); its process group lives until
+    ``backend.shutdown()``. ``cfg.deepspeed`` is the resolved DeepSpeed section (repa_fast.cli)."""
+    return make_backend(cfg.run.parallel, cfg.run.device, cfg.deepspeed)
+
+
+@dataclass
+class Run:
+    """What ``build_run`` makes from a config: nothing is wrapped, loaded or written yet."""
+
+    cfg: TrainConfig
+    backend: Backend
+    micro: int  # per-process micro-batch: batch_size / (processes x accumulation)
+    dataset: object  # a repa_fast.data dataset (or its --targets cached view)
+    encoders: list  # frozen target encoders run every step; [] without alignment or with --targets cached
+    model: torch.nn.Module  # the single-device SiT on backend.device (fp32, unwrapped)
+    recipe: Recipe  # which phase each step is in (repa_fast.recipe)
+    fixed: frozenset  # names of the parameters that never train (pos_embed)
+
+
+def build_run(cfg: TrainConfig, backend: Backend) -> Run:
+    """Dataset, target encoders (or cached targets), SiT and recipe, seeded as the module docstring says."""
+    seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
+    if cfg.run.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    micro = micro_batch_size(cfg, backend.world_size)
+    dataset = build_dataset(cfg)
+    model, encoders = build_models(cfg, dataset, backend.device)
+    dataset, encoders = build_targets(cfg, dataset, encoders)  # --targets cached: checked against the encoders
+    fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+    return Run(cfg, backend, micro, dataset, encoders, model, build_recipe(cfg), fixed)
+
+
+def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
+    """Freeze what the phase does not train, then wrap for it: (train_model, optimizer, ema).
+
+    The wrapper and a fresh optimizer are built over the phase's trainable set only (DDP and ZeRO reject parameters
+    that get no gradient), and the EMA starts from the current weights, as ERW's full phase does
+    (LINs-lab/ERW train.py:604-660: fresh AdamW, EMA initialised from the warmed-up weights).
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in fixed and phase.trains(name))
+    train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
+    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
+    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
+    return train_model, optimizer, ema
+
+
+@dataclass
+class Training:
+    """What ``build_training`` adds to a Run once its weights are in place: the parts the loop steps."""
+
+    train_model: torch.nn.Module  # the module to call: compiled and wrapped (DDP, FSDP2, a DeepSpeed engine)
+    optimizer: torch.optim.Optimizer
+    ema: object  # engine.ema.EMA or ShardedEMA
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling (None: bf16/fp32, or DeepSpeed scales itself)
+    sampler: ResumableDistributedSampler
+
+
+def build_training(run: Run, phase: Phase) -> Training:
+    """Wrapper, optimizer and EMA for ``phase``, then the per-process seed, the grad scaler and the data sampler."""
+    cfg, backend = run.cfg, run.backend
+    train_model, optimizer, ema = build_phase(cfg, backend, run.model, phase, run.fixed)
+    seed_everything(rank_seed(cfg.run.seed, backend.rank))  # for everything drawn from here on
+    use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
+    scaler = torch.amp.GradScaler(backend.device.type) if use_scaler else None
+    sampler = ResumableDistributedSampler(
+        len(run.dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
+    )
+    return Training(train_model, optimizer, ema, scaler, sampler)

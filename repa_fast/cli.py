@@ -3,7 +3,8 @@
 Resolution order: dataclass defaults < preset < the --config file's "trainer" section < flags given on the command
 line. ``python train.py`` with no data flags and no --config runs the ``demo`` preset; naming a model or an encoder
 without ``--data-dir`` is an error (the demo is asked for, never fallen into). Every option is checked where it is
-declared (repa_fast/config.py), and the cross-option checks below run before anything is built or written.
+declared (repa_fast/config.py), and every rule between options (``TrainConfig.validate``) runs before anything is
+built or written; ``check_runtime`` then checks this machine (not for --dry-run).
 """
 
 import argparse
@@ -21,7 +22,6 @@ from repa_fast.config import (
     default_exp_name,
     field_specs,
     load_config_file,
-    micro_batch_size,
     run_dir,
 )
 
@@ -35,6 +35,20 @@ def _arg_type(f):
     hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))  # noqa: S307 (own annotations)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
+
+
+def ranged(typ, check):
+    """An argparse ``type`` for the flags of the other commands (tools/): parses with ``typ``, then checks ``check``
+    (a ``config.Range``), so their ranges read as train.py's."""
+
+    def parse(text: str):
+        value = typ(text)
+        if value not in check:
+            raise argparse.ArgumentTypeError(f"must be {check}, got {text}")
+        return value
+
+    parse.__name__ = typ.__name__  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +101,9 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     cfg.deepspeed = deepspeed
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
-    validate(cfg)
+    world = _launch_world()
+    cfg.validate(world)  # every cross-option rule (repa_fast/config.py)
+    _check_vae(cfg)
     named = [k for k in RECIPE_OPTIONS if k in args]
     if implied_demo and named:
         flags = " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in named)
@@ -99,47 +115,22 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
         from repa_fast.engine.parallel.dsconfig import resolve_deepspeed_config
 
         where = f"--config {config_path}" if config_path else "--parallel deepspeed"
-        cfg.deepspeed = resolve_deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), cli=set(args), where=where)
-        if _phase_flag(cfg) and cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ConfigError(
-                f"{where}: {_phase_flag(cfg)} with ZeRO stage 3: the phase change rebuilds the engine over the new "
-                "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
-            )
+        cfg.deepspeed = resolve_deepspeed_config(cfg, world, cli=set(args), where=where)
     return cfg, dry_run
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Cheap consistency checks that need no data or weights; each error says what to change."""
-    from repa_fast.models.encoders import VIT_SPECS, check_resolution, parse_encoder_name
-    from repa_fast.models.sit import SIT_SIZES, SiT_models, parse_model_name
+def _launch_world() -> int:
+    from repa_fast.engine.parallel.process_group import launch_env
 
-    m, r = cfg.model, cfg.run
-    if m.model not in SiT_models:
-        raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
-    depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
-    if cfg.target.enc_type and cfg.loss.proj_coeff != 0:
-        if not 1 <= m.encoder_depth <= depth:
-            raise ConfigError(f"--encoder-depth {m.encoder_depth} is outside 1..{depth} for {m.model}")
-        for name in cfg.target.enc_type.split(","):
-            try:
-                parse_encoder_name(name.strip())
-                if name.strip() in VIT_SPECS:  # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1: 256 px, 16x16 only
-                    check_resolution(VIT_SPECS[name.strip()], cfg.data.resolution, cfg.target.encoder_grid or None)
-            except (ValueError, NotImplementedError) as e:
-                raise ConfigError(f"--enc-type: {e}") from e
-    if r.resume and r.resume_step:
-        raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
-    _validate_recipe(cfg, depth)
-    if cfg.data.dataset == "auto" and not cfg.data.data_dir:
-        raise ConfigError(
-            "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
-            "demo with `python train.py` (or --preset demo)"
-        )
+    return launch_env()[1]
+
+
+def _check_vae(cfg: TrainConfig) -> None:
+    """The --vae weights are there (a file check, done for --dry-run too; not a rule between options)."""
     if cfg.data.vae:
         from repa_fast.data.vae import read_vae_config
 
         read_vae_config(cfg.data.vae)  # a DataError naming the path and how to get the weights
-    micro_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def check_runtime(cfg: TrainConfig) -> None:
@@ -147,10 +138,11 @@ def check_runtime(cfg: TrainConfig) -> None:
     import torch
 
     from repa_fast.engine.metrics import import_sink
+    from repa_fast.engine.parallel.process_group import launch_env
 
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_env()[0] == 0:
         import_sink(cfg.run.report_to)  # a missing logging package is refused before anything is written
     _check_writable(run_dir(cfg))
 
@@ -180,48 +172,14 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "train.py", *out, "--resume"])
 
 
-def _phase_flag(cfg: TrainConfig) -> str | None:
-    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
-    if cfg.loss.warmup_steps:
-        return "--warmup-steps"
-    return "--align-stop-step" if cfg.loss.align_stop_step else None
-
-
-def _validate_recipe(cfg: TrainConfig, depth: int) -> None:
-    """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
-    m, loss, r = cfg.model, cfg.loss, cfg.run  # the ranges of each option are checked on its field (config.py)
-    if loss.warmup_steps:
-        if loss.warmup_steps >= r.max_train_steps:
-            raise ConfigError(
-                f"--warmup-steps {loss.warmup_steps} leaves no full training before --max-train-steps "
-                f"{r.max_train_steps}; use fewer warm-up steps or more training steps"
-            )
-        if not 1 <= m.l2r_depth <= depth:
-            raise ConfigError(f"--l2r-depth {m.l2r_depth} is outside 1..{depth} for {m.model}")
-        if not cfg.target.enc_type or loss.proj_coeff == 0:
-            raise ConfigError(
-                "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
-            )
-    if r.parallel == "fsdp" and _phase_flag(cfg):
-        raise ConfigError(
-            f"{_phase_flag(cfg)} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
-            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
-            "deepspeed with ZeRO stage 1/2"
-        )
-    if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
-        raise ConfigError(
-            f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
-        )
-    if r.init_from and (r.resume or r.resume_step):
-        raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
-
-
 @errors.entry_point("train.py")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, dry_run = resolve_config(argv)
     if dry_run:
-        if int(os.environ.get("RANK", 0)) == 0:  # one copy under a launcher
+        from repa_fast.engine.parallel.process_group import launch_env
+
+        if launch_env()[0] == 0:  # one copy under a launcher
             from repa_fast.recipe import build_recipe
 
             print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))

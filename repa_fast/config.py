@@ -56,20 +56,6 @@ POSITIVE = Range(0, lo_open=True)
 PROBABILITY = Range(0, 1)
 
 
-def ranged(typ, check: Range):
-    """An argparse ``type`` for the flags of the other commands: parses with ``typ``, then checks ``check``."""
-    import argparse
-
-    def parse(text: str):
-        value = typ(text)
-        if value not in check:
-            raise argparse.ArgumentTypeError(f"must be {check}, got {text}")
-        return value
-
-    parse.__name__ = typ.__name__  # argparse names the type in its "invalid int value" message
-    return parse
-
-
 def _f(default, help: str, *, choices=None, check: Range | None = None, weights: bool = False):
     """A config field: its default, one-line doc, valid values (``choices`` or a ``check`` Range: every numeric
     option has one) and whether it defines the weights (``weights``: architecture or the meaning of the weights; a
@@ -288,6 +274,30 @@ class TrainConfig:
     def to_json(self) -> dict:
         return {"trainer": self.flat(), **({"deepspeed": self.deepspeed} if self.deepspeed else {})}
 
+    def validate(self, world_size: int = 1) -> None:
+        """Every rule between options, in one place; a ConfigError names the options and what to change.
+
+        Each option's own valid values are declared on its field (``_f``: choices, a Range) and checked when it is
+        set through ``update``; they are checked again here, for a library caller that set an attribute directly.
+        Needs no data, weights or machine (``repa_fast.cli.check_runtime`` checks those), so ``--dry-run`` runs it,
+        and so do ``engine.trainer.train`` (for library callers) and the in-training evaluation (``check_eval``).
+        ``world_size`` is the process count the global batch is split over.
+        """
+        for section in self.sections():
+            for f in dataclasses.fields(section):
+                _checked(section, f.name, getattr(section, f.name), "TrainConfig")
+        depth = _check_model(self)
+        _check_resume(self)
+        _check_recipe(self, depth)
+        _check_parallel(self)
+        if self.data.dataset == "auto" and not self.data.data_dir:
+            raise ConfigError(
+                "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
+                "demo with `python train.py` (or --preset demo)"
+            )
+        check_eval(self)
+        micro_batch_size(self, world_size)
+
 
 def _checked(section, key: str, value, source: str):
     """``value`` as the field's type (ints widen to float), or a ConfigError naming the option and what it takes."""
@@ -312,6 +322,99 @@ def _checked(section, key: str, value, source: str):
 
 def _name(key: str, source: str) -> str:
     return "--" + key.replace("_", "-") if source == "command line" else f"option {key!r} (--{key.replace('_', '-')})"
+
+
+def _check_model(cfg: TrainConfig) -> int:
+    """The model and target encoders exist and fit each other and the resolution; returns the SiT's depth."""
+    from repa_fast.models.encoders import VIT_SPECS, check_resolution, parse_encoder_name
+    from repa_fast.models.sit import SIT_SIZES, SiT_models, parse_model_name
+
+    m = cfg.model
+    if m.model not in SiT_models:
+        raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
+    depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
+    if cfg.target.enc_type and cfg.loss.proj_coeff != 0:
+        if not 1 <= m.encoder_depth <= depth:
+            raise ConfigError(f"--encoder-depth {m.encoder_depth} is outside 1..{depth} for {m.model}")
+        for name in cfg.target.enc_type.split(","):
+            try:
+                parse_encoder_name(name.strip())
+                if name.strip() in VIT_SPECS:  # MoCo v3 / MAE / I-JEPA / CLIP / DINO v1: 256 px, 16x16 only
+                    check_resolution(VIT_SPECS[name.strip()], cfg.data.resolution, cfg.target.encoder_grid or None)
+            except (ValueError, NotImplementedError) as e:
+                raise ConfigError(f"--enc-type: {e}") from e
+    return depth
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """Where the run starts from: one of --resume, --resume-step, --init-from (whether a checkpoint fits the run is
+    ``engine.checkpoint.check_compatible``'s rule, applied once the checkpoint is read)."""
+    r = cfg.run
+    if r.resume and r.resume_step:
+        raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
+    if r.init_from and (r.resume or r.resume_step):
+        raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
+
+
+def phase_flag(cfg: TrainConfig) -> str | None:
+    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
+    if cfg.loss.warmup_steps:
+        return "--warmup-steps"
+    return "--align-stop-step" if cfg.loss.align_stop_step else None
+
+
+def _check_recipe(cfg: TrainConfig, depth: int) -> None:
+    """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
+    m, loss, r = cfg.model, cfg.loss, cfg.run
+    if loss.warmup_steps:
+        if loss.warmup_steps >= r.max_train_steps:
+            raise ConfigError(
+                f"--warmup-steps {loss.warmup_steps} leaves no full training before --max-train-steps "
+                f"{r.max_train_steps}; use fewer warm-up steps or more training steps"
+            )
+        if not 1 <= m.l2r_depth <= depth:
+            raise ConfigError(f"--l2r-depth {m.l2r_depth} is outside 1..{depth} for {m.model}")
+        if not cfg.target.enc_type or loss.proj_coeff == 0:
+            raise ConfigError(
+                "--warmup-steps > 0 trains on the alignment loss alone: it needs --enc-type and --proj-coeff > 0"
+            )
+    if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
+        raise ConfigError(
+            f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
+        )
+
+
+def _check_parallel(cfg: TrainConfig) -> None:
+    """A phase boundary rebuilds the parallel wrapper over the new trainable set: not every backend can."""
+    flag = phase_flag(cfg)
+    if flag and cfg.run.parallel == "fsdp":
+        raise ConfigError(
+            f"{flag} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
+            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
+            "deepspeed with ZeRO stage 1/2"
+        )
+    zero = (cfg.deepspeed or {}).get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
+    stage = zero.get("stage", 2) if isinstance(zero, dict) else 2  # engine/parallel/dsconfig.py's default
+    if flag and cfg.run.parallel == "deepspeed" and stage == 3:
+        raise ConfigError(
+            f"--parallel deepspeed: {flag} with ZeRO stage 3: the phase change rebuilds the engine over the new "
+            "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
+        )
+
+
+def check_eval(cfg: TrainConfig) -> None:
+    """The in-training evaluation's rules (``--eval-every``; repa_fast.eval.training): FID and IS statistics need
+    ``eval.fid.MIN_SAMPLES`` images (a covariance of one sample is undefined)."""
+    r = cfg.run
+    if not r.eval_every:
+        return
+    from repa_fast.eval.fid import MIN_SAMPLES
+
+    if r.eval_samples < MIN_SAMPLES:
+        raise ConfigError(
+            f"--eval-samples {r.eval_samples} is too small for --eval-every: FID and IS need at least {MIN_SAMPLES} "
+            "samples"
+        )
 
 
 def field_specs():

@@ -7,7 +7,7 @@ too. Anything else is a bug and keeps Python's traceback (exit code 1).
 Exit codes (README "Exit codes and errors"):
     0  success
     1  unexpected internal error (a bug: the traceback is printed)
-    2  user mistake: option, config file, data, checkpoint, missing optional package (also argparse's own errors)
+    2  user mistake: option, config file, data, checkpoint, missing optional package (also the flag parser's own)
     3  training stopped on purpose (--on-nan stop); the message names the last good checkpoint
     4  another process of a multi-process run died or stopped answering
     5  a write failed (disk full, quota, read-only or failing disk); partial files are removed
@@ -151,8 +151,10 @@ def entry_point(prog: str):
 def _report(prog: str, exc: BaseException, message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(exc)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    who = f" (rank {os.environ.get('RANK', 0)})" if world > 1 else ""
+    from repa_fast.engine.parallel.process_group import launch_env  # on the error path only (it imports torch)
+
+    rank, world, _ = launch_env()
+    who = f" (rank {rank})" if world > 1 else ""
     hint = "" if debug else " (--debug shows the traceback)"
     print(f"{prog}{who}: error: {worker_message(message)}{hint}", file=sys.stderr)
     return code

@@ -4,7 +4,8 @@
 system); whatever the body writes there is fsynced and renamed over ``path`` when it ends. Any failure (a full disk,
 a quota, an I/O error, or a library's own error type for them) removes the temporary and raises ``WriteError``
 naming the file, the space needed when known, and what is still intact; a crash leaves only a ``.tmp-`` name, which
-readers ignore and the next run may delete.
+readers ignore and the next run may delete. ``publish`` is the same last step for a resumable job's work area, which
+survives a failure so that a rerun continues.
 """
 
 import contextlib
@@ -123,6 +124,17 @@ def resumable_work(path: str, note: str) -> Iterator[None]:
         if not is_write_failure(e):
             raise
         raise write_error(e.filename or path, e, intact=note, removed=False) from e
+
+
+def publish(work: str, path: str) -> str:
+    """Move a finished work area ``work`` (a directory or file built in place by a resumable job: pack, preprocess,
+    the target cache) to ``path``: its contents are fsynced, then it is renamed, so ``path`` appears complete or not
+    at all. Unlike ``atomic_path`` the work area is not removed on failure: a rerun continues from it. Returns
+    ``path``."""
+    fsync_tree(work)
+    os.replace(work, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return path
 
 
 def write_text(path: str, text: str, **kw) -> str:

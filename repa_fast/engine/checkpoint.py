@@ -4,8 +4,8 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/<step:07d>/``:
     model.safetensors   trainable model weights (full, unsharded, fp32)
     ema.safetensors     EMA weights
     state.pt            optimizer, grad scaler, step, data position, config: plain containers of tensors and numbers,
-                        loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference stores an
-                        argparse.Namespace that needs ``weights_only=False``)
+                        loadable with ``torch.load(weights_only=True)`` (no pickled classes; the reference pickles
+                        its parsed command line, a Namespace that needs ``weights_only=False``)
     rng/rank<r>.pt      RNG states of process r (python, numpy, torch CPU, CUDA)
 Everything is written into ``.tmp-<step>-<pid>/`` (repa_fast.io.atomic_path), fsynced, then renamed: a crash or a
 full disk mid-save leaves the previous checkpoint intact, and a failed save removes its partial files and says so.
@@ -145,6 +145,55 @@ def clean_stale_tmp(run_dir: str) -> None:
         for d in os.listdir(root):
             if d.startswith(TMP_PREFIX) or ".old-" in d:
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+class Checkpointer:
+    """When a save is due and how it is written (torchtitan's CheckpointManager habit): the loop only asks.
+
+    A save is due every ``every`` steps, at ``last_step``, at the end of each recipe phase (``boundaries``: the
+    warm-up's last weights are kept whatever the cadence) and when the loop stops on a signal. ``save`` gathers the
+    full state through the backend on every rank (collectives), rank 0 writes it with ``write_checkpoint`` (atomic,
+    then the oldest beyond ``keep`` are deleted), and every rank waits for it.
+    """
+
+    def __init__(self, run_dir: str, *, every: int, last_step: int, boundaries=(), keep: int = 0, config=None):
+        self.run_dir, self.every, self.last_step, self.keep = run_dir, every, last_step, keep
+        self.boundaries = frozenset(boundaries)
+        self.config = config or {}  # the run's flat options, stored in state.pt for --resume's compatibility check
+
+    def due(self, step: int, stopping: bool = False) -> bool:
+        return step % self.every == 0 or step == self.last_step or step in self.boundaries or stopping
+
+    def save(self, state, backend) -> str | None:
+        """Write ``state`` (the loop's State: model, ema, scaler, sampler, step, phase, nonfinite_total) as checkpoint
+        ``state.step``; returns its path on rank 0 (None elsewhere)."""
+        model_sd = backend.full_state_dict(state.model)
+        ema_sd = backend.full_ema_state_dict(state.ema)
+        opt_sd = backend.optimizer_state_dict(state.model)
+        rngs = backend.gather_objects(rng_state())
+        path = None
+        if backend.is_main:
+            extra = {
+                "optimizer": opt_sd,
+                "scaler": state.scaler.state_dict() if state.scaler else None,
+                "sampler": state.sampler.state_dict(),
+                "config": self.config,
+                "world_size": backend.world_size,
+                "nonfinite_total": state.nonfinite_total,
+                "phase": state.phase.name,
+            }
+            path = write_checkpoint(
+                self.run_dir,
+                state.step,
+                model_sd=model_sd,
+                ema_sd=ema_sd,
+                state=extra,
+                rng=dict(enumerate(rngs)),
+                keep=self.keep,
+            )
+            logger.info("saved checkpoint %s", path)
+        backend.barrier()
+        return path
 
 
 def _load_file(path: str, loader):

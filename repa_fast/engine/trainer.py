@@ -8,6 +8,10 @@ then unscale (fp16) -> clip -> fused AdamW step (skipped on non-finite gradients
 Losses stay on device and are read every ``log_every`` steps. Everything that can refuse a command (options,
 resume compatibility, data, weights) is checked before the first write to the run directory. SIGTERM / SIGINT /
 SIGUSR1 stop the run after the current step with a checkpoint (engine/stop.py).
+
+This module runs the loop; repa_fast/build.py assembles what it runs (``build_run``, then ``build_training`` once the
+weights are in place, in the order and with the seeding documented there), and ``checkpoint.Checkpointer`` decides
+when a save is due and writes it: the loop only asks.
 """
 
 import logging
@@ -19,27 +23,30 @@ import torch
 
 from repa_fast.build import (
     AMP_DTYPES,
-    build_dataset,
+    Run,
+    build_backend,
     build_loader,
-    build_models,
-    build_optimizer,
-    build_targets,
+    build_phase,
+    build_run,
+    build_training,
+    rank_seed,
     seed_everything,
 )
-from repa_fast.config import ConfigError, TrainConfig, micro_batch_size, run_dir
+from repa_fast.config import ConfigError, TrainConfig, run_dir
 from repa_fast.data import ResumableDistributedSampler
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.engine import compat
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
-from repa_fast.engine.parallel import Backend, make_backend, parallelize
+from repa_fast.engine.parallel import Backend
+from repa_fast.engine.parallel.process_group import launch_env
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.engine.stop import StopRequest
 from repa_fast.errors import TrainingStopped
 from repa_fast.eval.training import make_training_evaluator
 from repa_fast.io import write_json
 from repa_fast.objective import sample_posterior, training_loss, warmup_loss
-from repa_fast.recipe import Phase, Recipe, build_recipe
+from repa_fast.recipe import Phase, Recipe
 
 logger = logging.getLogger("repa_fast")
 
@@ -62,16 +69,19 @@ class State:
     phase: Phase | None = None  # the phase the wrapper, optimizer and EMA were built for
     fixed: frozenset = frozenset()  # parameters that never train (pos_embed)
     evaluator: object = None  # repa_fast.eval.training.TrainingEvaluator when --eval-every is set
+    seed: int = 0  # --seed: the base of the reseed rule after a resume without RNG streams (build.rank_seed)
 
 
 def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
     """Run training as configured; returns a summary (final step, run directory, last logged metrics; after a
     signal also ``stopped_by``, ``checkpoint`` and ``resume_command``, the command that continues the run).
 
-    A collective that fails because another process died or hung (bounded by REPA_FAST_DIST_TIMEOUT) is raised as
-    ``PeerFailure``; the process group is destroyed on every exit path.
+    ``cfg.validate`` runs first (the CLI's checks, for library callers too). A collective that fails because another
+    process died or hung (bounded by REPA_FAST_DIST_TIMEOUT) is raised as ``PeerFailure``; the process group is
+    destroyed on every exit path.
     """
-    backend = make_backend(cfg.run.parallel, cfg.run.device, cfg.deepspeed)
+    cfg.validate(launch_env()[1])
+    backend = build_backend(cfg)
     clean = False
     try:
         summary = _train(cfg, backend, resume_command or "the same command with --resume")
@@ -122,60 +132,66 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     setup_logging(backend.is_main)  # stderr only: nothing is written before every check has passed
     _report_launcher(cfg, backend)
     resume_from, saved, foreign = check_resume(cfg, backend)
-    seed_everything(cfg.run.seed)  # identical initial weights (and random target encoders) on every rank
-    if cfg.run.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    device = backend.device
-    micro = micro_batch_size(cfg, backend.world_size)
-    dataset = build_dataset(cfg)
-    model, encoders = build_models(cfg, dataset, device)
-    dataset, encoders = build_targets(cfg, dataset, encoders)  # --targets cached: checked against the encoders
-    recipe = build_recipe(cfg)
-    if foreign:  # a reference / ERW .pt file (read without unpickling anything but argparse.Namespace)
-        saved = compat.read_as_saved(resume_from, model, cfg.run.resume_step, lambda s: recipe.phase(s).name)
-    evaluator = make_training_evaluator(cfg, dataset, device, backend.is_main)  # checked before any write
-    init_sd = compat.init_weights(cfg.run.init_from, model) if cfg.run.init_from and saved is None else None
+    run = build_run(cfg, backend)  # seed, dataset, encoders / cached targets, SiT, recipe (repa_fast.build)
+    if foreign:  # a reference / ERW .pt file (weights_only: no class unpickled but the reference's Namespace)
+        saved = compat.read_as_saved(resume_from, run.model, cfg.run.resume_step, lambda s: run.recipe.phase(s).name)
+    evaluator = make_training_evaluator(cfg, run.dataset, backend.device, backend.is_main)  # checked before any write
+    init_sd = compat.init_weights(cfg.run.init_from, run.model) if cfg.run.init_from and saved is None else None
     out = prepare_run_dir(cfg, backend)  # the first write to the run directory
     setup_logging(backend.is_main, out)
     if backend.is_main:
         save_resolved_config(cfg, out)
-        _log_setup(cfg, model, encoders, dataset, backend, micro)
+        _log_setup(run)
     if saved is not None:  # full fp32 weights into the plain model: every backend then shards/copies them as usual
-        backend.load_model_state_dict(model, saved["model"])
+        backend.load_model_state_dict(run.model, saved["model"])
     elif init_sd is not None:  # a new run (step 0) from existing weights; the EMA starts from them
-        backend.load_model_state_dict(model, init_sd)
+        backend.load_model_state_dict(run.model, init_sd)
         logger.info("initialised the model from %s", cfg.run.init_from)
-    phase = recipe.phase(int(saved["state"]["step"]) if saved else 0)
-    fixed = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
-    train_model, optimizer, ema = enter_phase(cfg, backend, model, phase, fixed)
-    seed_everything(cfg.run.seed + backend.rank)  # reference: seed + process index, for everything drawn from here on
-    use_scaler = cfg.run.mixed_precision == "fp16" and backend.torch_grad_scaler  # DeepSpeed scales losses itself
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    sampler = ResumableDistributedSampler(
-        len(dataset), cfg.optim.batch_size, rank=backend.rank, world_size=backend.world_size, seed=cfg.run.seed
-    )
-    state = State(
-        model,
-        train_model,
-        ema,
-        optimizer,
-        scaler,
-        sampler,
-        recipe=recipe,
-        phase=phase,
-        fixed=fixed,
-        evaluator=evaluator,
-    )
-    if saved is not None:
-        load_state(state, resume_from, saved, backend)
-    loader = build_loader(cfg, dataset, sampler, micro, device, backend.rank)
+    state = start_state(run, saved, resume_from, evaluator)
+    loader = build_loader(cfg, run.dataset, state.sampler, run.micro, backend.device, backend.rank)
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
-    previewer = _make_previewer(cfg, dataset, device) if backend.is_main and cfg.run.sampling_steps else None
+    previewer = None
+    if backend.is_main and cfg.run.sampling_steps:
+        previewer = _make_previewer(cfg, run.dataset, backend.device)
+    checkpointer = ckpt.Checkpointer(
+        out,
+        every=cfg.run.checkpointing_steps,
+        last_step=cfg.run.max_train_steps,
+        boundaries=run.recipe.boundaries(),  # the end of a phase is always saved
+        keep=cfg.run.checkpoints_total_limit,
+        config=cfg.flat(),
+    )
     try:
         with StopRequest() as state.stop:
-            last = run_loop(cfg, state, backend, loader, encoders, sinks, previewer, out)
+            last = run_loop(cfg, state, backend, loader, run.encoders, sinks, previewer, checkpointer)
     finally:
         sinks.close()
+    return _summary(state, backend, out, last, resume_command)
+
+
+def start_state(run: Run, saved: dict | None, resume_from: str | None, evaluator) -> State:
+    """The loop's State at the first step: a fresh run's, or the checkpoint's (``load_state``)."""
+    phase = run.recipe.phase(int(saved["state"]["step"]) if saved else 0)
+    t = build_training(run, phase)  # wrap, optimizer, EMA; then seed + rank (repa_fast.build)
+    state = State(
+        run.model,
+        t.train_model,
+        t.ema,
+        t.optimizer,
+        t.scaler,
+        t.sampler,
+        recipe=run.recipe,
+        phase=phase,
+        fixed=run.fixed,
+        evaluator=evaluator,
+        seed=run.cfg.run.seed,
+    )
+    if saved is not None:
+        load_state(state, resume_from, saved, run.backend)
+    return state
+
+
+def _summary(state: State, backend: Backend, out: str, last: dict, resume_command: str) -> dict:
     if backend.is_main and os.path.exists(os.path.join(out, "log.jsonl")):
         plot_loss_curve(os.path.join(out, "log.jsonl"), os.path.join(out, "loss_curve.png"))
     summary = {"step": state.step, "run_dir": out, "metrics": last, "nonfinite_losses": state.nonfinite_total}
@@ -192,25 +208,10 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     return summary
 
 
-def enter_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
-    """Freeze what the phase does not train, then wrap for it: (train_model, optimizer, ema).
-
-    The wrapper and a fresh optimizer are built over the phase's trainable set only (DDP and ZeRO reject parameters
-    that get no gradient), and the EMA starts from the current weights, as ERW's full phase does
-    (LINs-lab/ERW train.py:604-660: fresh AdamW, EMA initialised from the warmed-up weights).
-    """
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in fixed and phase.trains(name))
-    train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
-    optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
-    ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
-    return train_model, optimizer, ema
-
-
 def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase) -> None:
     """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase."""
     state.train_model = state.optimizer = state.ema = None  # release the old wrapper (and its DDP hooks) first
-    state.train_model, state.optimizer, state.ema = enter_phase(cfg, backend, state.model, phase, state.fixed)
+    state.train_model, state.optimizer, state.ema = build_phase(cfg, backend, state.model, phase, state.fixed)
     state.train_model.train()
     state.phase = phase
     n = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
@@ -250,7 +251,8 @@ def _make_previewer(cfg: TrainConfig, dataset, device):
     )
 
 
-def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
+def _log_setup(run: Run) -> None:
+    cfg, model, dataset, backend = run.cfg, run.model, run.dataset, run.backend
     n = sum(p.numel() for p in model.parameters())
     logger.info(
         "run %s: %s (%.2fM params), %d process(es) [%s] on %s, global batch %d = %d x %d x %d",
@@ -263,7 +265,7 @@ def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
         cfg.optim.batch_size,
         backend.world_size,
         cfg.optim.gradient_accumulation_steps,
-        micro,
+        run.micro,
     )
     logger.info(
         "data: %s (%d samples, %s, latents %s)",
@@ -272,7 +274,7 @@ def _log_setup(cfg, model, encoders, dataset, backend, micro) -> None:
         f"{dataset.resolution}px",
         tuple(dataset.latent_shape),
     )
-    for e in encoders:
+    for e in run.encoders:
         kind = "pretrained weights" if cfg.target.encoder_pretrained else "RANDOM weights (demo/test only)"
         logger.info("target encoder %s: %s, %d tokens x %d", e.enc_name, kind, e.grid**2, e.embed_dim)
 
@@ -348,7 +350,10 @@ def optimizer_step(cfg: TrainConfig, state: State, backend: Backend, meter: Loss
     state.step += 1
 
 
-def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out) -> dict:
+def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, checkpointer: ckpt.Checkpointer) -> dict:
+    """Steps until --max-train-steps (or --epochs, or a stop signal); asks ``checkpointer`` after every step whether a
+    save is due. Returns the last logged metrics."""
+    out = checkpointer.run_dir
     amp_dtype = AMP_DTYPES[cfg.run.mixed_precision]
     meter = LossMeter(backend.device)
     accum, last_metrics = cfg.optim.gradient_accumulation_steps, {}
@@ -378,34 +383,40 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, out
             sinks.log(step, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
         stopping = _stop_agreed(state, backend, meter) and step < cfg.run.max_train_steps
-        boundary = step in state.recipe.boundaries()  # the end of a phase is always saved
-        save_due = step % cfg.run.checkpointing_steps == 0 or step == cfg.run.max_train_steps or boundary or stopping
-        preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
-        if (save_due or preview_due) and backend.device.type == "cuda":
-            torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
-        t_pause = time.perf_counter()
-        if save_due:
-            if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
-                _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
-            save_state(cfg, state, backend, out)
-        if preview_due:
-            ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
-            if previewer is not None:
-                path = previewer(
-                    ema_model,
-                    os.path.join(out, "samples", f"{step:07d}.png"),
-                    num_steps=cfg.run.preview_num_steps,
-                    cfg_scale=cfg.run.preview_cfg_scale,
-                )
-                sinks.add_image("samples", path, step)
-        if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
-            sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
-        t_last += time.perf_counter() - t_pause  # img/s counts training time only, not checkpoints and previews
+        t_last += _between_steps(cfg, state, backend, meter, checkpointer, sinks, previewer, stopping)
         if stopping:
             state.stopped_by = state.stop.name or "a signal to another process"
             break
     progress.close()
     return last_metrics
+
+
+def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previewer, stopping: bool) -> float:
+    """The checkpoint, preview and evaluation due after ``state.step``; returns the seconds they took (img/s counts
+    training time only, not checkpoints and previews)."""
+    step, out = state.step, checkpointer.run_dir
+    save_due = checkpointer.due(step, stopping)
+    preview_due = cfg.run.sampling_steps and (step % cfg.run.sampling_steps == 0 or step == cfg.run.max_train_steps)
+    if (save_due or preview_due) and backend.device.type == "cuda":
+        torch.cuda.synchronize()  # both sync anyway; without this the step's queued GPU work counts as pause
+    t_pause = time.perf_counter()
+    if save_due:
+        if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
+            _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
+        checkpointer.save(state, backend)
+    if preview_due:
+        ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
+        if previewer is not None:
+            path = previewer(
+                ema_model,
+                os.path.join(out, "samples", f"{step:07d}.png"),
+                num_steps=cfg.run.preview_num_steps,
+                cfg_scale=cfg.run.preview_cfg_scale,
+            )
+            sinks.add_image("samples", path, step)
+    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
+        sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
+    return time.perf_counter() - t_pause
 
 
 def _stop_agreed(state: State, backend: Backend, meter: LossMeter) -> bool:
@@ -456,34 +467,6 @@ def _progress(cfg, state, backend):
     )
 
 
-def save_state(cfg: TrainConfig, state: State, backend: Backend, out: str) -> None:
-    model_sd = backend.full_state_dict(state.model)
-    ema_sd = backend.full_ema_state_dict(state.ema)
-    opt_sd = backend.optimizer_state_dict(state.model)
-    rngs = backend.gather_objects(ckpt.rng_state())
-    if backend.is_main:
-        extra = {
-            "optimizer": opt_sd,
-            "scaler": state.scaler.state_dict() if state.scaler else None,
-            "sampler": state.sampler.state_dict(),
-            "config": cfg.flat(),
-            "world_size": backend.world_size,
-            "nonfinite_total": state.nonfinite_total,
-            "phase": state.phase.name,
-        }
-        path = ckpt.write_checkpoint(
-            out,
-            state.step,
-            model_sd=model_sd,
-            ema_sd=ema_sd,
-            state=extra,
-            rng=dict(enumerate(rngs)),
-            keep=cfg.run.checkpoints_total_limit,
-        )
-        logger.info("saved checkpoint %s", path)
-    backend.barrier()
-
-
 def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
     """Everything but the model weights (loaded before ``wrap``): EMA, optimizer, scaler, data position, RNG.
 
@@ -504,7 +487,7 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
         state.scaler.load_state_dict(saved["state"]["scaler"])
     state.step = int(saved["state"]["step"])
     if saved["state"].get("foreign"):  # the reference saved no data position or RNG: fresh, distinct streams
-        seed_everything(int(saved["state"]["step"]) * 1_000_003 + backend.rank)
+        seed_everything(rank_seed(state.seed, backend.rank, state.step))
         logger.info(  # again, now that train.log exists: the file was read before the run directory was written
             "resumed from %s at step %d (data order restarts at epoch 0); not restored: %s",
             path,
@@ -518,7 +501,7 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
     if "rng" in saved and same_world:
         ckpt.set_rng_state(saved["rng"])
     else:  # a different process count: no per-rank stream to continue, so derive fresh, distinct ones
-        seed_everything(int(saved["state"]["config"]["seed"]) + backend.rank + 1_000_003 * state.step)
+        seed_everything(rank_seed(int(saved["state"]["config"]["seed"]), backend.rank, state.step))
         logger.warning(
             "resumed with %d processes from a %s-process checkpoint: data order is exact, random streams are reseeded",
             backend.world_size,

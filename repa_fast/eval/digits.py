@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_fast.io import atomic_path
+
 logger = logging.getLogger("repa_fast")
 
 RESOLUTION = 16
@@ -88,11 +90,10 @@ def load_digits_classifier(cache_dir: str, device=None) -> DigitsClassifier:
     else:
         net, acc = train_digits_classifier()
         logger.info("trained the digits feature network: held-out accuracy %.3f; cached in %s", acc, path)
-        from repa_fast.io import atomic_path
 
         os.makedirs(cache_dir, exist_ok=True)
+        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
         with atomic_path(path) as tmp:
-            weights = {k: v.contiguous() for k, v in net.state_dict().items()}
             save_file(weights, tmp, metadata={"accuracy": f"{acc:.4f}"})
     return net.eval().requires_grad_(False).to(device or "cpu")
 

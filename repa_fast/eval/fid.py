@@ -28,6 +28,9 @@ from repa_fast.errors import UserError
 logger = logging.getLogger("repa_fast")
 
 
+MIN_SAMPLES = 2  # feature vectors a covariance needs: the smallest N of FID-N (the one source; config.check_eval)
+
+
 class FrechetError(UserError, ValueError):
     """The Fréchet distance cannot be computed from these statistics (mismatched shapes, complex sqrtm)."""
 
@@ -43,8 +46,8 @@ class FeatureStats:
     def from_features(cls, acts: np.ndarray) -> FeatureStats:
         """``np.mean`` and ``np.cov(rowvar=False)`` of (N, D) activations, as ADM's ``compute_statistics``."""
         acts = np.asarray(acts)
-        if acts.ndim != 2 or acts.shape[0] < 2:
-            raise FrechetError(f"need at least 2 feature vectors of shape (N, D), got {acts.shape}")
+        if acts.ndim != 2 or acts.shape[0] < MIN_SAMPLES:
+            raise FrechetError(f"need at least {MIN_SAMPLES} feature vectors of shape (N, D), got {acts.shape}")
         return cls(np.mean(acts, axis=0), np.cov(acts, rowvar=False))
 
     def frechet_distance(self, other: FeatureStats, eps: float = 1e-6) -> float:

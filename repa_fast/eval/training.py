@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import torch
 
-from repa_fast.config import ConfigError, TrainConfig
+from repa_fast.config import ConfigError, TrainConfig, check_eval
 
 logger = logging.getLogger("repa_fast")
 
@@ -42,9 +42,7 @@ class TrainingEvaluator:
         from repa_fast.evaluate import prepare_evaluation, reference_statistics
 
         r = cfg.run
-        for name in ("eval_samples", "eval_num_steps", "eval_batch_size"):
-            if getattr(r, name) < (2 if name == "eval_samples" else 1):
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(r, name)} is too small for --eval-every")
+        check_eval(cfg)  # the options' rules live with the config (TrainConfig.validate runs them too)
         c = dataset.latent_shape[0] // 2
         if cfg.data.vae is None and c != 3:
             raise ConfigError("--eval-every on latent data needs --vae DIR to decode the samples into images")
@@ -115,8 +113,6 @@ class TrainingEvaluator:
 
 def make_training_evaluator(cfg: TrainConfig, dataset, device, is_main: bool) -> TrainingEvaluator | None:
     """None when ``--eval-every`` is 0; otherwise a checked evaluator (ConfigError on any missing piece)."""
-    if not cfg.run.eval_every:
+    if not cfg.run.eval_every:  # its range (>= 0) is checked on the field (config.py)
         return None
-    if cfg.run.eval_every < 0:
-        raise ConfigError(f"--eval-every {cfg.run.eval_every} must be >= 0")
     return TrainingEvaluator(cfg, dataset, device, is_main)

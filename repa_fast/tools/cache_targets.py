@@ -51,7 +51,8 @@ from repa_fast.data.cached_targets import (
     read_header,
 )
 from repa_fast.data.common import DataError, LatentDataset
-from repa_fast.io import write_text
+from repa_fast.engine.parallel.process_group import launch_env
+from repa_fast.io import publish, write_text
 
 logger = logging.getLogger("repa_fast.tools.cache_targets")
 
@@ -201,8 +202,7 @@ class Job:
     def finalize(self) -> str:
         _atomic_json(os.path.join(self.work, HEADER_FILE), self.plan)
         shutil.rmtree(self.progress)
-        os.replace(self.work, self.out)
-        return self.out
+        return publish(self.work, self.out)
 
 
 def cache_targets(
@@ -231,12 +231,12 @@ def cache_targets(
     from repa_fast.config import TrainConfig
     from repa_fast.data import open_dataset
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    rank, world, _ = launch_env()
     if mixed_precision not in COMPUTE_DTYPES:
         raise DataError(f"--mixed-precision must be one of {sorted(COMPUTE_DTYPES)}, got {mixed_precision!r}")
     ds = open_dataset(data_dir, num_classes=num_classes, resolution=resolution)
     if device == "auto":
-        local = int(os.environ.get("LOCAL_RANK", rank))
+        local = launch_env(default_local_rank=rank)[2]
         device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig()  # the encoders exactly as train.py builds them from the same options (repa_fast.build)
     cfg.update(

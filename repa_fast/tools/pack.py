@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from repa_fast import errors
-from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, ranged
+from repa_fast.cli import ranged
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE
 from repa_fast.data.common import DataError
 from repa_fast.data.packed import (
     LATENT_DTYPES,
@@ -35,7 +36,7 @@ from repa_fast.data.packed import (
     write_index,
 )
 from repa_fast.data.ref_layout import RefFolderDataset
-from repa_fast.io import TMP_PREFIX, resumable_work, write_json
+from repa_fast.io import TMP_PREFIX, publish, resumable_work, write_json
 
 PROGRESS_FILE = "progress.json"
 
@@ -140,7 +141,7 @@ def _pack_into(ds, src, dst, tmp, plan, specs, dtype, workers, batch_size, flush
     source = {"layout": "ref", "path": os.path.abspath(src), "order": "reference sorted order"}
     index = write_index(tmp, specs, resolution=ds.resolution, latent_shape=ds.latent_shape, source=source)
     os.remove(os.path.join(tmp, PROGRESS_FILE))
-    os.replace(tmp, dst)
+    publish(tmp, dst)
     return index
 
 

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from repa_fast import errors
-from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ranged
+from repa_fast.cli import ranged
+from repa_fast.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from repa_fast.data.common import DataError
 from repa_fast.data.packed import LATENT_DTYPES, allocate_fields, field_specs, open_fields, write_index
 from repa_fast.data.ref_layout import (
@@ -46,7 +47,8 @@ from repa_fast.data.ref_layout import (
 )
 from repa_fast.data.transforms import adm_center_crop
 from repa_fast.data.vae import encode_moments, latent_geometry, load_vae, read_vae_config
-from repa_fast.io import resumable_work, write_json
+from repa_fast.engine.parallel.process_group import launch_env
+from repa_fast.io import publish, resumable_work, write_json
 
 PROGRESS_DIR = ".progress"
 RECORD_FILE = "preprocess.json"  # ref layout: the finished job's plan (the reference loader ignores it)
@@ -278,7 +280,7 @@ class Job:
         if self.cfg.device != "auto":
             return torch.device(self.cfg.device)
         if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", rank))
+            local = launch_env(default_local_rank=rank)[2]  # a --workers child: its index picks the GPU
             return torch.device("cuda", local % torch.cuda.device_count())
         return torch.device("cpu")
 
@@ -380,8 +382,7 @@ class Job:
             self.work, self.specs, resolution=self.cfg.resolution, latent_shape=self.latent_shape, source=source
         )
         shutil.rmtree(self.progress)
-        os.replace(self.work, self.cfg.dest)
-        return self.cfg.dest
+        return publish(self.work, self.cfg.dest)
 
 
 def _child(cfg: PreprocessConfig, rank: int, world: int) -> None:
@@ -405,7 +406,7 @@ def preprocess(cfg: PreprocessConfig) -> str | None:
 
 
 def _preprocess(cfg: PreprocessConfig) -> str | None:
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    rank, world, _ = launch_env()
     if world > 1 and cfg.workers > 1:
         raise DataError("use either torchrun (WORLD_SIZE > 1) or --workers N, not both")
     job = Job(cfg)

@@ -74,10 +74,12 @@ class StepRig:
         import torch
 
         from repa_fast import build as B
+        from repa_fast.data import ResumableDistributedSampler
         from repa_fast.engine import trainer as T
         from repa_fast.engine.ema import EMA
         from repa_fast.engine.metrics import LossMeter
         from repa_fast.engine.parallel import Backend
+        from repa_fast.recipe import build_recipe
 
         self.T, self.cfg, self.device = T, cfg, torch.device(device)
         dataset = B.build_dataset(cfg)
@@ -86,8 +88,8 @@ class StepRig:
         opt = B.build_optimizer(cfg, self.model)
         fp16 = cfg.run.mixed_precision == "fp16"
         scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
-        sampler = T.ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
-        recipe = T.build_recipe(cfg)
+        sampler = ResumableDistributedSampler(len(dataset), cfg.optim.batch_size)
+        recipe = build_recipe(cfg)
         self.state = T.State(
             self.model, self.backend.wrap(self.model, opt), EMA(self.model), opt, scaler, sampler, recipe=recipe
         )

@@ -1,8 +1,8 @@
 """Process backends behind one interface; the model code stays single-device (parallelism is applied from outside).
 
-``make_backend(kind)`` reads the launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), which
-torchrun, the ``deepspeed`` launcher and a manual launch all set the same way, on one node or many: nothing here
-depends on the node count (LOCAL_RANK only picks the GPU).
+``make_backend(kind)`` reads the launcher environment (RANK, WORLD_SIZE, LOCAL_RANK through
+``process_group.launch_env``; MASTER_ADDR/PORT), which torchrun, the ``deepspeed`` launcher and a manual launch all
+set the same way, on one node or many: nothing here depends on the node count (LOCAL_RANK only picks the GPU).
 
     kind        module            model                       optimizer state        EMA (fp32)
     none        base.py           as is                       full                   full copy
@@ -22,16 +22,16 @@ sharded or optimised), checkpoints hold full fp32 tensors with the optimizer sta
 saved by any backend with N processes resumes on any backend with M.
 """
 
-from repa_fast.engine.parallel.base import Backend, env_world
+from repa_fast.engine.parallel.base import Backend
 from repa_fast.engine.parallel.parallelize import apply_compile, parallelize
-from repa_fast.engine.parallel.process_group import PeerFailure
+from repa_fast.engine.parallel.process_group import PeerFailure, launch_env
 
-__all__ = ["Backend", "PeerFailure", "apply_compile", "make_backend", "parallelize"]
+__all__ = ["Backend", "PeerFailure", "apply_compile", "launch_env", "make_backend", "parallelize"]
 
 
 def make_backend(kind: str = "auto", device: str = "auto", ds_config: dict | None = None) -> Backend:
     """The backend for ``--parallel kind``; ``ds_config`` is the resolved DeepSpeed config (deepspeed only)."""
-    _, world, _ = env_world()
+    _, world, _ = launch_env()
     if kind == "auto":
         kind = "ddp" if world > 1 else "none"
     if kind == "none":

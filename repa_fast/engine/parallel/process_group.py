@@ -13,10 +13,21 @@ import os
 import torch
 import torch.distributed as dist
 
-from repa_fast.engine.parallel.base import Backend
+from repa_fast.engine.parallel.base import Backend, env_world
 
 # Read when a process group is created, so tests can lower it through the environment.
 DEFAULT_TIMEOUT_S = 60
+
+
+def launch_env(default_local_rank: int = 0) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) of this process, as torchrun, the deepspeed launcher, ``accelerate launch`` and a
+    manual launch all set them (0, 1, ``default_local_rank`` when unset). Everything outside the backends asks here
+    (repa_fast.cli, errors, build, tools/, ``make_backend``); the variables are parsed once, by ``base.env_world``,
+    which the base ``Backend`` calls itself (it cannot import this module, which derives from it).
+    ``default_local_rank`` lets a tool that spreads its own worker processes over the GPUs (``--workers N``, no
+    launcher) pick the GPU by worker index."""
+    rank, world, local = env_world()
+    return rank, world, local if "LOCAL_RANK" in os.environ else default_local_rank
 
 
 def dist_timeout_s() -> int:
@@ -52,9 +63,9 @@ _PRIVATE_STORES: list[str] = []  # file stores of launcher-less single-process g
 def launched_command():
     """(rank, world, device) of a command run under torchrun (or alone), with its process group for the duration:
     the sampling and evaluation commands' launch, written once. The device is cuda:LOCAL_RANK when CUDA is there."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, local_rank = launch_env()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # Triton kernels and NCCL use the current device
     if world > 1:
@@ -72,7 +83,7 @@ def init_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if "MASTER_ADDR" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if "MASTER_ADDR" not in os.environ and launch_env()[1] == 1:
         # A single process not started by a launcher (e.g. --parallel deepspeed on one GPU): a private file store.
         import tempfile
 
