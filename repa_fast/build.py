@@ -248,6 +248,14 @@ def build_run(cfg: TrainConfig, backend: Backend) -> Run:
     return Run(cfg, backend, micro, dataset, encoders, model, build_recipe(cfg), fixed)
 
 
+def build_evaluator(cfg: TrainConfig, dataset, backend: Backend):
+    """The in-training evaluator (``--eval-every``: FID-N / IS of the EMA; repa_fast.eval.training), or None. Built
+    with the run so that everything it needs is checked before the first write."""
+    from repa_fast.eval.training import make_training_evaluator  # eval sits above engine: imported here, not there
+
+    return make_training_evaluator(cfg, dataset, backend.device, backend.is_main)
+
+
 def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
     """Freeze what the phase does not train, then wrap for it: (train_model, optimizer, ema).
 

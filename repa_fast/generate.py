@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from repa_fast import errors
+from repa_fast.build import model_kwargs
 from repa_fast.engine.adapters import arch_from_keys, legacy_remap
 from repa_fast.engine.checkpoint import CheckpointError, Run, load_run
 from repa_fast.models.sit import build_sit, parse_model_name
@@ -107,6 +108,7 @@ def build_model(opts: ModelOptions, run: Run) -> torch.nn.Module:
         qk_norm=arch["qk_norm"],
         fused_attn=opts.fused_attn,
         use_rope=use_rope,
+        impl=model_kwargs(run.config.model)["impl"],  # the run's --kernels, mapped as training maps it (build.py)
     )
     try:
         model.load_state_dict(sd, strict=True)

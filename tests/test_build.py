@@ -134,12 +134,6 @@ def test_bench_builds_the_sit_as_training(records):
     assert "cache writer" not in records.sit  # the cache writer builds no SiT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 item 4: eval/layer_features.py builds its SiT through generate.build_model, which does not map "
-    "--kernels to impl (the run's --kernels ref samples with impl 'auto'); generate/layer_features are being moved "
-    "onto checkpoint.load_run and build.py by their owners",
-)
 def test_layer_features_builds_the_sit_as_training(records):
     assert records.sit["layer features"] == records.sit["training"]
 

@@ -168,8 +168,8 @@ def package_graph(graph: dict[str, set], prefix: str, path: str) -> dict[str, se
 
 LAZY_GRAPH = import_graph(PACKAGE_DIR, "repa_fast", lazy=True)
 # Circles other engineers are removing (issue 17): each has a strict xfail below, which fails once the circle is gone.
-KNOWN_MODULE_CYCLES = {frozenset({"repa_fast.models.encoders", "repa_fast.models.vit_encoder_files"})}
-KNOWN_PACKAGE_CYCLES = {frozenset({"repa_fast.data", "repa_fast.models"})}
+KNOWN_MODULE_CYCLES: set = set()  # none left (issue 17); a new one fails test_repa_fast_has_no_lazy_import_cycle
+KNOWN_PACKAGE_CYCLES: set = set()
 
 
 def test_repa_fast_has_no_import_cycle():
@@ -202,13 +202,10 @@ def test_no_import_cycle_through_function_level_imports():
     assert new == [], f"import circles: {new}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 item 4: models/encoders.py <-> models/vit_encoder_files.py (build_vit_encoder one way; "
-    "_hf_cache_dir, freeze the other), removed by models/weight_files.py (houselibs)",
-)
 def test_no_models_encoders_vit_encoder_files_cycle():
-    assert not set(strongly_connected(LAZY_GRAPH)) & KNOWN_MODULE_CYCLES
+    """The circle issue 17 found (build_vit_encoder one way; _hf_cache_dir, freeze the other) stays removed."""
+    pair = frozenset({"repa_fast.models.encoders", "repa_fast.models.vit_encoder_files"})
+    assert not any(pair <= c for c in strongly_connected(LAZY_GRAPH))
 
 
 def test_no_package_level_import_cycle():
@@ -219,13 +216,10 @@ def test_no_package_level_import_cycle():
     assert new == [], f"package-level import circles: {new}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17: data/cached_targets.py imports models.dinov2 (IMAGENET_MEAN/STD, the default preprocessing) and "
-    "models/digits_encoder.py imports data.demo (the digits); both lazily, inside functions",
-)
 def test_no_data_models_package_cycle():
-    assert not set(strongly_connected(package_graph(LAZY_GRAPH, "repa_fast", PACKAGE_DIR))) & KNOWN_PACKAGE_CYCLES
+    """data/cached_targets.py no longer reads models.dinov2's constants (each encoder describes its preprocessing)."""
+    pair = frozenset({"repa_fast.data", "repa_fast.models"})
+    assert not any(pair <= c for c in strongly_connected(package_graph(LAZY_GRAPH, "repa_fast", PACKAGE_DIR)))
 
 
 def test_parallel_package_has_no_cycle_even_through_lazy_imports():
@@ -287,13 +281,11 @@ ENTRY_POINTS = {
     "repa_fast.tools.pack",
     "repa_fast.tools.cache_targets",
 }
-# Reads reference / ERW checkpoints, which pickle an argparse.Namespace: it admits that one class to torch.load.
-FOREIGN_FORMAT_READERS = {"repa_fast.engine.compat"}
-# Library modules that still take or fake a Namespace; their owners are converting them (issue 17 item 3).
-ARGPARSE_BEING_REMOVED = {
-    "repa_fast.eval.layer_features": "add_layer_feature_args / collect_layer_features(args)",
-    "repa_fast.eval.training": "_eval_args fakes a Namespace for evaluate.prepare_evaluation",
-}
+# The shared flag groups of those command lines (cli_flags.py builds argparse flags from the options dataclasses).
+CLI_LAYER = {"repa_fast.cli_flags"}
+# Reads reference / ERW checkpoints, which pickle an argparse.Namespace: it names that class to admit it safely.
+FOREIGN_FORMAT_READERS = {"repa_fast.engine.adapters.base"}
+ARGPARSE_BEING_REMOVED: dict[str, str] = {}
 MODULES = walk_modules(PACKAGE_DIR, "repa_fast")
 LIBRARY_MODULES = [
     pytest.param(
@@ -302,7 +294,7 @@ LIBRARY_MODULES = [
         if name in ARGPARSE_BEING_REMOVED
         else (),
     )
-    for name in sorted(set(MODULES) - ENTRY_POINTS - FOREIGN_FORMAT_READERS)
+    for name in sorted(set(MODULES) - ENTRY_POINTS - CLI_LAYER - FOREIGN_FORMAT_READERS)
 ]
 
 

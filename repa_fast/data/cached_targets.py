@@ -46,19 +46,15 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def preprocessing(encoder) -> dict:
-    """How the encoder turns a uint8 image into its input: what a cache depends on. An encoder module may describe
-    its own (``encoder.preprocessing``); the default is ``DINOv2ViT.preprocess``."""
+    """How the encoder turns a uint8 image into its input: what a cache depends on. Every target encoder describes its
+    own (``encoder.preprocessing``: DINOv2ViT, TimmViTEncoder, DigitsEncoder)."""
     own = getattr(encoder, "preprocessing", None)
-    if isinstance(own, dict):
-        return own
-    from repa_fast.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
-
-    return {
-        "scale": "x / 255",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "resize": f"bicubic, align_corners False, no antialias, to {encoder.input_size}x{encoder.input_size}",
-    }
+    if not isinstance(own, dict):
+        raise DataError(
+            f"target encoder {getattr(encoder, 'enc_name', type(encoder).__name__)} does not describe its "
+            "preprocessing (a `preprocessing` dict property), so a target cache cannot be checked against it"
+        )
+    return own
 
 
 def dataset_fingerprint(ds: LatentDataset) -> dict:

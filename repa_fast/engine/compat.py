@@ -1,10 +1,12 @@
 """Training from checkpoints users already have: ``--resume-step N`` on the reference's / ERW's files, ``--init-from``.
 
 Which files exist and how each format's keys map to ours: ``repa_fast.engine.adapters`` (one adapter per format,
-its detection beside it); this module is what the trainer does with them (README §Checkpoints you already have).
-Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only
-admitted class. The reference's AdamW state is keyed by parameter index (over ``model.parameters()``, frozen
-``pos_embed`` included; ERW filters to trainable ones): it is mapped back to names through the file's own key order.
+its detection beside it); this module is what the trainer does with them.
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with the reference's pickled argument
+namespace as the only admitted class (``adapters.base.SavedArgs``). The reference's AdamW state is keyed by parameter
+index (over ``model.parameters()``, frozen ``pos_embed`` included; ERW filters to trainable ones): it is mapped back
+to names through the file's own key order. Where these formats are documented: docs/compatibility.md
+§Checkpoints you already have.
 """
 
 import logging

@@ -25,6 +25,7 @@ from repa_fast.build import (
     AMP_DTYPES,
     Run,
     build_backend,
+    build_evaluator,
     build_loader,
     build_phase,
     build_run,
@@ -43,7 +44,6 @@ from repa_fast.engine.parallel.process_group import launch_env
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.engine.stop import StopRequest
 from repa_fast.errors import TrainingStopped
-from repa_fast.eval.training import make_training_evaluator
 from repa_fast.io import write_json
 from repa_fast.objective import sample_posterior, training_loss, warmup_loss
 from repa_fast.recipe import Phase, Recipe
@@ -135,7 +135,7 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
     run = build_run(cfg, backend)  # seed, dataset, encoders / cached targets, SiT, recipe (repa_fast.build)
     if foreign:  # a reference / ERW .pt file (weights_only: no class unpickled but the reference's Namespace)
         saved = compat.read_as_saved(resume_from, run.model, cfg.run.resume_step, lambda s: run.recipe.phase(s).name)
-    evaluator = make_training_evaluator(cfg, run.dataset, backend.device, backend.is_main)  # checked before any write
+    evaluator = build_evaluator(cfg, run.dataset, backend)  # checked before any write
     init_sd = compat.init_weights(cfg.run.init_from, run.model) if cfg.run.init_from and saved is None else None
     out = prepare_run_dir(cfg, backend)  # the first write to the run directory
     setup_logging(backend.is_main, out)

@@ -233,6 +233,16 @@ class DINOv2ViT(nn.Module):
         for blk in self.blocks:
             blk.attn.attn_backend = attn_backend
 
+    @property
+    def preprocessing(self) -> dict:
+        """What ``preprocess`` does (recorded by the target cache, which refuses a cache made otherwise)."""
+        return {
+            "scale": "x / 255",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "resize": f"bicubic, align_corners False, no antialias, to {self.input_size}x{self.input_size}",
+        }
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """docs/objective.md §Alignment targets / reference train.py:48-51: x / 255 -> (x - mean) / std -> bicubic
         resize to 14 * grid (align_corners False, no antialias). uint8 (B, 3, R, R) -> float32 (B, 3, 14g, 14g)."""

@@ -1,6 +1,6 @@
 """REPA's files: the reference train.py's checkpoints and the released / exported state dicts.
 
-    reference train.py   ``{"model", "ema", "opt", "args": argparse.Namespace, "steps"}``      (REPA train.py:330-338)
+    reference train.py   ``{"model", "ema", "opt", "args": Namespace of flags, "steps"}`` (REPA train.py:330-338)
     REPA release         a bare SiT state dict (``pretrained_models/last.pt``), or ``{"ema": state_dict}`` as
                          generate.py reads it and ``python -m repa_fast.export`` writes it    (REPA generate.py:78-81)
     old REPA runs        ``decoder_blocks.i.*`` keys: ``legacy_remap``, on request (generate ``--legacy``)
