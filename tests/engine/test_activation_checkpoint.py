@@ -135,7 +135,7 @@ def test_checkpointed_modules_run_twice_per_step_and_the_others_once(mode):
     model = random_sit()
     wrapped = apply_activation_checkpointing(model, mode)
     assert wrapped == checkpointed_modules(model, mode)
-    probes = [f"blocks.{i}.{sub}" for i in range(SMALL["depth"]) for sub in ("attn", "mlp.fc1", "adaLN_modulation")]
+    probes = [f"blocks.{i}.{sub}" for i in range(SMALL["depth"]) for sub in ("attn", "mlp.fc2", "adaLN_modulation")]
     calls = _count_calls(model, probes + ["final_layer"])
     grads_of_step(model, batch(4), False)
 
@@ -205,7 +205,7 @@ def test_erw_warmup_partial_forward_works_and_keeps_gradients(mode, reg):
         p.requires_grad_(not name.startswith(("blocks.2.", "blocks.3.", "final_layer.")))
     model = copy.deepcopy(plain)
     apply_activation_checkpointing(model, mode)
-    calls = _count_calls(model, ["blocks.1.attn", "blocks.1.mlp.fc1", "blocks.2.attn"])
+    calls = _count_calls(model, ["blocks.1.attn", "blocks.1.mlp.fc2", "blocks.2.attn"])
     data = batch(7)
     results = []
     for m in (plain, model):
@@ -216,7 +216,7 @@ def test_erw_warmup_partial_forward_works_and_keeps_gradients(mode, reg):
         results.append((out["loss"].detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
     assert torch.equal(results[0][0], results[1][0])
     assert_bitwise_same(results[1][1], results[0][1])
-    assert calls["blocks.2.attn"] == 0 and calls["blocks.1.mlp.fc1"] == 2  # truncated; block 1 recomputed
+    assert calls["blocks.2.attn"] == 0 and calls["blocks.1.mlp.fc2"] == 2  # truncated; block 1 recomputed
 
 
 def test_compiled_checkpointed_blocks_give_the_plain_gradients():
@@ -259,7 +259,10 @@ def test_full_keeps_only_the_block_inputs_and_mlp_drops_the_mlp_hidden_activatio
     x, c = torch.randn(B, T, 48, requires_grad=True), torch.randn(B, 48, requires_grad=True)
     amp = dict(device_type="cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
     seen = {}
-    model.blocks[1].mlp.fc1.register_forward_hook(lambda m, a, o: seen.update(h=a[0], hidden=o))
+    # fc1 runs as the fused linear_gelu op (kernels/bias_gelu.py, no module call): the MLP's own input is h, fc2's
+    # input is GELU's output, of fc1's output size
+    model.blocks[1].mlp.register_forward_hook(lambda m, a, o: seen.update(h=a[0]))
+    model.blocks[1].mlp.fc2.register_forward_hook(lambda m, a, o: seen.update(hidden=a[0]))
     saved = {}
     for mode in ("none", "full", "mlp"):
         apply_activation_checkpointing(model, mode)
