@@ -228,7 +228,7 @@ class SiTStep:
         ad2_f, ad2_b = self.adaln(f"b{i}.adaln2", strided, gated=True)
         mlp_f, mlp_b = self.mlp(i)
         if self.mlp_ckpt:  # the MLP keeps its input h and recomputes the rest before its backward
-            mlp_b = staged(_unsaved(mlp_f), "bwd") + mlp_b
+            mlp_b = staged(_unsaved(_recomputed(mlp_f)), "bwd") + mlp_b
             mlp_f = _unsaved(mlp_f)
             mlp_f[0] = replace(mlp_f[0], saved=y * self.MD)
         end_f, end_b = self.block_end(i)
@@ -237,7 +237,7 @@ class SiTStep:
         bwd = end_b + mlp_b + ad2_b + proj.backward() + at_b + qkv.backward()
         bwd = staged(bwd + ad1_b + acc + mod_b, "bwd")
         if i in self.full_blocks:  # the block keeps its input x (c is kept anyway), runs its forward again first
-            bwd = staged(_unsaved(fwd), "bwd") + bwd
+            bwd = staged(_unsaved(_recomputed(fwd)), "bwd") + bwd
             fwd = _unsaved(fwd)
             fwd[0] = replace(fwd[0], saved=4 * self.MD)
         return fwd, bwd
@@ -297,6 +297,16 @@ class SiTStep:
 
 def _unsaved(ops: list[Op]) -> list[Op]:
     return [replace(o, saved=0.0) for o in ops]
+
+
+def _recomputed(ops: list[Op]) -> list[Op]:
+    """What a non-reentrant checkpoint recomputes of a region: its ops up to the last one that saves a tensor for the
+    backward (torch.utils.checkpoint stops early once every saved tensor is back). An ATen op saves its inputs before
+    its kernel runs (the generated autograd code sets the node's saved variables first), so when that last op is a
+    GEMM keeping its input (the MLP's fc2), its kernel is not rerun; a custom op saves in ``setup_context``, after
+    its kernel (the block's gated residual, the last op of a whole block)."""
+    last = max((k for k, o in enumerate(ops) if o.saved), default=-1)
+    return ops[:last] if last >= 0 and ops[last].part == "gemm" else ops[: last + 1]
 
 
 def math_attention_forward(name: str, batch: int, heads: int, tokens: int, dim: int, a: int, policy: Policy) -> list:
