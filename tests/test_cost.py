@@ -226,6 +226,23 @@ def test_cli_batch_custom_row_and_cards(capsys):
     assert "PREDICTED" in text and "H200" in text and "reference" in text
 
 
+def test_cli_model_switches_and_checkpointing_row(capsys):
+    """--reg and --projection-layer-type change what every row trains; --act-ckpt adds a custom row."""
+    flops = {}
+    for flags in ([], ["--reg"], ["--projection-layer-type", "conv"], ["--projection-layer-type", "linear"]):
+        step_model.main(["--batch", "32", "--json", *flags])
+        rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+        flops[tuple(flags)] = rows["ours (as built)"]["model_flops_per_img"]
+    plain = flops[()]
+    assert flops[("--reg",)] > plain and flops[("--projection-layer-type", "linear")] < plain
+    assert flops[("--projection-layer-type", "conv")] != plain
+    step_model.main(["--batch", "32", "--act-ckpt", "every:4", "--json"])
+    custom = json.loads(capsys.readouterr().out)["rows"][-1]
+    assert custom["name"] == "custom: act_ckpt=every:4" and custom["not_built"] == []
+    with pytest.raises(SystemExit, match="act_ckpt"):
+        step_model.main(["--act-ckpt", "sometimes", "--json"])
+
+
 def test_cli_runs_as_a_script():
     cmd = [sys.executable, "bench/step_model.py", "--model", "SiT-B/2", "--enc-type", "dinov2-vit-b", "--json"]
     out = subprocess.run(
@@ -235,11 +252,12 @@ def test_cli_runs_as_a_script():
 
 
 @pytest.mark.slow
-def test_committed_h100_report_is_current():
-    path = os.path.join(ROOT, "bench", "results", "step_model_h100.md")
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_committed_h100_report_is_current(gpu):
+    path = os.path.join(ROOT, "bench", "results", f"step_model_{gpu}.md")
     with open(path) as f:
         committed = f.read()
-    args = ["--model", "SiT-XL/2", "--enc-type", "dinov2-vit-b", "--gpu", "h100", "--markdown"]
+    args = ["--model", "SiT-XL/2", "--enc-type", "dinov2-vit-b", "--gpu", gpu, "--markdown"]
     out = subprocess.run(
         [sys.executable, "bench/step_model.py", *args],
         check=True,

@@ -150,5 +150,6 @@ def predict(cfg: Config, st: StepStructure, card: Card, eff: Efficiency, policy:
         "fits": mem.total_gb <= card.memory_gb,
         "structure": st.name,
         "note": st.note,
+        "not_built": st.not_built(),
         "world": cfg.world,
     }

@@ -114,6 +114,10 @@ class StepStructure:
     def shards_optimizer(self) -> bool:
         return self.parallel in ("zero1", "zero2", "fsdp")
 
+    def not_built(self) -> list[str]:
+        """The switches set to a design repa_fast does not implement (the rows beyond the code), as field=value."""
+        return [f"{f}={getattr(self, f)}" for f, values in NOT_BUILT.items() if getattr(self, f) in values]
+
     def checkpointed(self, depth: int) -> tuple[list[int], bool]:
         """(blocks recomputed whole, MLP sub-blocks recomputed?): engine/activation_checkpoint.py
         ``checkpointed_modules`` (every:K: blocks K, 2K, ..., 1-indexed)."""
@@ -122,6 +126,15 @@ class StepStructure:
             return [i for i in range(depth) if (i + 1) % k == 0], False
         return [], kind == "mlp"
 
+
+NOT_BUILT = {  # values of a switch that only a structure beyond the code has (no module of repa_fast runs them)
+    "bias_gelu": ("epilogue",),
+    "mlp_gate": ("next_block",),
+    "fp8_casts": ("fused",),
+    "weights": ("bf16_copy",),
+    "wgrad": ("fp32",),
+    "cuda_graphs": (True,),
+}
 
 REFERENCE = StepStructure(
     name="reference",
