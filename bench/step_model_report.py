@@ -235,7 +235,10 @@ NOT_MODELLED = [
 
 
 def markdown(args, eff, rows: list[dict], argv) -> str:
-    names = ["reference", BEFORE, CUTS_ONLY, "+cached targets", "+fp8 tensorwise (torchao casts)"]
+    names = [r["name"] for r in rows]
+    names = [
+        n for n in ("reference", BEFORE, CUTS_ONLY, "+cached targets", "+fp8 tensorwise (torchao casts)") if n in names
+    ]
     sensitivity = [
         "## Sensitivity to the assumed efficiencies (predicted img/s, each row at its largest batch)",
         "",

@@ -267,3 +267,25 @@ def test_committed_h100_report_is_current(gpu):
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert out.stdout == committed, "stale: regenerate with the command at the top of the file"
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_block_elementwise_bytes_per_element_match_the_block_pass_count(impl):
+    """tests/kernels/test_block_passes.py counts what a real SiTBlock's non-GEMM ops write to and read from
+    activations per B*T*D element (as built: forward 20 / 24, backward 30 / 64); the model's block, at enough tokens
+    that the (B, D) conditioning terms vanish, gives the same numbers."""
+    from repa_fast.cost.shapes import SiTShape
+    from repa_fast.cost.sit import Policy, SiTStep
+    from tests.kernels import test_block_passes as passes
+
+    fwd, bwd = passes._count(impl)
+    measured = [sum(op[k] for op in ops.elementwise()) / passes.BTD for ops in (fwd, bwd) for k in (2, 3)]
+    B, D = 2, 64
+    sh = SiTShape(depth=2, dim=D, heads=2, patch=2, latent=128)  # 4096 tokens
+    step = SiTStep(sh, replace(AS_BUILT, impl=impl, attn_backend="sdpa-flash"), B, Policy(interpreted=True))
+    ops = [[o for o in stage if o.part == "elementwise"] for stage in step.block(1)]
+    E = B * sh.tokens * D
+    model = [sum(getattr(o, k) for o in stage) / E for stage in ops for k in ("write", "read")]
+    assert model == pytest.approx(measured, rel=2e-3), (model, measured)
+    if impl == "triton":
+        assert measured == [20, 24, 30, 64]
