@@ -6,10 +6,11 @@
 
 Every number is a prediction of repa_fast.cost (datasheet peaks, the efficiencies given as flags, bytes and FLOPs
 counted op by op and cross-checked on CPU by tests/test_cost_crosscheck.py); nothing here is measured. Rows: the
-reference's step structure ("reference"), ours as built, then issue 18's cuts applied cumulatively and what goes
-beyond them, then alternatives to the last row. Without ``--batch`` each row runs at the largest per-GPU batch
-predicted to fit the card. Structure flags (--impl, --attn-backend, --targets, --fp8, --parallel, --act-ckpt,
---amp) add one "custom" row: ours as built with those changes.
+reference's step structure ("reference"), ours before issue 18, then issue 18's cuts applied cumulatively up to ours
+as built ("ours (as built)"), then what goes beyond them, then alternatives. Without ``--batch`` each row runs at
+the largest per-GPU batch predicted to fit the card. Model flags (--reg, --projection-layer-type) change what is
+trained in every row; structure flags (--impl, --attn-backend, --targets, --fp8, --parallel, --act-ckpt, --amp)
+add one "custom" row: ours as built with those changes.
 """
 
 import argparse
@@ -22,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from repa_fast.cost.attention import padding_factor  # noqa: E402
 from repa_fast.cost.hardware import DEFAULT_ATTN_EFF, GPUS, Efficiency, card  # noqa: E402
-from repa_fast.cost.step import Config, max_batch, predict  # noqa: E402
-from repa_fast.cost.structure import ATTN_BACKENDS, OURS, PARALLEL, REFERENCE, alternatives, cuts  # noqa: E402
+from repa_fast.cost.memory import max_batch  # noqa: E402
+from repa_fast.cost.shapes import Config  # noqa: E402
+from repa_fast.cost.step import predict  # noqa: E402
+from repa_fast.cost.structure import AS_BUILT, ATTN_BACKENDS, PARALLEL, REFERENCE, alternatives, cuts  # noqa: E402
 
 TARGET_IMG_S = 600.0  # issue 18: SiT-XL/2 + DINOv2-B, 256 px, per H100
 PART_COLUMNS = [  # (heading, parts summed)
@@ -46,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--encoder-depth", type=int, default=8)
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch (default: the largest predicted to fit)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs (data parallel)")
+    p.add_argument("--reg", action="store_true", help="REG's class token: 1 + T tokens (docs/methods.md)")
+    p.add_argument("--projection-layer-type", default="mlp", choices=("mlp", "linear", "conv"), help="iREPA")
+    p.add_argument("--proj-kernel-size", type=int, default=3, help="iREPA's conv projector kernel")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help='print {"rows": [...]}')
     out.add_argument("--markdown", action="store_true", help="print the bench/results report")
@@ -70,7 +76,7 @@ def parse_args(argv=None):
     s.add_argument("--targets", choices=("computed", "cached"))
     s.add_argument("--fp8", choices=("none", "tensorwise", "rowwise"))
     s.add_argument("--parallel", choices=PARALLEL, help="none, ddp, zero1, zero2 (ZeRO stages) or fsdp")
-    s.add_argument("--act-ckpt", choices=("none", "full"))
+    s.add_argument("--act-ckpt", help="none, full, mlp or every:K (engine/activation_checkpoint.py)")
     return p.parse_args(argv)
 
 
@@ -107,14 +113,16 @@ def structures(args) -> list:
     custom = {k: v for k, v in custom.items() if v is not None}
     if custom:
         label = ", ".join(f"{k}={v}" for k, v in custom.items())
-        rows.append(replace(OURS, name=f"custom: {label}", note="ours as built with these changes", **custom))
+        try:
+            rows.append(replace(AS_BUILT, name=f"custom: {label}", note="ours as built with these changes", **custom))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     return rows
 
 
 def predict_rows(args, eff: Efficiency) -> list[dict]:
     gpu = card(args.gpu)
-    encs = tuple(e.strip() for e in args.enc_type.split(","))
-    base = Config(args.model, encs, args.resolution, args.batch or 1, args.world_size, args.encoder_depth)
+    base = config(args, args.batch or 1)
     out = []
     for st in structures(args):
         if st.fp8 != "none" and not gpu.fp8_tflops:
@@ -129,6 +137,21 @@ def predict_rows(args, eff: Efficiency) -> list[dict]:
     for r in out:
         r["x_reference"] = r["predicted_img_s"] / ref
     return out
+
+
+def config(args, batch: int) -> Config:
+    encs = tuple(e.strip() for e in args.enc_type.split(","))
+    return Config(
+        args.model,
+        encs,
+        args.resolution,
+        batch,
+        args.world_size,
+        args.encoder_depth,
+        reg=args.reg,
+        projection_layer_type=args.projection_layer_type,
+        proj_kernel_size=args.proj_kernel_size,
+    )
 
 
 def part_ms(row: dict, parts) -> float:
@@ -164,7 +187,8 @@ def constants_lines(args, eff: Efficiency) -> list[str]:
         f"attention {attn} of BF16 peak (on the padded FLOPs), {eff.kernel_us} us per launch, {eff.host_us} us host "
         f"per eager op, {eff.sync_us} us per host sync, NVLink {eff.nvlink:.2f}, comm overlap {eff.comm_overlap:.2f}, "
         f"{eff.reserved_gb} GB reserved + {100 * eff.fragmentation:.0f}% allocator overhead.",
-        f"Model: {args.model} + {args.enc_type}, {args.resolution} px, {args.world_size} GPU(s); per-GPU batch "
+        f"Model: {args.model}{' (REG)' if args.reg else ''} + {args.enc_type}, projector {args.projection_layer_type}, "
+        f"{args.resolution} px, {args.world_size} GPU(s); per-GPU batch "
         + (str(args.batch) if args.batch else "= the largest predicted to fit (per row)")
         + ".",
     ]
@@ -190,13 +214,12 @@ def main(argv=None) -> int:
 def attention_rows(args, eff: Efficiency, batch: int) -> list[tuple]:
     """(backend, padding factor fwd, bwd, predicted attention ms/img) for the SiT at ``batch``: issue 18 item 2e."""
     gpu = card(args.gpu)
-    encs = tuple(e.strip() for e in args.enc_type.split(","))
-    cfg = Config(args.model, encs, args.resolution, batch, args.world_size, args.encoder_depth)
+    cfg = config(args, batch)
     sh = cfg.shape()
     out = []
     for backend in ("flash2", "sdpa-flash", "flash3", "cudnn"):
-        r = predict(cfg, replace(OURS, attn_backend=backend), gpu, eff)
-        fwd, bwd = (padding_factor(backend, sh.head_dim, sh.tokens, b) for b in (False, True))
+        r = predict(cfg, replace(AS_BUILT, attn_backend=backend), gpu, eff)
+        fwd, bwd = (padding_factor(backend, sh.head_dim, sh.seq, b) for b in (False, True))
         out.append((backend, fwd, bwd, r["predicted_ms_per_img_by_part"]["attention"]))
     return out
 

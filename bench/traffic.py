@@ -94,8 +94,8 @@ class TrafficCounter(TorchDispatchMode):
 
     With ``record=True``, ``records`` also keeps, per op, what a classification needs without holding the tensors
     (holding them would change what autograd does, e.g. make AccumulateGrad copy instead of steal a gradient):
-    the ids of the inputs, the shapes, dtypes and devices of inputs and outputs, and which inputs are 3-D and not
-    contiguous."""
+    the ids and bytes of the inputs, the shapes, dtypes and devices of inputs and outputs, and which inputs are 3-D
+    and not contiguous."""
 
     def __init__(self, record: bool = False):
         super().__init__()
@@ -136,6 +136,7 @@ def _record(namespace, name, read, written, tensors, outs) -> dict:
         read=read,
         written=written,
         in_ids=[id(t) for t in tensors],
+        in_bytes=[unique_bytes(t) for t in tensors],
         in_devices={t.device.type for t in tensors},
         strided_3d=[unique_bytes(t) for t in tensors if t.dim() == 3 and not t.is_contiguous()],
         out_shapes=[tuple(t.shape) for t in outs],

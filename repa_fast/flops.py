@@ -1,9 +1,14 @@
 """Analytic FLOPs of one REPA training step (matmul and attention FLOPs, 2 per multiply-add).
 
 Counted: every Linear/Conv (forward 2*in*out per token), attention scores and values (4*T*D per token), in the SiT,
-its projectors and the frozen encoders. Backward = 2x forward for the trainable SiT (activation and weight gradients);
-the encoders run forward only. Elementwise work (norms, GELU, softmax, optimizer) is not counted, as in MFU conventions.
-The tests check these formulas against torch.utils.flop_counter on real modules.
+its projectors and the frozen encoders. REG (``reg=True``, docs/methods.md §REG): the class token joins the T patch
+tokens, so the blocks and projectors run over 1 + T tokens, plus ``cls_projectors2`` (z -> D) and the final layer's
+``linear_cls`` (D -> z) once per image; the final ``linear`` still reads the T patch tokens. iREPA's projectors
+(``projection_layer_type``): "linear" is one D -> z Linear per token, "conv" a k x k convolution over the token grid,
+2 D z k^2 per token (padding included, as torch's FLOP counter and cuDNN count it). Backward = 2x forward for the
+trainable SiT (activation and weight gradients); the encoders run forward only. Elementwise work (norms, GELU,
+softmax, optimizer) is not counted, as in MFU conventions. The tests check these formulas against
+torch.utils.flop_counter on real modules.
 
 The matmuls are also listed one by one (``Gemm``: rows per image, out and in features, count per forward), so that the
 whole-step cost model (``repa_fast.cost``) can give each GEMM its own bytes and roofline; the totals below are sums of
@@ -80,41 +85,74 @@ def vit_block_flops(tokens: int, dim: int, mlp_hidden: int) -> float:
 
 
 def sit_gemms(
-    depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4, mlp_ratio: float = 4.0, freq_dim: int = 256
+    depth: int,
+    dim: int,
+    tokens: int,
+    patch: int,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    freq_dim: int = 256,
+    cls_dim: int | None = None,
 ) -> list[Gemm]:
     """Every matmul of the SiT forward (projectors excluded), in execution order; the patch embedding is a
-    Linear over the C p p values of each patch (a Conv2d with kernel = stride = p)."""
+    Linear over the C p p values of each patch (a Conv2d with kernel = stride = p). ``cls_dim``: REG's class token
+    of that width (the blocks see 1 + ``tokens``)."""
     pixels = in_channels * patch * patch
+    seq = tokens + (cls_dim is not None)
+    reg_in = [Gemm("cls_projectors2", 1, dim, cls_dim)] if cls_dim is not None else []
+    reg_out = [Gemm("final.linear_cls", 1, cls_dim, dim)] if cls_dim is not None else []
     return [
+        *reg_in,
         Gemm("x_embedder", tokens, dim, pixels),
         Gemm("t_embedder.fc1", 1, dim, freq_dim),
         Gemm("t_embedder.fc2", 1, dim, dim),
         Gemm("adaLN", 1, 6 * dim, dim, depth),
-        *vit_block_gemms(tokens, dim, int(dim * mlp_ratio), depth),
+        *vit_block_gemms(seq, dim, int(dim * mlp_ratio), depth),
         Gemm("final.adaLN", 1, 2 * dim, dim),
         Gemm("final.linear", tokens, pixels, dim),
+        *reg_out,
     ]
 
 
 def sit_forward_flops(
-    depth: int, dim: int, tokens: int, patch: int, in_channels: int = 4, mlp_ratio: float = 4.0, freq_dim: int = 256
+    depth: int,
+    dim: int,
+    tokens: int,
+    patch: int,
+    in_channels: int = 4,
+    mlp_ratio: float = 4.0,
+    freq_dim: int = 256,
+    cls_dim: int | None = None,
 ) -> float:
-    """SiT forward per image, projectors excluded."""
-    gemms = sit_gemms(depth, dim, tokens, patch, in_channels, mlp_ratio, freq_dim)
-    return sum(g.flops for g in gemms) + depth * attention_flops(tokens, dim)
+    """SiT forward per image, projectors excluded (``cls_dim``: REG, 1 + ``tokens`` through the blocks)."""
+    gemms = sit_gemms(depth, dim, tokens, patch, in_channels, mlp_ratio, freq_dim, cls_dim)
+    return sum(g.flops for g in gemms) + depth * attention_flops(tokens + (cls_dim is not None), dim)
 
 
-def projector_gemms(tokens: int, dim: int, projector_dim: int, z_dims) -> list[Gemm]:
-    """The REPA projector MLPs (dim -> projector_dim -> projector_dim -> z), one per target encoder."""
+PROJECTION_LAYER_TYPES = ("mlp", "linear", "conv")  # models/projectors.py
+
+
+def projector_gemms(
+    tokens: int, dim: int, projector_dim: int, z_dims, kind: str = "mlp", kernel_size: int = 3
+) -> list[Gemm]:
+    """The alignment projectors, one per target encoder, over ``tokens`` tokens: REPA's MLP (dim -> projector_dim
+    -> projector_dim -> z), iREPA's "linear" (dim -> z) or "conv" (a kernel_size^2 convolution, dim -> z)."""
+    if kind not in PROJECTION_LAYER_TYPES:
+        raise ValueError(f"projection layer type {kind!r}; choose one of {PROJECTION_LAYER_TYPES}")
     out = []
     for z in z_dims:
-        out += [Gemm("proj.0", tokens, projector_dim, dim), Gemm("proj.2", tokens, projector_dim, projector_dim)]
-        out.append(Gemm("proj.4", tokens, z, projector_dim))
+        if kind == "linear":
+            out.append(Gemm("proj.linear", tokens, z, dim))
+        elif kind == "conv":
+            out.append(Gemm("proj.conv", tokens, z, dim * kernel_size * kernel_size))
+        else:
+            out += [Gemm("proj.0", tokens, projector_dim, dim), Gemm("proj.2", tokens, projector_dim, projector_dim)]
+            out.append(Gemm("proj.4", tokens, z, projector_dim))
     return out
 
 
-def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims) -> float:
-    return sum(g.flops for g in projector_gemms(tokens, dim, projector_dim, z_dims))
+def projector_flops(tokens: int, dim: int, projector_dim: int, z_dims, kind: str = "mlp", kernel_size: int = 3):
+    return sum(g.flops for g in projector_gemms(tokens, dim, projector_dim, z_dims, kind, kernel_size))
 
 
 def encoder_tokens(arch: EncoderArch, grid: int) -> int:
@@ -147,11 +185,17 @@ def repa_step_flops(
     encoders=("dinov2-vit-b",),
     encoder_grid: int = 16,
     in_channels: int = 4,
+    reg: bool = False,
+    projection_layer_type: str = "mlp",
+    proj_kernel_size: int = 3,
 ) -> StepFlops:
-    """Per-image FLOPs of one step; ``encoders`` are ``--enc-type`` names (rows of ``ENCODER_ARCHS``)."""
+    """Per-image FLOPs of one step; ``encoders`` are ``--enc-type`` names (rows of ``ENCODER_ARCHS``); ``reg``: REG's
+    class token (width z_dims[0]); ``projection_layer_type`` / ``proj_kernel_size``: iREPA's projectors."""
     enc = sum(encoder_forward_flops(encoder_arch(e), encoder_grid) for e in encoders)
+    cls_dim = z_dims[0] if reg else None
+    seq = tokens + int(reg)
     return StepFlops(
-        sit_forward_flops(depth, dim, tokens, patch, in_channels),
-        projector_flops(tokens, dim, projector_dim, z_dims),
+        sit_forward_flops(depth, dim, tokens, patch, in_channels, cls_dim=cls_dim),
+        projector_flops(seq, dim, projector_dim, z_dims, projection_layer_type, proj_kernel_size),
         enc,
     )

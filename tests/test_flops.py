@@ -59,3 +59,28 @@ def test_cached_targets_save_the_encoder_forward():
     xl, b = repa_step_flops(28, 1152, 256, 2), repa_step_flops(12, 768, 256, 2)
     assert xl.train_step - xl.train_step_cached_targets == xl.encoder_forward > 0
     assert round(xl.encoder_share, 3) == 0.060 and round(b.encoder_share, 3) == 0.237
+
+
+def test_reg_and_irepa_projector_flops_match_counter():
+    """REG's class token (1 + T tokens in the blocks and projectors, cls_projectors2, linear_cls) and iREPA's linear
+    and conv projectors, against the counter on the real modules."""
+    x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randint(0, 1000, (2,))
+    cases = [
+        dict(reg=True),
+        dict(projection_layer_type="linear"),
+        dict(projection_layer_type="conv", proj_kernel_size=3),
+    ]
+    for kw in cases:
+        model = SiT_models["SiT-S/2"](
+            input_size=16, z_dims=[32], encoder_depth=2, depth=3, projector_dim=64, fused_attn=False, **kw
+        )
+        reg = kw.get("reg", False)
+        extra = dict(cls_token=torch.randn(2, 32)) if reg else {}
+        counted = _count(lambda m=model, e=extra: m(x, t, y, **e))
+        kind, k = kw.get("projection_layer_type", "mlp"), kw.get("proj_kernel_size", 3)
+        sit = sit_forward_flops(3, 384, 64, 2, cls_dim=32 if reg else None)
+        assert counted == 2 * (sit + projector_flops(64 + reg, 384, 64, [32], kind, k)), kw
+        step = repa_step_flops(3, 384, 64, 2, (32,), 64, (), reg=reg, projection_layer_type=kind, proj_kernel_size=k)
+        assert 2 * (step.sit_forward + step.projector_forward) == counted, kw
+    plain = repa_step_flops(28, 1152, 256, 2)
+    assert repa_step_flops(28, 1152, 256, 2, reg=True).train_step > plain.train_step  # 257 tokens

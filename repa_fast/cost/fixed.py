@@ -2,23 +2,27 @@
 
 These costs do not grow with the batch (``repa_fast.cost.step`` amortises them over it). Op by op, for P trainable
 fp32 elements in n tensors:
-- clipping, ``torch.nn.utils.clip_grad_norm_(foreach=True)`` (engine/parallel/base.py ``Backend._clip``; the reference
-  through accelerate): ``_foreach_norm`` (reads 4P), the norms stacked and reduced, the clip coefficient (4 scalar
-  ops), ``_foreach_mul_`` (reads and writes 4P): 12 B/element. ``clip="in_step"`` keeps the norm and passes the
-  coefficient to the fused step as its ``grad_scale``, which makes the kernel store the scaled gradient back
-  (pytorch aten/src/ATen/native/cuda/fused_adam_utils.cuh: ``if (i != kGradIdx || grad_scale_ptr) store``): 4P
-  read + 4P written instead of 4P read + 8P moved.
+- clipping, ``torch.nn.utils.clip_grad_norm_(foreach=True)`` (``clip="separate"``: the reference through accelerate,
+  and our code before cut 2c): ``_foreach_norm`` (reads 4P), the norms stacked and reduced, the clip coefficient (4
+  scalar ops), ``_foreach_mul_`` (reads and writes 4P): 12 B/element. ``clip="in_step"`` (cut 2c,
+  engine/parallel/base.py ``clip_and_step``): the same norm (``get_total_norm``), the divisor
+  ``clamp((norm + 1e-6) / max_norm, min=1)`` (3 scalar ops) passed to the fused step as its ``grad_scale``, which
+  makes the kernel store the scaled gradient back (pytorch aten/src/ATen/native/cuda/fused_adam_utils.cuh:
+  ``if (i != kGradIdx || grad_scale_ptr) store``): 4P read + 4P written instead of 4P read + 8P moved.
+  ``clip="norm_only"`` (--max-grad-norm 0): the norm is still computed, it is the non-finite check, and the step
+  gets no ``grad_scale`` (no write-back).
 - torch's fused AdamW (``fused=True``): one kernel reading p, g, m, v and writing p, m, v (28 B/element), plus the
-  step counters (``_foreach_add_``, and ``_foreach_sub_`` undoing it on a skipped step) and our device-side skip
-  test (engine/parallel/base.py ``clip_and_step``: isfinite, not, float).
+  step counters (``_foreach_add_``, and ``_foreach_sub_`` by ``found_inf`` undoing it on a skipped step) and our
+  device-side skip test (``~isfinite(norm)``: abs, ne, eq, mul, not; ``found_inf = skipped.float()``).
 - the reference's foreach AdamW (torch.optim.adam ``_multi_tensor_adam``, weight decay 0): lerp_ m, mul_ v, addcmul_
   v, sqrt, div_, add_ eps, addcdiv_ p: 7 passes, 72 B/element; its step counters live on the host (a host op and two
   ``.item()`` per tensor for the bias corrections). Before it, GradScaler's unscale
   (``_amp_foreach_non_finite_check_and_unscale_``: 8 B/element) and a host read of found_inf.
-- EMA (engine/ema.py ``ema_update_`` with the device-side skip): per 64 tensors ``_foreach_sub`` (reads p and e,
-  writes the difference), ``_foreach_mul_``, ``_foreach_add_``: 32 B/element; ``one_pass``: read p and e, write e,
-  12 B/element; the reference's loop (train.py:81-91): ``mul_`` then ``add_`` per tensor, 20 B/element, frozen
-  ``pos_embed`` included.
+- EMA with the device-side skip: ``foreach3`` (before cut 2b; today's CPU reference ``ema_update_ref``): the 0-dim
+  weight, then per 64 tensors ``_foreach_sub`` (reads p and e, writes the difference), ``_foreach_mul_``,
+  ``_foreach_add_``: 32 B/element; ``one_pass`` (cut 2b, kernels/ema_update.py, the path CUDA takes): one op that
+  reads p, e and the 1-byte skip flag and writes e, 12 B/element; the reference's loop (train.py:81-91): ``mul_``
+  then ``add_`` per tensor, 20 B/element, frozen ``pos_embed`` included.
 - communication per rank over W ranks (an ``Op`` with rate "link" whose ``read`` is the bytes sent; ring
   collectives move (W-1)/W of the payload each way): DDP all-reduces the fp32
   gradients (2x) and copies them into and out of its buckets; ZeRO-1/2 reduce-scatter the gradients and all-gather
@@ -46,9 +50,11 @@ def clip_ops(st: StepStructure, P: float, n: int, world: int) -> list[Op]:
     shard = world if st.parallel in ("zero2", "fsdp") else 1
     Ps = P / shard
     ops = [_p("clip.norms", "clip", 4 * Ps, 4 * n), _p("clip.stack", "clip", 4 * n, 4 * n)]
-    ops += [_p("clip.total", "clip", 4 * n, 4)] + [_p(f"clip.coef{i}", "clip", 4, 4) for i in range(4)]
+    ops += [_p("clip.total", "clip", 4 * n, 4)]
     if st.clip == "separate":
-        ops.append(_p("clip.scale", "clip", 4 * Ps + 4, 4 * Ps))
+        ops += [_p(f"clip.coef{i}", "clip", 4, 4) for i in range(4)] + [_p("clip.scale", "clip", 4 * Ps + 4, 4 * Ps)]
+    elif st.clip == "in_step":  # grad_scale = clamp((norm + 1e-6) / max_norm, min=1): add, div, clamp
+        ops += [_p(f"clip.divisor{i}", "clip", 4, 4) for i in range(3)]
     return ops
 
 
@@ -64,12 +70,24 @@ def optimizer_ops(st: StepStructure, P: float, n: int, world: int) -> list[Op]:
         reads, writes = (8, 4, 8, 4, 4, 4, 12), (4, 4, 4, 4, 4, 4, 4)
         ops += [_p(f"adamw.{m}", "optimizer", r * Ps, w * Ps) for m, r, w in zip(names, reads, writes)]
         return ops + [Op("host", "adamw.steps_and_bias_corrections", launches=1 + 2 * n, stage="step")]
-    skip = [_p(f"skip.{i}", "optimizer", 4, 1) for i in range(6)]  # isfinite (abs, ne, eq, mul), not, float
-    grads_back = 4 * Ps if st.clip == "in_step" else 0.0
+    ops += _skip_test(st)
+    scaled = st.clip == "in_step"  # a grad_scale input: the kernel reads it and stores the scaled gradients back
     copies = 2 * Ps if st.weights == "bf16_copy" else 0.0  # a step that also writes the bf16 weights (not torch's)
-    ops += skip + [_p("adamw.steps", "optimizer", 4 * n, 4 * n)]
-    ops.append(_p("adamw.fused", "optimizer", 16 * Ps + 4 * n + 4, 12 * Ps + grads_back + copies))
+    ops += [_p("adamw.steps", "optimizer", 4 * n, 4 * n)]
+    read = 16 * Ps + 4 * n + 4 + (4 if scaled else 0)  # p, g, m, v, the step counters, found_inf (and grad_scale)
+    ops.append(_p("adamw.fused", "optimizer", read, 12 * Ps + (4 * Ps if scaled else 0.0) + copies))
     return ops + [_p("adamw.steps_undo", "optimizer", 4 * n + 4, 4 * n)]
+
+
+def _skip_test(st: StepStructure) -> list[Op]:
+    """skipped = ~isfinite(norm) (abs, ne, eq, mul; not), found_inf = skipped.float(): engine/parallel/base.py. The
+    older code (clip="separate") tested the norm clip_grad_norm_ returned, the same ops."""
+    if st.clip == "off":
+        return []
+    rw = ((4, 4), (4, 1), (4, 1), (2, 1), (1, 1), (1, 4))
+    return [
+        _p(f"skip.{name}", "optimizer", r, w) for name, (r, w) in zip(("abs", "ne", "eq", "mul", "not", "float"), rw)
+    ]
 
 
 def ema_ops(st: StepStructure, P: float, n: int, frozen: float, world: int) -> list[Op]:
@@ -79,9 +97,9 @@ def ema_ops(st: StepStructure, P: float, n: int, frozen: float, world: int) -> l
         m = n + (1 if st.ema_frozen else 0)
         Pe = (P + (frozen if st.ema_frozen else 0)) / shard
         return [_p("ema.mul_", "ema", 4 * Pe, 4 * Pe, m), _p("ema.add_", "ema", 8 * Pe, 4 * Pe, m)]
+    if st.ema == "one_pass":  # kernels/ema_update.py: one op (custom op repa_fast::ema_update_), skip read on device
+        return [_p("ema.update", "ema", 8 * Ps + 1, 4 * Ps)]
     weight = [_p("ema.weight0", "ema", 0, 4), _p("ema.weight1", "ema", 0, 4), _p("ema.weight", "ema", 9, 4)]
-    if st.ema == "one_pass":
-        return weight + [_p("ema.update", "ema", 8 * Ps + 4, 4 * Ps)]
     chunks = math.ceil(n / EMA_CHUNK)
     ops = [_p("ema.sub", "ema", 8 * Ps, 4 * Ps, chunks), _p("ema.mul_", "ema", 4 * Ps + 4 * chunks, 4 * Ps, chunks)]
     return weight + ops + [_p("ema.add_", "ema", 8 * Ps, 4 * Ps, chunks)]
