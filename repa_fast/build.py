@@ -65,7 +65,7 @@ def build_targets(cfg: TrainConfig, dataset, encoders):
         raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
     from repa_fast.data.cached_targets import open_cached_targets
 
-    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
+    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir, with_cls=cfg.model.reg)  # REG: cls
     logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)
     return dataset, []
 
