@@ -173,3 +173,17 @@ def test_reg_in_the_erw_warmup_aligns_over_the_clean_class_token(tmp_path):
 
 def test_tiny_args_has_no_reg_by_default(tmp_path):
     assert resolve_config(tiny_args(tmp_path))[0].model.reg is False
+
+
+@pytest.mark.parametrize(
+    "family", [["--cls", "0.03"], ["--projection-layer-type", "conv", "--spnorm-method", "zscore"]]
+)
+def test_reg_and_irepa_runs_resume_bitwise(tmp_path, family):
+    straight = train(tiny_cfg(tmp_path / "a", *family, steps=4, ckpt_every=2))
+    train(tiny_cfg(tmp_path / "b", *family, steps=2, ckpt_every=2))
+    resumed = train(tiny_cfg(tmp_path / "b", *family, "--resume", steps=4, ckpt_every=2))
+    a = ckpt.read_checkpoint(ckpt.step_dir(straight["run_dir"], 4))
+    b = ckpt.read_checkpoint(ckpt.step_dir(resumed["run_dir"], 4))
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert [r["loss"] for r in _log(straight["run_dir"])][2:] == [r["loss"] for r in _log(resumed["run_dir"])][2:]
