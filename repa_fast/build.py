@@ -65,7 +65,7 @@ def build_targets(cfg: TrainConfig, dataset, encoders):
         raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
     from repa_fast.data.cached_targets import open_cached_targets
 
-    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
+    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir, with_cls=cfg.model.reg)  # REG: cls
     logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)
     return dataset, []
 
@@ -101,7 +101,32 @@ def model_kwargs(m: ModelConfig) -> dict:
         fused_attn=m.fused_attn,
         impl=m.kernels,
         use_rope=m.use_rope,
+        **family_kwargs(m),
     )
+
+
+def family_kwargs(m: ModelConfig) -> dict:
+    """The REPA family's SiT keywords (docs/methods.md §REG, §iREPA): REG's class token, iREPA's projector."""
+    return dict(reg=m.reg, projection_layer_type=m.projection_layer_type, proj_kernel_size=m.proj_kwargs_kernel_size)
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict:
+    """The family's ``training_loss`` / ``warmup_loss`` keywords: iREPA's target z-score (``--spnorm-method``,
+    ``--zscore-alpha``); REG's ``cls_coeff`` (``--cls``) is ``training_loss``'s only (the warm-up has no velocity)."""
+    norm = cfg.loss.spnorm_method
+    return dict(target_norm=None if norm == "none" else norm, target_norm_alpha=cfg.loss.zscore_alpha)
+
+
+def check_class_tokens(cfg: TrainConfig, encoders) -> None:
+    """REG reads each encoder's class token (``forward(images, with_cls=True)``): refuse an encoder without one."""
+    import inspect
+
+    for e in encoders if cfg.model.reg else ():
+        if "with_cls" not in inspect.signature(e.forward).parameters:
+            raise ConfigError(
+                f"--reg: target encoder {e.enc_name} gives no class token (forward(images, with_cls=True)); "
+                "REG needs one: use an encoder that has one (dinov2-vit-*, digits-ssl, ...) or drop --reg"
+            )
 
 
 def encoder_kwargs(m: ModelConfig) -> dict:
@@ -123,7 +148,7 @@ def build_encoders(
     ``attn_backend`` overrides the config's attention choice (``encoder_kwargs``); only bench/throughput.py's
     reference provider sets it, to time the reference's explicit-softmax encoder."""
     names = enc_type or cfg.target.enc_type
-    if not names or (enc_type is None and cfg.loss.proj_coeff == 0):
+    if not names or (enc_type is None and cfg.loss.proj_coeff == 0 and not cfg.model.reg):  # REG reads class tokens
         return []
     kw = encoder_kwargs(cfg.model)
     if attn_backend is not None:
@@ -174,6 +199,7 @@ def build_models(cfg: TrainConfig, dataset, device: torch.device, attn_backend: 
     encoders = build_encoders(cfg, dataset.resolution, device, attn_backend=attn_backend)
     model = build_model(cfg, dataset.latent_shape, dataset.num_classes, [e.embed_dim for e in encoders]).to(device)
     check_token_grids(cfg, model, encoders, dataset.latent_shape[1])
+    check_class_tokens(cfg, encoders)
     return model, encoders
 
 

@@ -22,6 +22,7 @@ from repa_fast.config import (
     default_exp_name,
     field_specs,
     load_config_file,
+    reg_flags,
     run_dir,
 )
 
@@ -96,8 +97,8 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     cfg = TrainConfig()
     if preset:
         cfg.update(PRESETS[preset], source=f"preset {preset}")
-    cfg.update(trainer, source=f"--config {config_path} (trainer section)")
-    cfg.update(args, source="command line")
+    cfg.update(reg_flags(trainer), source=f"--config {config_path} (trainer section)")
+    cfg.update(reg_flags(args), source="command line")  # REG's --cls turns REG on (config.reg_flags)
     cfg.deepspeed = deepspeed
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
@@ -180,9 +181,10 @@ def main(argv=None) -> int:
         from repa_fast.engine.parallel.process_group import launch_env
 
         if launch_env()[0] == 0:  # one copy under a launcher
-            from repa_fast.recipe import build_recipe
+            from repa_fast.recipe import build_recipe, method_summary
 
-            print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))
+            summary = {"method": method_summary(cfg), **cfg.to_json(), "recipe": build_recipe(cfg).describe()}
+            print(json.dumps(summary, indent=2))
         return errors.EXIT_OK
     check_runtime(cfg)
     from repa_fast.engine.parallel import PeerFailure

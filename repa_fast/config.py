@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repa_fast.errors import ConfigError
+from repa_fast.recipe import family_presets as _family_presets
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,24 @@ class ModelConfig:
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
     l2r_depth: int = _f(
         4, "ERW warm-up: blocks 1..N (with the embedders and projectors) train in the warm-up phase", check=AT_LEAST_1
+    )
+    # The REPA family (docs/methods.md §REG, §iREPA): REG's class token, iREPA's projectors.
+    reg: bool = _f(
+        False,
+        "REG: the encoder's class token joins the tokens, noised, with its own velocity loss (--cls)",
+        weights=True,
+    )
+    projection_layer_type: str = _f(
+        "mlp",
+        "alignment projector: mlp (REPA's), linear or conv (iREPA's ProjectionLayer over the token grid)",
+        choices=("mlp", "linear", "conv"),
+        weights=True,
+    )
+    proj_kwargs_kernel_size: int = _f(
+        3,
+        "iREPA conv projector kernel size (iREPA's model and README: 3; its train.py defaults to 1)",
+        choices=(1, 3, 5, 7),
+        weights=True,
     )
 
 
@@ -161,6 +180,18 @@ class LossConfig:
     )
     align_stop_step: int = _f(
         0, "HASTE: alignment term off from this step on (0 = never)", check=Range(0, note="0 = never")
+    )
+    # The REPA family (docs/methods.md §REG, §iREPA).
+    cls: float = _f(
+        0.03,
+        "REG: weight of the class-token velocity loss (REG train.py --cls); given alone it turns --reg on (0: off)",
+        check=NON_NEGATIVE,
+    )
+    spnorm_method: str = _f(
+        "none", "iREPA: spatial normalisation of the patch-token targets", choices=("none", "zscore")
+    )
+    zscore_alpha: float = _f(
+        0.6, "iREPA: z = (z - alpha mean_T z) / (std_T z + 1e-6) with --spnorm-method zscore", check=Range(0, 1)
     )
 
 
@@ -287,6 +318,7 @@ class TrainConfig:
             for f in dataclasses.fields(section):
                 _checked(section, f.name, getattr(section, f.name), "TrainConfig")
         depth = _check_model(self)
+        _check_family(self)
         _check_resume(self)
         _check_recipe(self, depth)
         _check_parallel(self)
@@ -333,7 +365,7 @@ def _check_model(cfg: TrainConfig) -> int:
     if m.model not in SiT_models:
         raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
     depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
-    if cfg.target.enc_type and cfg.loss.proj_coeff != 0:
+    if cfg.target.enc_type and (cfg.loss.proj_coeff != 0 or m.reg):
         if not 1 <= m.encoder_depth <= depth:
             raise ConfigError(f"--encoder-depth {m.encoder_depth} is outside 1..{depth} for {m.model}")
         for name in cfg.target.enc_type.split(","):
@@ -344,6 +376,47 @@ def _check_model(cfg: TrainConfig) -> int:
             except (ValueError, NotImplementedError) as e:
                 raise ConfigError(f"--enc-type: {e}") from e
     return depth
+
+
+def _check_family(cfg: TrainConfig) -> None:
+    """REG's and iREPA's options (docs/methods.md §Combinations): what is not defined is refused, never guessed."""
+    m, loss = cfg.model, cfg.loss
+    aligns = bool(cfg.target.enc_type) and loss.proj_coeff != 0
+    if m.reg and not cfg.target.enc_type:
+        raise ConfigError(
+            "--reg (REG) diffuses the target encoder's class token: it needs --enc-type (e.g. dinov2-vit-b); "
+            "drop --reg / --cls to train without REG"
+        )
+    if m.reg and m.projection_layer_type == "conv":
+        raise ConfigError(
+            "--reg with --projection-layer-type conv is not defined: REG's class token is not on the token grid the "
+            "convolution runs over, and neither REG nor iREPA says how to project it; use --projection-layer-type "
+            "mlp or linear with REG, or drop --reg (--cls 0) for the conv projector"
+        )
+    if not m.reg and loss.cls not in (0.0, 0.03):
+        raise ConfigError(f"--cls {loss.cls:g} is REG's class-token loss weight: add --reg, or drop --cls")
+    if m.projection_layer_type != "conv" and m.proj_kwargs_kernel_size != 3:
+        raise ConfigError(
+            f"--proj-kwargs-kernel-size {m.proj_kwargs_kernel_size} is the conv projector's kernel: add "
+            "--projection-layer-type conv, or drop it"
+        )
+    if loss.spnorm_method != "none" and not aligns:
+        raise ConfigError(
+            f"--spnorm-method {loss.spnorm_method} normalises the alignment targets: it needs --enc-type and "
+            "--proj-coeff > 0"
+        )
+    if loss.spnorm_method == "none" and loss.zscore_alpha != 0.6:
+        raise ConfigError(
+            f"--zscore-alpha {loss.zscore_alpha:g} is read with --spnorm-method zscore: add it, or drop it"
+        )
+
+
+def reg_flags(values: dict) -> dict:
+    """REG's command line turns REG on: ``--cls C`` without ``--reg`` / ``--no-reg`` means ``--reg`` when C > 0 and
+    no REG when C = 0 (REG's train.py always trains REG; ``--cls`` is its class-token weight, train.py:436)."""
+    if "cls" in values and "reg" not in values:
+        return {**values, "reg": values["cls"] > 0}
+    return values
 
 
 def _check_resume(cfg: TrainConfig) -> None:
@@ -489,6 +562,9 @@ PRESETS["erw-demo"] = {
     "checkpointing_steps": 100,
     "exp_name": "erw-demo",
 }
+
+# REG and iREPA: the published recipes and their digits demos (repa_fast.recipe holds them: docs/methods.md).
+PRESETS.update(_family_presets(PRESETS["demo"]))
 
 
 def load_config_file(path: str) -> tuple[dict, dict | None]:

@@ -12,7 +12,8 @@ from repa_fast.errors import require
 
 logger = logging.getLogger("repa_fast")
 
-_KEYS = ("loss", "denoising", "alignment", "grad_norm")
+_KEYS = ("loss", "denoising", "alignment", "cls", "grad_norm")  # "cls": REG's class-token term (0 without REG)
+_LOSSES = len(_KEYS) - 1
 
 
 class LossMeter:
@@ -25,14 +26,14 @@ class LossMeter:
         self.stop_agreed = False  # some process asked to stop (set by read; engine/stop.py)
 
     def add_losses(self, losses: dict) -> None:
-        vals = torch.stack([losses[k].detach().double() for k in _KEYS[:3]])
+        vals = torch.stack([losses[k].detach().double() if k in losses else self.sums[0] * 0 for k in _KEYS[:_LOSSES]])
         finite = torch.isfinite(vals[0])
-        self.sums[:3] += torch.where(finite, vals, torch.zeros_like(vals))
+        self.sums[:_LOSSES] += torch.where(finite, vals, torch.zeros_like(vals))
         self.counts[0] += finite.double()
         self.counts[1] += (~finite).double()
 
     def add_step(self, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.sums[3] += torch.where(torch.isfinite(grad_norm), grad_norm.double(), 0.0)
+        self.sums[_LOSSES] += torch.where(torch.isfinite(grad_norm), grad_norm.double(), 0.0)
         self.counts[2] += skipped.double()
         self.steps += 1
 
@@ -50,8 +51,10 @@ class LossMeter:
         packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts, flag])).tolist()  # the one sync
         self.stop_agreed = self.stop_agreed or packed.pop() > 0
         sums, counts = packed[: len(_KEYS)], packed[len(_KEYS) :]
-        out = {k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:3])}  # ratio of rank means = global mean
-        out["grad_norm"] = sums[3] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
+        out = {
+            k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:_LOSSES])
+        }  # ratio of rank means = global mean
+        out["grad_norm"] = sums[_LOSSES] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
         out["nonfinite_losses"] = round(counts[1] * backend.world_size)
         out["skipped_steps"] = round(counts[2])  # every rank skips the same steps
         self.sums.zero_(), self.counts.zero_()

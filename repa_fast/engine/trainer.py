@@ -30,6 +30,7 @@ from repa_fast.build import (
     build_phase,
     build_run,
     build_training,
+    loss_kwargs,
     rank_seed,
     seed_everything,
 )
@@ -291,6 +292,8 @@ def get_batch(data_iter, device, need_images: bool = True):
     image, moments, label = next(data_iter)
     if isinstance(image, list):  # cached targets, one (B, T, D) tensor per encoder
         image = [z.to(device, non_blocking=True) for z in image]
+    elif isinstance(image, dict):  # cached targets with REG's class tokens: {"patch": [...], "cls": [...]}
+        image = {k: [z.to(device, non_blocking=True) for z in v] for k, v in image.items()}
     elif need_images:
         image = image.to(device, non_blocking=True)
     return image, moments.to(device, non_blocking=True), label.to(device, non_blocking=True)
@@ -301,13 +304,7 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
     image, moments, labels = batch
     phase = state.phase
     x0 = sample_posterior(moments, cfg.data.latent_scale)
-    if not phase.align:
-        targets = []
-    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.tools.cache_targets)
-        targets = [z.float() for z in image]
-    else:
-        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            targets = [enc(image) for enc in encoders]
+    targets, cls_targets = step_targets(cfg, phase, image, encoders, amp_dtype)
     if cfg.model.legacy:  # reference --legacy: labels dropped here and again inside the model
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
@@ -323,6 +320,8 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
                 proj_coeff=weight,
                 autocast_dtype=amp_dtype,
                 impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+                cls_targets=cls_targets,
+                **loss_kwargs(cfg),
             )
         else:
             losses = training_loss(
@@ -336,9 +335,33 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
                 proj_coeff=weight,
                 autocast_dtype=amp_dtype,
                 impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+                cls_targets=cls_targets,
+                cls_coeff=cfg.loss.cls,
+                **loss_kwargs(cfg),
             )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
+
+
+def step_targets(cfg: TrainConfig, phase: Phase, image, encoders, amp_dtype) -> tuple[list, list | None]:
+    """(patch-token targets, REG's class tokens or None) of a micro-batch: computed by the encoders or read from the
+    target cache (a list of patch rows, or with class tokens {"patch": [...], "cls": [...]}). With REG the class
+    tokens are read in every phase (the token is sampled jointly: docs/methods.md §HASTE-style stop); the patch
+    targets only where the phase aligns. Class tokens are fp32, as the cache gives them (REG's noise is drawn like
+    them, objective.training_loss)."""
+    reg = cfg.model.reg
+    if not (phase.align or reg):
+        return [], None
+    if isinstance(image, dict):  # --targets cached with class tokens (tools/cache_targets.py --with-cls)
+        patch, cls = [z.float() for z in image["patch"]], [c.float() for c in image["cls"]]
+    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.tools.cache_targets)
+        patch, cls = [z.float() for z in image], None
+    else:
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs = [enc(image, with_cls=True) if reg else enc(image) for enc in encoders]
+        patch = [o[0] for o in outs] if reg else outs
+        cls = [o[1].float() for o in outs] if reg else None
+    return (patch if phase.align else []), (cls if reg else None)
 
 
 def optimizer_step(cfg: TrainConfig, state: State, backend: Backend, meter: LossMeter) -> None:

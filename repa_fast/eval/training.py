@@ -62,6 +62,7 @@ class TrainingEvaluator:
             self.vae = load_vae(cfg.data.vae, device)
         gen = torch.Generator().manual_seed(cfg.run.seed)
         self.noise = torch.randn(r.eval_samples, c, dataset.latent_shape[1], dataset.latent_shape[2], generator=gen)
+        self.gen, self.cls_noise = gen, None  # REG: the class token's noise, drawn after the image's, once
         self.settings = f"{r.eval_mode}{r.eval_num_steps}-cfg{r.eval_cfg_scale}"
 
     def due(self, step: int) -> bool:
@@ -70,11 +71,13 @@ class TrainingEvaluator:
     @torch.no_grad()
     def samples(self, ema_model) -> np.ndarray:
         """uint8 (N, H, W, 3) samples of the EMA model."""
-        from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8
+        from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, reg_cls_latents
 
         r, scale = self.cfg.run, self.cfg.data.latent_scale
         labels = class_balanced_labels(r.eval_samples, ema_model.num_classes, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(r.seed + 1)  # SDE noise: the same each evaluation
+        if self.cls_noise is None:
+            self.cls_noise = reg_cls_latents(ema_model, r.eval_samples, self.gen)
         was_training = ema_model.training
         ema_model.eval()
         out = []
@@ -83,6 +86,8 @@ class TrainingEvaluator:
             kw = dict(num_steps=r.eval_num_steps, cfg_scale=r.eval_cfg_scale, path_type=self.cfg.loss.path_type)
             if r.eval_mode == "sde":
                 kw["generator"] = gen
+            if self.cls_noise is not None:  # REG samples the class token jointly
+                kw["cls_latents"] = self.cls_noise[i : i + len(z)].to(self.device)
             x = SAMPLERS[r.eval_mode](ema_model, z, labels[i : i + len(z)], **kw).float()
             x = self.vae.decode(x / scale).sample if self.vae is not None else x / scale
             out.append(decode_to_uint8(x).cpu().numpy())
