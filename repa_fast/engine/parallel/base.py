@@ -1,10 +1,11 @@
 """The Backend interface, and the single-process backend that implements it (its collectives are no-ops).
 
 A backend applies the parallelism from outside the single-device model and owns the calls the training loop makes:
-wrap, make_ema, no_sync, backward, clip_and_step, update_ema, ema_module, full_state_dict, full_ema_state_dict,
-optimizer_state_dict, load_*_state_dict, all_reduce_mean, gather_objects, broadcast_object, barrier, peer_failure,
-shutdown. The multi-process backends derive from ``process_group.DistributedBackend``; this module imports none of
-them (``repa_fast.engine.parallel.make_backend`` picks one).
+wrap, unshard (at a phase change), make_ema, no_sync, backward, clip_and_step, update_ema, ema_module,
+full_state_dict, full_ema_state_dict, optimizer_state_dict, load_*_state_dict, all_reduce_mean, gather_objects,
+broadcast_object, barrier, peer_failure, shutdown. The multi-process backends derive from
+``process_group.DistributedBackend``; this module imports none of them (``repa_fast.engine.parallel.make_backend``
+picks one).
 """
 
 import contextlib
@@ -54,6 +55,14 @@ class Backend:
         """Apply the parallelism; returns the module to call for training. ``self.optimizer`` is the optimizer to
         use from now on (a sharding backend may rebuild it over its new parameters)."""
         self.optimizer = optimizer
+        return model
+
+    def unshard(self, model: nn.Module) -> nn.Module:
+        """At a recipe phase change (ERW warm-up -> full, the HASTE-style stop): the plain single-device module that
+        ``wrap`` takes for the next phase, holding the current full fp32 weights on every rank. Backends that keep
+        the parameters whole (none, DDP, ZeRO-1/2) return ``model`` itself; FSDP2 and ZeRO-3 gather their shards
+        into a new module (collective), exactly what a resume from the phase's last checkpoint loads before its
+        ``wrap``. The old wrapper is not used afterwards."""
         return model
 
     def make_ema(self, model: nn.Module):

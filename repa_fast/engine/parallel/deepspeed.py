@@ -90,6 +90,18 @@ class DeepSpeedBackend(DistributedBackend):
         )
         return engine
 
+    def unshard(self, model):
+        """A phase change. Stages 0-2 keep the module whole (its parameters point into the engine's flat buffers,
+        which the next ``initialize`` copies into its own): the module itself. Stage 3 partitioned it in place: the
+        full weights are gathered on every rank (``full_state_dict``, the checkpoint's own gather) into a plain
+        module built from the replica's skeleton, and the old engine is destroyed (its hooks and buffers)."""
+        if self.stage < 3:
+            return model
+        plain = self.replica.materialize(self.full_state_dict(model), self.device).train(model.training)
+        self.engine.destroy()
+        self.engine = self.optimizer = self.base = self.replica = self._model = None
+        return plain
+
     def backward(self, loss, scaler=None):
         # The loop already divided by the accumulation count.
         self.engine.backward(loss, scale_wrt_gas=False)

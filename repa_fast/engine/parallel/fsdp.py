@@ -65,6 +65,17 @@ class FSDPBackend(DistributedBackend):
         bound_process_groups()  # in case the device mesh made its own group
         return model
 
+    def unshard(self, model):
+        """A phase change: every rank all-gathers the full state dict (``full_state_dict=True`` without
+        ``cpu_offload``: on every rank, not rank 0 only) into a plain module built from the replica's skeleton (the
+        non-persistent buffers, the RoPE tables, come from the replica). ``fully_shard`` swapped the module's class
+        and parameters in place, so the module itself cannot be wrapped again; the new one is, by ``wrap``."""
+        _, _, _, options, get_model_state_dict, _ = _dtensor_api()
+        full = get_model_state_dict(model, options=options(full_state_dict=True))
+        plain = self.replica.materialize(full, self.device).train(model.training)
+        self.replica = self._model = self._params = self.optimizer = None
+        return plain
+
     def no_sync(self, train_model, last_micro_step):
         train_model.set_requires_gradient_sync(last_micro_step)
         return super().no_sync(train_model, last_micro_step)
