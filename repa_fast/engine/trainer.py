@@ -417,8 +417,8 @@ def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previ
                 cfg_scale=cfg.run.preview_cfg_scale,
             )
             sinks.add_image("samples", path, step)
-    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
-        sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
+    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA, sampled on every rank
+        sinks.log(step, state.evaluator(backend.ema_module(state.ema, all_ranks=True), step))
     return time.perf_counter() - t_pause
 
 

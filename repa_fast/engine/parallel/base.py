@@ -113,9 +113,11 @@ class Backend:
     def update_ema(self, ema, model: nn.Module, decay: float, skipped: torch.Tensor) -> None:
         ema.update(model, decay, skip=skipped)
 
-    def ema_module(self, ema) -> nn.Module | None:
-        """A full EMA module for previews on the main process (None elsewhere). Collective for sharded EMAs."""
-        return ema.full_module(self.device, self.is_main)
+    def ema_module(self, ema, all_ranks: bool = False) -> nn.Module | None:
+        """A full EMA module for previews on the main process (None elsewhere), or on every process with
+        ``all_ranks`` (the sharded in-training evaluation). Collective for sharded EMAs: their gathers are
+        all-gathers, so every rank holds the full tensors anyway."""
+        return ema.full_module(self.device, self.is_main or all_ranks)
 
     # -- state -----------------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict:
