@@ -23,6 +23,9 @@ fold of ``Backend.clip_and_step`` does not apply; the pass it keeps covers 1/wor
 Checkpoints: full weights from the module (stages 0-2) or gathered partitions (3); the optimizer state through
 DeepSpeed's public fragment API (``safe_get/set_full_optimizer_state``), keyed by parameter name.
 
+Phase changes (ERW, the HASTE-style stop): a new engine over the new trainable set; under ZeRO-3 ``unshard`` first
+gathers the partitioned module into a plain one (docs/training.md §Phase changes under sharding).
+
 Config: the backend takes the DeepSpeed config already resolved at the config boundary (``repa_fast.cli.resolve_config``
 calls ``dsconfig.resolve_deepspeed_config`` once) and only checks that it was resolved for this process count.
 """

@@ -11,6 +11,9 @@ skips non-finite steps through ``found_inf`` with no host sync.
 Checkpoints: ``torch.distributed.checkpoint.state_dict`` assembles full fp32 model and optimizer state keyed by
 parameter name (rank 0, CPU); loading cuts full tensors into this rank's shards (``distribute_tensor`` with
 ``src_data_rank=None``: every rank already read the file, no communication).
+
+Phase changes (ERW, the HASTE-style stop): ``unshard`` gathers the full weights into a new plain module, which the
+trainer wraps and shards again for the new trainable set (docs/training.md §Phase changes under sharding).
 """
 
 import inspect
