@@ -279,7 +279,7 @@ def build_evaluator(cfg: TrainConfig, dataset, backend: Backend):
     with the run so that everything it needs is checked before the first write."""
     from repa_fast.eval.training import make_training_evaluator  # eval sits above engine: imported here, not there
 
-    return make_training_evaluator(cfg, dataset, backend.device, backend.is_main)
+    return make_training_evaluator(cfg, dataset, backend.device, backend.is_main, backend)  # sharded over the ranks
 
 
 def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):

@@ -321,7 +321,6 @@ class TrainConfig:
         _check_family(self)
         _check_resume(self)
         _check_recipe(self, depth)
-        _check_parallel(self)
         if self.data.dataset == "auto" and not self.data.data_dir:
             raise ConfigError(
                 "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
@@ -429,13 +428,6 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
 
 
-def phase_flag(cfg: TrainConfig) -> str | None:
-    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
-    if cfg.loss.warmup_steps:
-        return "--warmup-steps"
-    return "--align-stop-step" if cfg.loss.align_stop_step else None
-
-
 def _check_recipe(cfg: TrainConfig, depth: int) -> None:
     """The ERW / HASTE / schedule options (repa_fast.recipe) agree with each other and the model."""
     m, loss, r = cfg.model, cfg.loss, cfg.run
@@ -454,24 +446,6 @@ def _check_recipe(cfg: TrainConfig, depth: int) -> None:
     if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
         raise ConfigError(
             f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
-        )
-
-
-def _check_parallel(cfg: TrainConfig) -> None:
-    """A phase boundary rebuilds the parallel wrapper over the new trainable set: not every backend can."""
-    flag = phase_flag(cfg)
-    if flag and cfg.run.parallel == "fsdp":
-        raise ConfigError(
-            f"{flag} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
-            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
-            "deepspeed with ZeRO stage 1/2"
-        )
-    zero = (cfg.deepspeed or {}).get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
-    stage = zero.get("stage", 2) if isinstance(zero, dict) else 2  # engine/parallel/dsconfig.py's default
-    if flag and cfg.run.parallel == "deepspeed" and stage == 3:
-        raise ConfigError(
-            f"--parallel deepspeed: {flag} with ZeRO stage 3: the phase change rebuilds the engine over the new "
-            "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
         )
 
 

@@ -210,8 +210,11 @@ def _summary(state: State, backend: Backend, out: str, last: dict, resume_comman
 
 
 def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase) -> None:
-    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase."""
+    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase. Under FSDP2 / ZeRO-3
+    the shards are first gathered into a plain module (``backend.unshard``), which is then wrapped and sharded again
+    for the new phase: what a resume from the boundary checkpoint does, so the two agree bit for bit."""
     state.train_model = state.optimizer = state.ema = None  # release the old wrapper (and its DDP hooks) first
+    state.model = backend.unshard(state.model)  # the module itself, except where it was sharded in place
     state.train_model, state.optimizer, state.ema = build_phase(cfg, backend, state.model, phase, state.fixed)
     state.train_model.train()
     state.phase = phase
@@ -437,8 +440,8 @@ def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previ
                 cfg_scale=cfg.run.preview_cfg_scale,
             )
             sinks.add_image("samples", path, step)
-    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
-        sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
+    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA, sampled on every rank
+        sinks.log(step, state.evaluator(backend.ema_module(state.ema, all_ranks=True), step))
     return time.perf_counter() - t_pause
 
 
