@@ -130,6 +130,11 @@ def test_reference_and_erw_files_and_our_checkpoints(tmp_path):
     fresh = build_sit("SiT-T/4", input_size=16, in_channels=3, num_classes=10, z_dims=[64], encoder_depth=2,
                       projector_dim=256, reg=True)  # fmt: skip
     assert _same(repa_fast.load_weights(summary["run_dir"], fresh), run.weights)
+    from repa_fast.export import export_ref_layout
+
+    out = export_ref_layout(summary["run_dir"], str(tmp_path / "reg-ema.pt"))  # {"ema": ...}: read as REG weights
+    assert adapters.read_foreign(out).kind == "reg"
+    assert _same(repa_fast.load_weights(out, fresh), run.weights)
 
 
 def test_generate_samples_a_reg_checkpoint_jointly(tmp_path):
@@ -167,3 +172,15 @@ def test_warmup_files_and_bad_which_are_refused(tmp_path):
         repa_fast.load_weights(path, _sit(seed=12))
     with pytest.raises(ValueError, match="which"):
         repa_fast.load_weights(path, _sit(seed=12), which="both")
+
+
+def test_generate_refuses_reg_flags_that_do_not_fit_the_checkpoint(tmp_path):
+    from repa_fast.errors import ConfigError
+    from repa_fast.generate import GenerateOptions, load_model
+
+    repa = _save(tmp_path, _train_file(_sit(seed=13), repa_args()), "repa.pt")
+    reg = _save(tmp_path, _train_file(_sit(seed=14, reg=True), reg_args()), "reg.pt")
+    with pytest.raises(ConfigError, match="not a REG checkpoint; drop --cls-cfg-scale"):
+        load_model(GenerateOptions(ckpt=repa, sampling=SamplingOptions(cls_cfg_scale=2.3)), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--cls 768: .* fixes at 24"):  # REG generate.py's default width
+        load_model(GenerateOptions(ckpt=reg, cls=768), torch.device("cpu"))
