@@ -184,3 +184,27 @@ def test_generate_refuses_reg_flags_that_do_not_fit_the_checkpoint(tmp_path):
         load_model(GenerateOptions(ckpt=repa, sampling=SamplingOptions(cls_cfg_scale=2.3)), torch.device("cpu"))
     with pytest.raises(ConfigError, match="--cls 768: .* fixes at 24"):  # REG generate.py's default width
         load_model(GenerateOptions(ckpt=reg, cls=768), torch.device("cpu"))
+
+
+def test_a_reg_train_file_resumes_a_reg_run(tmp_path):
+    """REG's train.py file as checkpoints/<N:07d>.pt: --resume-step N continues it (weights and EMA)."""
+    import json
+    import os
+
+    from repa_fast.engine import checkpoint as ckpt
+    from repa_fast.engine.trainer import train
+
+    from .helpers import tiny_cfg
+
+    first = train(tiny_cfg(tmp_path / "a", "--cls", "0.03", steps=2, ckpt_every=2))
+    saved = ckpt.read_checkpoint(ckpt.step_dir(first["run_dir"], 2))
+    args = reg_args(model="SiT-T/4", enc_type="digits-ssl", resolution=16, encoder_depth=2, num_classes=10)
+    os.makedirs(tmp_path / "b" / "run" / "checkpoints")
+    obj = {"model": saved["model"], "ema": saved["ema"], "args": args, "steps": 2}
+    torch.save(obj, tmp_path / "b" / "run" / "checkpoints" / "0000002.pt")
+    summary = train(tiny_cfg(tmp_path / "b", "--cls", "0.03", "--resume-step", "2", steps=3, ckpt_every=3))
+    with open(os.path.join(summary["run_dir"], "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [r["step"] for r in log] == [3] and log[0]["cls"] > 0
+    with pytest.raises(CheckpointError, match="cls_projectors2"):  # into a REPA run: refused, naming the keys
+        train(tiny_cfg(tmp_path / "b", "--resume-step", "2", "--exp-name", "run", steps=3, ckpt_every=3))
