@@ -187,3 +187,23 @@ def test_reg_and_irepa_runs_resume_bitwise(tmp_path, family):
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert [r["loss"] for r in _log(straight["run_dir"])][2:] == [r["loss"] for r in _log(resumed["run_dir"])][2:]
+
+
+def test_reg_refuses_an_encoder_without_a_class_token():
+    from repa_fast.build import check_class_tokens
+
+    class PatchOnly(torch.nn.Module):
+        enc_name = "patch-only"
+
+        def forward(self, images):
+            return images
+
+    class WithCls(PatchOnly):
+        def forward(self, images, with_cls=False):
+            return images
+
+    cfg = _cfg("--preset", "reg-demo")
+    check_class_tokens(cfg, [WithCls()])
+    with pytest.raises(ConfigError, match="patch-only gives no class token"):
+        check_class_tokens(cfg, [WithCls(), PatchOnly()])
+    check_class_tokens(_cfg("--preset", "demo"), [PatchOnly()])  # without REG no class token is read

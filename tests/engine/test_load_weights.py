@@ -130,6 +130,11 @@ def test_reference_and_erw_files_and_our_checkpoints(tmp_path):
     fresh = build_sit("SiT-T/4", input_size=16, in_channels=3, num_classes=10, z_dims=[64], encoder_depth=2,
                       projector_dim=256, reg=True)  # fmt: skip
     assert _same(repa_fast.load_weights(summary["run_dir"], fresh), run.weights)
+    from repa_fast.export import export_ref_layout
+
+    out = export_ref_layout(summary["run_dir"], str(tmp_path / "reg-ema.pt"))  # {"ema": ...}: read as REG weights
+    assert adapters.read_foreign(out).kind == "reg"
+    assert _same(repa_fast.load_weights(out, fresh), run.weights)
 
 
 def test_generate_samples_a_reg_checkpoint_jointly(tmp_path):
@@ -167,3 +172,39 @@ def test_warmup_files_and_bad_which_are_refused(tmp_path):
         repa_fast.load_weights(path, _sit(seed=12))
     with pytest.raises(ValueError, match="which"):
         repa_fast.load_weights(path, _sit(seed=12), which="both")
+
+
+def test_generate_refuses_reg_flags_that_do_not_fit_the_checkpoint(tmp_path):
+    from repa_fast.errors import ConfigError
+    from repa_fast.generate import GenerateOptions, load_model
+
+    repa = _save(tmp_path, _train_file(_sit(seed=13), repa_args()), "repa.pt")
+    reg = _save(tmp_path, _train_file(_sit(seed=14, reg=True), reg_args()), "reg.pt")
+    with pytest.raises(ConfigError, match="not a REG checkpoint; drop --cls-cfg-scale"):
+        load_model(GenerateOptions(ckpt=repa, sampling=SamplingOptions(cls_cfg_scale=2.3)), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--cls 768: .* fixes at 24"):  # REG generate.py's default width
+        load_model(GenerateOptions(ckpt=reg, cls=768), torch.device("cpu"))
+
+
+def test_a_reg_train_file_resumes_a_reg_run(tmp_path):
+    """REG's train.py file as checkpoints/<N:07d>.pt: --resume-step N continues it (weights and EMA)."""
+    import json
+    import os
+
+    from repa_fast.engine import checkpoint as ckpt
+    from repa_fast.engine.trainer import train
+
+    from .helpers import tiny_cfg
+
+    first = train(tiny_cfg(tmp_path / "a", "--cls", "0.03", steps=2, ckpt_every=2))
+    saved = ckpt.read_checkpoint(ckpt.step_dir(first["run_dir"], 2))
+    args = reg_args(model="SiT-T/4", enc_type="digits-ssl", resolution=16, encoder_depth=2, num_classes=10)
+    os.makedirs(tmp_path / "b" / "run" / "checkpoints")
+    obj = {"model": saved["model"], "ema": saved["ema"], "args": args, "steps": 2}
+    torch.save(obj, tmp_path / "b" / "run" / "checkpoints" / "0000002.pt")
+    summary = train(tiny_cfg(tmp_path / "b", "--cls", "0.03", "--resume-step", "2", steps=3, ckpt_every=3))
+    with open(os.path.join(summary["run_dir"], "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [r["step"] for r in log] == [3] and log[0]["cls"] > 0
+    with pytest.raises(CheckpointError, match="cls_projectors2"):  # into a REPA run: refused, naming the keys
+        train(tiny_cfg(tmp_path / "b", "--resume-step", "2", "--exp-name", "run", steps=3, ckpt_every=3))
