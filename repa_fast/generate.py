@@ -33,6 +33,7 @@ from repa_fast import errors
 from repa_fast.build import model_kwargs
 from repa_fast.engine.adapters import arch_from_keys, legacy_remap
 from repa_fast.engine.checkpoint import CheckpointError, Run, load_run
+from repa_fast.io import check_output_path
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.options import VAE_HELP, WEIGHTS, Checked, EvalOptions, ModelOptions, SamplingOptions, option
 from repa_fast.sample import SAMPLERS, class_balanced_labels, decode_to_uint8, save_npz, shard_bounds
@@ -228,6 +229,7 @@ def generate(opts: GenerateOptions, device, rank: int = 0, world: int = 1) -> st
     """Sample ``opts`` into ``<sample_dir>/<output_name>.npz`` (every process its share; rank 0 merges), then
     evaluate it with ``opts.fid_reference``; returns the .npz path. Under torchrun, the process group must exist."""
     torch.backends.cuda.matmul.allow_tf32 = opts.tf32
+    check_output_path(opts.sample_dir, "--sample-dir", directory=True)  # before any model is loaded or sample drawn
     feature_net = feature_net_for(opts, device)
     model, vae, latent_scale, name = load_model(opts, device)
     name = output_name(opts, name)
