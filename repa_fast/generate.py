@@ -43,7 +43,6 @@ from repa_fast.sample import (
     SAMPLERS,
     class_balanced_labels,
     decode_to_uint8,
-    resolve_null_class,
     save_npz,
     shard_bounds,
 )
@@ -191,7 +190,7 @@ def shard_indices(s: SamplingOptions, rank: int, world: int) -> np.ndarray:
     """The global sample index of each sample ``generate_shard`` returns for ``rank``, in its order.
 
     balanced: a contiguous share. random: REPA generate.py's layout, full batches of --per-proc-batch-size on every
-    rank, sample i of a rank's batch b being number b * n * world + i * world + rank (generate.py's
+    rank, sample i of a rank's batch b being number b * n * world + i * world + rank (generate.py:158,
     ``index = i * world_size + rank + total``); the draws past --num-fid-samples are made and dropped, as there."""
     if s.labels == "balanced":
         start, end = shard_bounds(s.num_fid_samples, rank, world)
@@ -206,8 +205,9 @@ def _draws(s: SamplingOptions, model, rank: int, world: int, device, gen):
     """(noise, labels, how many of the batch are kept) per batch, in the order the generator is drawn from.
 
     balanced: the labels are fixed, the noise is drawn per batch. random: generate.py's loop, per batch the noise
-    then the labels, both for a full batch (generate.py main: ``z = torch.randn(n, ...)`` then
-    ``y = torch.randint(0, num_classes, (n,))``), so that REPA's --global-seed gives REPA's samples."""
+    then the labels, both for a full batch (generate.py:121-122, ``z = torch.randn(n, ...)`` then
+    ``y = torch.randint(0, num_classes, (n,))``), then the sampler's own draws (SDE), so that REPA's --global-seed
+    gives REPA's samples."""
     size, c, n = model.x_embedder.grid_size * model.patch_size, model.in_channels, s.per_proc_batch_size
     if s.labels == "balanced":
         start, end = shard_bounds(s.num_fid_samples, rank, world)
@@ -221,16 +221,6 @@ def _draws(s: SamplingOptions, model, rank: int, world: int, device, gen):
         z = torch.randn(n, c, size, size, device=device, generator=gen)
         y = torch.randint(0, model.num_classes, (n,), device=device, generator=gen)
         yield z, y, int(((kept >= b * n * world) & (kept < (b + 1) * n * world)).sum())
-
-
-def _sample(s: SamplingOptions, model, z, y, kw: dict) -> torch.Tensor:
-    """The sampler on one batch. --labels random with the SDE and CFG runs it as generate.py does: on the batch
-    doubled with null labels (generate.py: ``z = torch.cat([z, z]); y = torch.cat([y, y_null])``), so that the
-    per-step noise is drawn for 2n latents as there; the first half is kept (the second only spends compute)."""
-    if s.labels == "random" and s.mode == "sde" and s.cfg_scale > 1.0:
-        null = torch.full_like(y, resolve_null_class(model))
-        return SAMPLERS[s.mode](model, torch.cat([z, z]), torch.cat([y, null]), **kw)[: len(z)]
-    return SAMPLERS[s.mode](model, z, y, **kw)
 
 
 @torch.no_grad()
@@ -249,7 +239,7 @@ def generate_shard(s: SamplingOptions, model, vae, rank: int, world: int, device
     for z, y, keep in _draws(s, model, rank, world, device, gen):
         if not keep:  # only a rank's last batch can be all past --num-fid-samples: nothing is drawn after it
             continue
-        x = _sample(s, model, z, y, kw)[:keep].float()
+        x = SAMPLERS[s.mode](model, z, y, **kw)[:keep].float()
         x = vae.decode(x / latent_scale).sample if vae is not None else x / latent_scale
         out.append(decode_to_uint8(x, rounding=s.rounding).cpu().numpy())
     size = model.x_embedder.grid_size * model.patch_size

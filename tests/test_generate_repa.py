@@ -25,12 +25,12 @@ def run_dir(tmp_path_factory):
 
 
 def repa_loop(model, s, world: int) -> np.ndarray:
-    """A transcription of REPA generate.py's sampling loop (main(), the `for i in pbar` body) for every rank in turn,
-    with its global RNG: ``torch.manual_seed(global_seed * world + rank)``, per batch ``z = torch.randn(n, ...)`` then
-    ``y = torch.randint(0, num_classes, (n,))``, with CFG ``z = cat([z, z])``, ``y = cat([y, y_null])`` and the first
-    half kept, each sample saved as number ``i * world + rank + total`` and only the first --num-fid-samples read
-    back (create_npz_from_sample_folder). The sampler draws its SDE noise from the global RNG (randn_like), as
-    REPA's samplers.py does."""
+    """A transcription of REPA generate.py's sampling loop (sihyun-yu/REPA generate.py:99-160 at 67f7145) for every
+    rank in turn, with its global RNG: ``torch.manual_seed(global_seed * world + rank)`` (generate.py:56-57), per
+    batch ``z = torch.randn(n, ...)`` then ``y = torch.randint(0, num_classes, (n,))`` (121-122), the sampler (CFG
+    inside it, SDE noise from the global RNG by randn_like as REPA's samplers.py:140), each sample saved as number
+    ``i * world + rank + total`` (158), and only the first --num-fid-samples read back
+    (create_npz_from_sample_folder)."""
     n, size, c = s.per_proc_batch_size, model.x_embedder.grid_size * model.patch_size, model.in_channels
     total_samples = int(math.ceil(s.num_fid_samples / (n * world)) * n * world)
     iterations = total_samples // world // n
@@ -41,14 +41,9 @@ def repa_loop(model, s, world: int) -> np.ndarray:
         for _ in range(iterations):
             z = torch.randn(n, c, size, size)
             y = torch.randint(0, model.num_classes, (n,))
-            if s.cfg_scale > 1.0:
-                z = torch.cat([z, z], 0)
-                y = torch.cat([y, torch.full((n,), model.num_classes)], 0)
             kw = dict(num_steps=s.num_steps, cfg_scale=s.cfg_scale, guidance_low=s.guidance_low)
             kw |= dict(guidance_high=s.guidance_high, path_type=s.path_type)
             samples = SAMPLERS[s.mode](model, z, y, **kw).float()
-            if s.cfg_scale > 1.0:
-                samples, _ = samples.chunk(2, dim=0)
             for i, sample in enumerate(decode_to_uint8(samples, rounding=s.rounding).numpy()):
                 images[i * world + rank + total] = sample
             total += n * world
