@@ -8,7 +8,7 @@ The groups, and the commands that take them:
 
     add_checkpoint_flags   --ckpt --weights                          generate, cknna, linear_probe (export: --weights)
     add_model_flags        --model --resolution --num-classes --in-channels --latent-scale --encoder-depth
-                           --use-rope --legacy --fused-attn               generate
+                           --use-rope --legacy --fused-attn --qk-norm --projector-embed-dims   generate
     add_vae_flag           --vae                                          generate
     add_sampling_flags     --preset --mode --num-steps --heun --cfg-scale --guidance-low --guidance-high
                            --path-type --labels --rounding --global-seed --num-fid-samples --per-proc-batch-size
@@ -146,12 +146,7 @@ def add_checkpoint_flags(p, help: str) -> None:
 
 def add_model_flags(p) -> None:
     g = p.add_argument_group("model (what the checkpoint's keys do not say)")
-    add_option_flags(g, ModelOptions)
-    # Accepted for command-line compatibility with REPA's generate.py (generate.py:187-202); the checkpoint's keys
-    # give both instead.
-    for flag in ("--projector-embed-dims", "--qk-norm"):
-        g.add_argument(flag, default=None, help=argparse.SUPPRESS, nargs="?", const=True)
-    g.add_argument("--no-qk-norm", dest="qk_norm", action="store_const", const=False, help=argparse.SUPPRESS)
+    add_option_flags(g, ModelOptions)  # with REPA generate.py's --qk-norm/--no-qk-norm and --projector-embed-dims
 
 
 def add_vae_flag(p) -> None:

@@ -240,6 +240,11 @@ class RunConfig:
     init_from: str | None = _f(
         None, "start from these weights (a repa_fast checkpoint, a reference/ERW .pt, REPA's last.pt); step 0"
     )
+    init_ema_from: str = _f(
+        "file-ema",
+        "with --init-from: start the EMA from the file's EMA when it has one (file-ema), or from its raw weights",
+        choices=("file-ema", "weights"),
+    )
     mixed_precision: str = _f("bf16", "autocast dtype (reference default fp16)", choices=("no", "fp16", "bf16"))
     allow_tf32: bool = _f(False, "allow TF32 matmuls and convolutions on Ampere+")
     report_to: str = _f(
@@ -426,6 +431,8 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --resume-step both given: use one (latest checkpoint, or that step)")
     if r.init_from and (r.resume or r.resume_step):
         raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
+    if r.init_ema_from != "file-ema" and not r.init_from:
+        raise ConfigError(f"--init-ema-from {r.init_ema_from} only applies with --init-from FILE; drop it or add one")
 
 
 def _check_recipe(cfg: TrainConfig, depth: int) -> None:

@@ -92,7 +92,17 @@ def is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return True
     text = str(exc)
-    return "No space left" in text or "Disk quota exceeded" in text or "os error 28" in text
+    return any(sign in text for sign in _WRITE_SIGNS)
+
+
+# The same failures as a library words them when it re-raises them as its own type (torch's file writer raises a
+# RuntimeError "open file failed with strerror: Read-only file system"; the Rust safetensors writer "os error 28").
+_WRITE_SIGNS = ("No space left", "Disk quota exceeded", "os error 28", "Read-only file system", "os error 30")
+
+
+def is_read_only_failure(exc: BaseException) -> bool:
+    """A write refused because the file system is mounted read-only (freeing space would not help)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.EROFS) or "Read-only file system" in str(exc)
 
 
 def worker_message(text: str) -> str:
@@ -139,6 +149,8 @@ def entry_point(prog: str):
                     raise
                 where = f"{e.filename}: " if e.filename else ""
                 msg = f"{where}{e.strerror or e}; free disk space (or choose another output directory) and rerun"
+                if is_read_only_failure(e):
+                    msg = f"{where}{e.strerror or e}: the file system is read-only; write somewhere else and rerun"
                 return _report(prog, e, msg, EXIT_WRITE, debug)
             except KeyboardInterrupt as e:
                 return _report(prog, e, "interrupted", 128 + 2, debug)

@@ -27,7 +27,7 @@ from repa_fast import errors
 from repa_fast.config import ConfigError
 from repa_fast.eval.fid import FeatureStats
 from repa_fast.eval.inception import extract
-from repa_fast.io import atomic_path, write_json
+from repa_fast.io import atomic_path, ensure_cache_dir, write_json
 from repa_fast.options import DEFAULT_CACHE, FEATURE_NETS, EvalOptions
 
 
@@ -213,10 +213,7 @@ def prepare_evaluation(opts: EvalOptions, ref: str | None, device, need: str = "
     with open_arr0(ref) as (shape, _):
         if shape[0] < 2:
             raise ConfigError(f"{ref}: arr_0 has {shape[0]} image(s); statistics need at least 2")
-    try:
-        os.makedirs(opts.cache_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--cache-dir {opts.cache_dir}: cannot create it ({e.strerror}); pass a writable one") from e
+    ensure_cache_dir(opts.cache_dir, "--cache-dir (train.py: --eval-cache-dir)", default=DEFAULT_CACHE)
     net = build_feature_net(opts.feature_net, opts.inception_weights, opts.cache_dir, device)
     stored = npz_keys(ref) & {"mu", "sigma", "mu_s", "sigma_s"}
     if stored:  # ADM uses a reference's stored statistics: they must be complete and fit this network

@@ -14,11 +14,14 @@ import torch
 
 from repa_fast import errors
 from repa_fast.engine.checkpoint import find_checkpoint_dir, load_run  # noqa: F401 (find_checkpoint_dir: old home)
-from repa_fast.io import atomic_path
+from repa_fast.io import atomic_path, check_output_path
 
 
 def export_ref_layout(src: str, out: str, *, step: int = 0, weights: str = "ema") -> str:
-    """Write ``src``'s ``weights`` (its latest checkpoint, or ``step``) to ``out`` as ``{'ema': state_dict}``."""
+    """Write ``src``'s ``weights`` (its latest checkpoint, or ``step``) to ``out`` as ``{'ema': state_dict}``.
+    An ``out`` that cannot be a file (an existing directory, a file in the way, a read-only file system) is refused
+    before the checkpoint is read."""
+    check_output_path(out, "OUT", directory=False)
     run = load_run(src, which=weights, step=step)
     size = sum(t.numel() * t.element_size() for t in run.weights.values())
     with atomic_path(out, size_hint=size, intact=f"{run.path} is untouched.") as tmp:

@@ -12,9 +12,12 @@ it is loaded before the first sample. ``--legacy`` remaps decoder_blocks.* keys;
 saved args, else ``--use-rope``, else config.json, and the choice is printed. Defaults are
 generate.py's (ode, 50 steps, cfg 1.5); ``--preset paper`` sets REPA's README evaluation (SDE, 250 steps, cfg 1.8,
 guidance interval [0, 0.7]). Differences from generate.py, on purpose: images are rounded, not truncated
-(``--rounding truncate`` restores it); labels are class-balanced (``--labels random`` restores generate.py's draws);
+(``--rounding truncate`` restores it); labels are class-balanced (``--labels random`` restores generate.py's loop:
+per batch the noise then the labels, full batches, its sample numbering across ranks, so its seed gives its samples);
 no PNG round trip: each process writes its share as an .npz part, rank 0 merges them into one file whose name
-records every sampling setting; the z_dims/encoder depth/qk-norm of the checkpoint are read from its keys.
+records every sampling setting (``--png-dir`` also writes generate.py's 000000.png ... folder); the z_dims/encoder
+depth/qk-norm of the checkpoint are read from its keys (generate.py's --qk-norm and --projector-embed-dims, when
+given, must agree with them).
 
 As a library: ``generate(GenerateOptions(ckpt=..., sampling=SamplingOptions(...)), device)``; the pieces are
 ``load_run`` (repa_fast.engine.checkpoint), ``build_model``, ``generate_shard`` and ``output_name``.
@@ -33,6 +36,7 @@ from repa_fast import errors
 from repa_fast.build import model_kwargs
 from repa_fast.engine.adapters import arch_from_keys, check_fits, legacy_remap
 from repa_fast.engine.checkpoint import CheckpointError, Run, load_run
+from repa_fast.io import check_output_path
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.options import VAE_HELP, WEIGHTS, Checked, EvalOptions, ModelOptions, SamplingOptions, option
 from repa_fast.sample import (
@@ -55,6 +59,10 @@ class GenerateOptions(Checked):
     ckpt: str = option(help="run dir, checkpoint dir, a reference/ERW train.py .pt file or REPA's released last.pt")
     weights: str = option("ema", "which weights of the checkpoint", choices=WEIGHTS)
     sample_dir: str = option("samples", "where the .npz (and its per-process parts) are written")
+    png_dir: str | None = option(
+        None, "also write every sample as DIR/000000.png, 000001.png, ... (REPA generate.py's per-image folder; the "
+        "global sample index names the file)",
+    )  # fmt: skip
     vae: str | None = option(None, VAE_HELP)
     tf32: bool = option(True, "TF32 matmuls (generate.py's --tf32)")
     fid_reference: str | None = option(None, "reference .npz: evaluate the samples right after sampling")
@@ -89,6 +97,31 @@ def model_name(opts: ModelOptions, run: Run) -> str:
     return name
 
 
+def check_stated_arch(opts: ModelOptions, arch: dict, ckpt: str) -> None:
+    """REPA generate.py's --qk-norm and --projector-embed-dims, when given, agree with what the checkpoint's keys say
+    (REPA builds the model from them and fails in load_state_dict; we read the keys, so a contradiction is named)."""
+    if opts.qk_norm is not None and opts.qk_norm != arch["qk_norm"]:
+        has = "has" if arch["qk_norm"] else "has no"
+        raise CheckpointError(
+            f"--{'' if opts.qk_norm else 'no-'}qk-norm contradicts --ckpt {ckpt}: it {has} q/k-norm weights "
+            f"(qk_norm={arch['qk_norm']}); drop the flag or pass --{'' if arch['qk_norm'] else 'no-'}qk-norm"
+        )
+    if opts.projector_embed_dims is not None:
+        try:
+            dims = [int(d) for d in opts.projector_embed_dims.split(",") if d.strip()]
+        except ValueError as e:
+            raise errors.ConfigError(
+                f"--projector-embed-dims {opts.projector_embed_dims!r}: expected widths separated by commas, e.g. 768"
+            ) from e
+        if dims != list(arch["z_dims"]):
+            found = ",".join(map(str, arch["z_dims"])) or "none (no projectors)"
+            raise CheckpointError(
+                f"--projector-embed-dims {opts.projector_embed_dims} contradicts --ckpt {ckpt}: its projectors are "
+                f"{found}; drop the flag (the keys give the widths) or pass --projector-embed-dims "
+                f"{','.join(map(str, arch['z_dims']))}"
+            )
+
+
 def build_model(opts: ModelOptions, run: Run) -> torch.nn.Module:
     """SiT with the projector widths, depth and qk-norm ``run``'s keys imply and RoPE from ``rope_setting``."""
     name = model_name(opts, run)
@@ -101,6 +134,7 @@ def build_model(opts: ModelOptions, run: Run) -> torch.nn.Module:
             f"--ckpt {run.path} uses the old decoder_blocks.* layout; pass --legacy (and its --encoder-depth)"
         )
     arch = arch_from_keys(sd)
+    check_stated_arch(opts, arch, run.path)
     use_rope, source = rope_setting(opts, run)
     print(f"generate: RoPE {'on' if use_rope else 'off'} (from {source})", file=sys.stderr)
     try:
@@ -168,16 +202,51 @@ def output_name(opts: GenerateOptions, model_name: str, reg: bool = False) -> st
     )
 
 
+def shard_indices(s: SamplingOptions, rank: int, world: int) -> np.ndarray:
+    """The global sample index of each sample ``generate_shard`` returns for ``rank``, in its order.
+
+    balanced: a contiguous share. random: REPA generate.py's layout, full batches of --per-proc-batch-size on every
+    rank, sample i of a rank's batch b being number b * n * world + i * world + rank (generate.py:158,
+    ``index = i * world_size + rank + total``); the draws past --num-fid-samples are made and dropped, as there."""
+    if s.labels == "balanced":
+        start, end = shard_bounds(s.num_fid_samples, rank, world)
+        return np.arange(start, end)
+    n = s.per_proc_batch_size
+    batches = math.ceil(s.num_fid_samples / (n * world))
+    idx = (np.arange(batches)[:, None] * n * world + np.arange(n)[None, :] * world + rank).ravel()
+    return idx[idx < s.num_fid_samples]
+
+
+def _draws(s: SamplingOptions, model, rank: int, world: int, device, gen):
+    """(noise, labels, REG's class-token noise or None, how many of the batch are kept) per batch, in the order the
+    generator is drawn from.
+
+    balanced: the labels are fixed, the noise is drawn per batch. random: generate.py's loop, per batch the noise
+    then the labels, both for a full batch (generate.py:121-122, ``z = torch.randn(n, ...)`` then
+    ``y = torch.randint(0, num_classes, (n,))``), then the sampler's own draws (SDE), so that REPA's --global-seed
+    gives REPA's samples. A REG model draws its class-token noise last, after the labels (REG generate.py:129-131:
+    ``z``, ``y``, then ``cls_z = torch.randn(n, args.cls)``)."""
+    size, c, n = model.x_embedder.grid_size * model.patch_size, model.in_channels, s.per_proc_batch_size
+    if s.labels == "balanced":
+        start, end = shard_bounds(s.num_fid_samples, rank, world)
+        labels = class_balanced_labels(s.num_fid_samples, model.num_classes, device=device)[start:end]
+        for i in range(0, end - start, n):
+            y = labels[i : i + n]
+            z = torch.randn(len(y), c, size, size, device=device, generator=gen)
+            yield z, y, reg_cls_latents(model, len(y), gen, device), len(y)
+        return
+    kept = shard_indices(s, rank, world)
+    for b in range(math.ceil(s.num_fid_samples / (n * world))):
+        z = torch.randn(n, c, size, size, device=device, generator=gen)
+        y = torch.randint(0, model.num_classes, (n,), device=device, generator=gen)
+        cls = reg_cls_latents(model, n, gen, device)
+        yield z, y, cls, int(((kept >= b * n * world) & (kept < (b + 1) * n * world)).sum())
+
+
 @torch.no_grad()
 def generate_shard(s: SamplingOptions, model, vae, rank: int, world: int, device, latent_scale: float) -> np.ndarray:
-    """This rank's share of the samples, uint8 (n, H, W, 3), in global sample order."""
-    start, end = shard_bounds(s.num_fid_samples, rank, world)
+    """This rank's share of the samples, uint8 (n, H, W, 3), in the order of ``shard_indices``."""
     gen = torch.Generator(device=device).manual_seed(s.global_seed * world + rank)  # generate.py's rank seed
-    if s.labels == "balanced":
-        labels = class_balanced_labels(s.num_fid_samples, model.num_classes, device=device)[start:end]
-    else:
-        labels = torch.randint(0, model.num_classes, (end - start,), device=device, generator=gen)
-    size, c = model.x_embedder.grid_size * model.patch_size, model.in_channels
     kw = dict(
         num_steps=s.num_steps,
         cfg_scale=s.cfg_scale,
@@ -189,16 +258,29 @@ def generate_shard(s: SamplingOptions, model, vae, rank: int, world: int, device
     if model.reg:  # REG samples the class token jointly (REG generate.py:129-131, samplers.py)
         kw["cls_cfg_scale"] = REG_CLS_CFG_SCALE if s.cls_cfg_scale is None else s.cls_cfg_scale
     out = []
-    for i in range(0, end - start, s.per_proc_batch_size):
-        y = labels[i : i + s.per_proc_batch_size]
-        z = torch.randn(len(y), c, size, size, device=device, generator=gen)
-        cls = reg_cls_latents(model, len(y), gen, device) if model.reg else None  # after z, as REG's generate.py
+    for z, y, cls, keep in _draws(s, model, rank, world, device, gen):
+        if not keep:  # only a rank's last batch can be all past --num-fid-samples: nothing is drawn after it
+            continue
         if cls is not None:
             kw["cls_latents"] = cls
-        x = SAMPLERS[s.mode](model, z, y, **kw).float()
+        x = SAMPLERS[s.mode](model, z, y, **kw)[:keep].float()
         x = vae.decode(x / latent_scale).sample if vae is not None else x / latent_scale
         out.append(decode_to_uint8(x, rounding=s.rounding).cpu().numpy())
+    size = model.x_embedder.grid_size * model.patch_size
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def write_pngs(png_dir: str, images: np.ndarray, indices: np.ndarray) -> None:
+    """REPA generate.py's per-image folder: sample k as ``png_dir/{k:06d}.png`` (each written atomically)."""
+    from PIL import Image
+
+    from repa_fast.io import atomic_path
+
+    os.makedirs(png_dir, exist_ok=True)
+    for image, k in zip(images, indices):
+        path = os.path.join(png_dir, f"{int(k):06d}.png")
+        with atomic_path(path, intact="The .npz is written after the PNGs.") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
 
 
 def feature_net_for(opts: GenerateOptions, device):
@@ -244,10 +326,15 @@ def load_model(opts: GenerateOptions, device):
     return model, vae, latent_scale, model_name(opts.sit, run)
 
 
-def merge_parts(sample_dir: str, name: str, world: int, expected: int) -> str:
-    """Rank 0: the processes' .npz parts as one ``<name>.npz`` (the parts are removed once it is written)."""
+def merge_parts(sample_dir: str, name: str, world: int, expected: int, s: SamplingOptions | None = None) -> str:
+    """Rank 0: the processes' .npz parts as one ``<name>.npz`` in global sample order (``shard_indices`` of ``s``;
+    rank order when None); the parts are removed once it is written."""
     parts = [os.path.join(sample_dir, f"{name}.part{r}.npz") for r in range(world)]
-    arr = np.concatenate([np.load(p)["arr_0"] for p in parts if os.path.exists(p)])
+    arrays = [np.load(p)["arr_0"] if os.path.exists(p) else None for p in parts]
+    arr = np.concatenate([a for a in arrays if a is not None])
+    if s is not None and len(arr) == expected:
+        order = np.concatenate([shard_indices(s, r, world) for r, a in enumerate(arrays) if a is not None])
+        arr = arr[np.argsort(order, kind="stable")]
     if len(arr) != expected:
         raise CheckpointError(
             f"only {len(arr)} of {expected} samples were written (a rank failed?); the parts are kept in --sample-dir"
@@ -264,18 +351,23 @@ def generate(opts: GenerateOptions, device, rank: int = 0, world: int = 1) -> st
     """Sample ``opts`` into ``<sample_dir>/<output_name>.npz`` (every process its share; rank 0 merges), then
     evaluate it with ``opts.fid_reference``; returns the .npz path. Under torchrun, the process group must exist."""
     torch.backends.cuda.matmul.allow_tf32 = opts.tf32
+    check_output_path(opts.sample_dir, "--sample-dir", directory=True)  # before any model is loaded or sample drawn
+    if opts.png_dir:
+        check_output_path(opts.png_dir, "--png-dir", directory=True)
     feature_net = feature_net_for(opts, device)
     model, vae, latent_scale, name = load_model(opts, device)
     name = output_name(opts, name, model.reg)
     os.makedirs(opts.sample_dir, exist_ok=True)
     part = generate_shard(opts.sampling, model, vae, rank, world, device, latent_scale)
+    if opts.png_dir:
+        write_pngs(opts.png_dir, part, shard_indices(opts.sampling, rank, world))
     if len(part):
         save_npz(os.path.join(opts.sample_dir, f"{name}.part{rank}.npz"), part)
     if world > 1:
         torch.distributed.barrier()
     path = os.path.join(opts.sample_dir, f"{name}.npz")
     if rank == 0:
-        merge_parts(opts.sample_dir, name, world, opts.sampling.num_fid_samples)
+        merge_parts(opts.sample_dir, name, world, opts.sampling.num_fid_samples, opts.sampling)
     if opts.fid_reference:
         from repa_fast.evaluate import evaluate, format_metrics
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 
-from repa_fast.errors import WriteError, is_write_failure
+from repa_fast.errors import WriteError, is_read_only_failure, is_write_failure
 
 TMP_PREFIX = ".tmp-"
 
@@ -73,9 +73,11 @@ def write_error(
             need = f"needs about {_gb(size_hint)}, " if size_hint else ""
             space = f" ({need}{_gb(free)} free on that file system)"
     tail = f" {intact}" if intact else ""
+    advice = "Free disk space (or write somewhere else) and rerun."
+    if is_read_only_failure(e):
+        space, advice = "", "The file system is read-only: write somewhere else and rerun."
     return WriteError(
-        f"could not write {path}: {reason}{space}{'; the partial file was removed' if removed else ''}.{tail} "
-        "Free disk space (or write somewhere else) and rerun."
+        f"could not write {path}: {reason}{space}{'; the partial file was removed' if removed else ''}.{tail} {advice}"
     )
 
 
@@ -147,3 +149,61 @@ def write_text(path: str, text: str, **kw) -> str:
 def write_json(path: str, obj, indent: int | None = None, **kw) -> str:
     """Write ``obj`` as JSON to ``path`` atomically; returns the path."""
     return write_text(path, json.dumps(obj, indent=indent), **kw)
+
+
+# -- Checks before writing: a path the user named, or a cache folder under HOME ---------------------------------------
+
+
+def _existing_ancestor(path: str) -> str:
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    return probe
+
+
+def is_read_only(path: str) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing ancestor) is mounted read-only."""
+    try:
+        return bool(os.statvfs(_existing_ancestor(path)).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_output_path(path: str, flag: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` (given as ``flag``) that cannot be written: a file in the way of
+    its folders, an existing directory where a file goes (or a file where a directory goes), a folder this user may
+    not write (UserError, exit 2), a read-only file system (WriteError, exit 5). Nothing is created."""
+    from repa_fast.errors import UserError
+
+    probe = _existing_ancestor(path)
+    full = os.path.abspath(path)
+    if probe == full:
+        if directory and not os.path.isdir(full):
+            raise UserError(f"{flag} {path}: a file of that name is in the way (a directory goes there); move it")
+        if not directory and os.path.isdir(full):
+            raise UserError(f"{flag} {path} is an existing directory; give a file name (e.g. {path}/ema.pt)")
+        probe = full if directory else os.path.dirname(full)
+    elif not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, not a directory, so nothing can be created under it")
+    if is_read_only(probe):
+        raise WriteError(f"{flag} {path}: {probe} is on a read-only file system; write somewhere else")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable by this user; choose another place or fix its rights")
+
+
+def ensure_cache_dir(path: str, flag: str, default: str | None = None) -> str:
+    """``os.makedirs(path)`` for a cache; a failure names the folder and the fix (``flag``, or HOME when ``path`` is
+    the default under it): UserError (exit 2) for a path problem, WriteError (exit 5) for a full or read-only disk."""
+    from repa_fast.errors import UserError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        return path
+    except OSError as e:
+        where = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        fix = f"pass {flag} DIR with a writable DIR"
+        if default is not None and os.path.abspath(path) == os.path.abspath(default):
+            home = os.environ.get("HOME", "")
+            fix = f"it is the default under HOME={home!r}: set HOME to a writable directory, or {fix}"
+        msg = f"cannot create the cache folder {path} ({where}); {fix}"
+        raise (WriteError if is_write_failure(e) else UserError)(msg) from e

@@ -139,6 +139,13 @@ class ModelOptions(Checked):
         False, "remap the old decoder_blocks.i keys to blocks.(i + --encoder-depth) as generate.py --legacy"
     )
     fused_attn: bool = option(True, config="fused_attn", note="generate.py defaults to explicit fp32 softmax")
+    # REPA generate.py's two flags for what our checkpoints' keys state (generate.py:187-202): checked, never ignored.
+    qk_norm: bool | None = option(
+        None, "REPA generate.py's --qk-norm/--no-qk-norm; the checkpoint's keys decide, a contradiction is an error"
+    )
+    projector_embed_dims: str | None = option(
+        None, "REPA generate.py's projector widths, e.g. 768 or 768,1024; checked against the checkpoint's projectors"
+    )
 
 
 @dataclass

@@ -117,7 +117,8 @@ def reg_cls_latents(model, n: int, generator: torch.Generator | None = None, dev
     inner = _unwrap(model)
     if not getattr(inner, "reg", False):
         return None
-    return torch.randn(n, inner.cls_dim, generator=generator).to(device)
+    where = generator.device if generator is not None else device  # drawn where the generator lives (REG: on device)
+    return torch.randn(n, inner.cls_dim, generator=generator, device=where).to(device)
 
 
 def _validate_cls(model, latents, cls_latents, cls_cfg_scale):

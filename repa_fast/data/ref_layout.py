@@ -79,6 +79,7 @@ def _read_labels(features_dir: str, feature_names: list[str]) -> np.ndarray:
             f"{path}: 'labels' is null (the source had no class folders); class-conditional training "
             "needs labels: re-run preprocessing from an ImageNet-style folder with one folder per class"
         )
+    _check_label_entries(path, entries)
     table = {str(name).replace("\\", "/"): lab for name, lab in entries}
     missing = [name for name in feature_names if name not in table]
     if missing:
@@ -90,6 +91,22 @@ def _read_labels(features_dir: str, feature_names: list[str]) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: labels must be one integer per file (got dtype {labels.dtype}, ndim {labels.ndim})")
     return labels.astype(np.int64)
+
+
+def _check_label_entries(path: str, entries) -> None:
+    """``labels`` is a list of [file name, integer label] pairs (dataset_tools.py's layout); the first entry that is not
+    one is named with its index."""
+    if not isinstance(entries, list):
+        raise DataError(
+            f"{path}: 'labels' is a {type(entries).__name__}, expected a list of [file name, integer label] pairs; "
+            "re-create the file (re-run the encode step)"
+        )
+    for i, e in enumerate(entries):
+        if not (isinstance(e, list | tuple) and len(e) == 2 and isinstance(e[0], str)):
+            raise DataError(
+                f"{path}: labels[{i}] is {json.dumps(e)[:80]}, expected a [file name, integer label] pair such as "
+                '["00000/img-mean-std-00000000.npy", 6]; re-create the file (re-run the encode step)'
+            )
 
 
 def _check_pairing(image_names: list[str], feature_names: list[str], data_dir: str) -> None:

@@ -148,6 +148,29 @@ def _arch_args(args: dict) -> dict:
     return {k: args[k] for k in keys if k in args}
 
 
+def init_ema_weights(path: str, model: torch.nn.Module, choice: str = "file-ema") -> tuple[dict | None, str]:
+    """``--init-from``'s EMA: (the file's EMA state dict, "the file's EMA") when it has one and ``choice`` is
+    file-ema (REPA's train.py keeps an EMA beside the weights), else (None, why) and the EMA starts from the weights.
+    Raw weights and EMA come from one file; both are strictly checked against ``model``."""
+    if choice == "weights":
+        return None, "--init-ema-from weights"
+    if os.path.isdir(path):
+        try:
+            sd = load_run(path, which="ema").weights
+        except CheckpointError:
+            return None, f"{path} has no EMA weights"
+        own = model.state_dict()
+        if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in sd):
+            raise CheckpointError(
+                f"--init-from {path}: its EMA does not fit this model; check --model and the encoders"
+            )
+        return sd, "the file's EMA"
+    f = read_foreign(path)
+    if f["ema"] is None or f["model"] is None:  # one set of weights only: the EMA starts from it
+        return None, f"{path} holds one set of weights only"
+    return weights_for(path, model, "ema", f), "the file's EMA"
+
+
 def init_weights(path: str, model: torch.nn.Module) -> dict:
     """``--init-from``: the raw (non-EMA) weights of a repa_fast run/checkpoint directory or a foreign .pt file."""
     if os.path.isdir(path):

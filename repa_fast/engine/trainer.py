@@ -138,6 +138,9 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
         saved = compat.read_as_saved(resume_from, run.model, cfg.run.resume_step, lambda s: run.recipe.phase(s).name)
     evaluator = build_evaluator(cfg, run.dataset, backend)  # checked before any write
     init_sd = compat.init_weights(cfg.run.init_from, run.model) if cfg.run.init_from and saved is None else None
+    init_ema, ema_source = (None, "")
+    if init_sd is not None:  # --init-ema-from: the file's EMA (when it has one) or its weights start our EMA
+        init_ema, ema_source = compat.init_ema_weights(cfg.run.init_from, run.model, cfg.run.init_ema_from)
     out = prepare_run_dir(cfg, backend)  # the first write to the run directory
     setup_logging(backend.is_main, out)
     if backend.is_main:
@@ -149,6 +152,10 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
         backend.load_model_state_dict(run.model, init_sd)
         logger.info("initialised the model from %s", cfg.run.init_from)
     state = start_state(run, saved, resume_from, evaluator)
+    if init_sd is not None:
+        if init_ema is not None:
+            backend.load_ema_state_dict(state.ema, init_ema)
+        logger.info("the EMA starts from %s", ema_source if init_ema is not None else f"the weights ({ema_source})")
     loader = build_loader(cfg, run.dataset, state.sampler, run.micro, backend.device, backend.rank)
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
     previewer = None

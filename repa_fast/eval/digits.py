@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repa_fast.io import atomic_path
+from repa_fast.io import atomic_path, ensure_cache_dir
 
 logger = logging.getLogger("repa_fast")
 
@@ -88,10 +88,10 @@ def load_digits_classifier(cache_dir: str, device=None) -> DigitsClassifier:
     if os.path.isfile(path):
         net.load_state_dict(load_file(path))
     else:
+        ensure_cache_dir(cache_dir, "--cache-dir (train.py: --eval-cache-dir)")  # before the training, not after
         net, acc = train_digits_classifier()
         logger.info("trained the digits feature network: held-out accuracy %.3f; cached in %s", acc, path)
 
-        os.makedirs(cache_dir, exist_ok=True)
         weights = {k: v.contiguous() for k, v in net.state_dict().items()}
         with atomic_path(path) as tmp:
             save_file(weights, tmp, metadata={"accuracy": f"{acc:.4f}"})

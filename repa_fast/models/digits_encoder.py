@@ -33,6 +33,11 @@ WIDTH = 64
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "repa_fast", "encoders")
 
 
+def default_dir() -> str:
+    """``~/.cache/repa_fast/encoders`` under the HOME of now (DEFAULT_DIR is the one at import)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "repa_fast", "encoders")
+
+
 class DigitsEncoder(nn.Module):
     def __init__(self, resolution: int, grid: int = 8):
         super().__init__()
@@ -131,15 +136,16 @@ def build_digits_encoder(
     with torch.random.fork_rng(devices=[]):  # the run's RNG streams do not depend on the cache being warm
         enc = DigitsEncoder(resolution, grid)
     if pretrained:
-        folder = str(checkpoint_dir) if checkpoint_dir else DEFAULT_DIR
+        from repa_fast.io import atomic_path, ensure_cache_dir
+
+        folder = str(checkpoint_dir) if checkpoint_dir else default_dir()
         path = os.path.join(folder, FILE)
         if not os.path.isfile(path):
             logger.info("encoder %s: training it on the digits without labels (once, ~seconds); caching %s", name, path)
-            os.makedirs(folder, exist_ok=True)
+            ensure_cache_dir(folder, "--encoder-checkpoint-dir", default=default_dir())
             trained = train_ssl()
-            tmp = f"{path}.tmp{os.getpid()}"
-            save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp)
         enc.load_state_dict(load_file(path))
         logger.info("encoder %s: self-supervised weights from %s", name, path)
     enc.eval().requires_grad_(False)

@@ -28,17 +28,73 @@ SAFE_GLOBALS = [(SavedArgs, "argparse.Namespace")]
 
 
 def load_pickle_safely(path: str):
-    """``torch.load`` of a .pt file admitting no class but the saved args; a refusal is a CheckpointError."""
+    """``torch.load`` of a .pt file admitting no class but the saved args; a refusal is a CheckpointError.
+
+    The message says which of three things the file is: not a torch.save file at all (a run's config.json, text), a
+    damaged one, or one that pickles other classes. It never repeats torch's advice to retry with
+    ``weights_only=False``, which would run whatever the file names."""
+    refuse_non_torch_file(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+        found = _UNSAFE_GLOBAL.search(str(e))
+        if found is None:
+            raise CheckpointError(
+                f"{path}: refused to load: the file is damaged or truncated ({torch_reason(e)}); copy it again "
+                "or pass another checkpoint"
+            ) from e
         raise CheckpointError(
             f"{path}: refused to load: it pickles objects other than tensors, containers and argparse.Namespace "
-            f"({first}). Nothing in it was run. If you trust the file, re-save its state dicts with plain "
+            f"({found.group(0)}). Nothing in it was run. If you trust the file, re-save its state dicts with plain "
             "torch.save({'model': ..., 'ema': ...}) and pass that file."
         ) from e
+
+
+# torch's words for a class the weights-only unpickler refuses ("Unsupported global: GLOBAL mod.Name ...").
+_UNSAFE_GLOBAL = re.compile(r"Unsupported (global|class): \S+ [\w.]+")
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # a zip archive (torch.save since 1.6), a pickle (the legacy format)
+
+
+def torch_reason(e: BaseException) -> str:
+    """The first line of torch's error without its advice (re-running with weights_only=False; 'if you trust')."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:  # the unpickler's own words follow torch's advice
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    for cut in (" Re-running", " In PyTorch 2.6", " This is an internal", " If you are seeing", " This can happen"):
+        first = first.split(cut)[0]
+    return first.strip()[:200] or type(e).__name__
+
+
+def refuse_non_torch_file(path: str) -> None:
+    """A CheckpointError when ``path`` is not a torch.save file; a run's config.json points to its run directory."""
+    import json
+    import os
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from e
+    if head.startswith(_TORCH_MAGIC):
+        return
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    run_dir = os.path.dirname(os.path.abspath(path))
+    if isinstance(obj, dict) and "trainer" in obj:
+        raise CheckpointError(
+            f"{path} is a run's configuration (JSON), not a checkpoint: pass the run directory itself, --ckpt "
+            f"{run_dir} (its newest checkpoint and this config are read from there), or one of {run_dir}/checkpoints/*"
+        )
+    kind = "a JSON file" if obj is not None else f"not a torch.save file (it starts with {head!r})"
+    raise CheckpointError(
+        f"{path}: refused to load: {kind}, not a checkpoint; pass a run directory, a checkpoint directory or a .pt "
+        "file written by torch.save"
+    )
 
 
 def is_state_dict(obj) -> bool:

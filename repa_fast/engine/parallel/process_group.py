@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from repa_fast.engine.parallel.base import Backend, env_world
+from repa_fast.errors import UserError
 
 # Read when a process group is created, so tests can lower it through the environment.
 DEFAULT_TIMEOUT_S = 60
@@ -28,6 +29,23 @@ def launch_env(default_local_rank: int = 0) -> tuple[int, int, int]:
     launcher) pick the GPU by worker index."""
     rank, world, local = env_world()
     return rank, world, local if "LOCAL_RANK" in os.environ else default_local_rank
+
+
+# What torch's env:// rendezvous reads; every launcher (torchrun, deepspeed, accelerate launch) sets all of them.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launcher_env() -> None:
+    """A multi-process environment is complete: WORLD_SIZE > 1 alone (set by hand, or left over from another job)
+    would otherwise end in torch's rendezvous traceback. A UserError naming what is missing and both ways out."""
+    world = launch_env()[1]
+    missing = [v for v in LAUNCHER_VARS if v not in os.environ]
+    if world > 1 and missing:
+        raise UserError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: a "
+            f"launcher sets all of {', '.join(LAUNCHER_VARS)}. Start the command under one (torchrun "
+            f"--nproc_per_node {world} ..., deepspeed or accelerate launch), or unset WORLD_SIZE for one process"
+        )
 
 
 def dist_timeout_s() -> int:
@@ -63,6 +81,7 @@ _PRIVATE_STORES: list[str] = []  # file stores of launcher-less single-process g
 def launched_command():
     """(rank, world, device) of a command run under torchrun (or alone), with its process group for the duration:
     the sampling and evaluation commands' launch, written once. The device is cuda:LOCAL_RANK when CUDA is there."""
+    check_launcher_env()
     rank, world, local_rank = launch_env()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -82,6 +101,7 @@ def init_process_group(device: torch.device) -> None:
     REPA_FAST_DIST_TIMEOUT seconds (gloo honours it per operation; NCCL's watchdog aborts the communicator)."""
     if dist.is_initialized():
         return
+    check_launcher_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "MASTER_ADDR" not in os.environ and launch_env()[1] == 1:
         # A single process not started by a launcher (e.g. --parallel deepspeed on one GPU): a private file store.
