@@ -218,11 +218,17 @@ def main(argv=None) -> int:
     cfg, dry_run = resolve_config(argv)
     if dry_run:
         from repa_fast.engine.parallel.process_group import launch_env
+        from repa_fast.memory_check import check_memory, format_table, refuse_if_too_big
 
-        if launch_env()[0] == 0:  # one copy under a launcher
+        rank, world, local_rank = launch_env()
+        memory = check_memory(cfg, world, local_rank)  # predicted peak per GPU by part (repa_fast/cost/memory.py)
+        refuse_if_too_big(memory)  # a ConfigError naming the options that fit
+        if rank == 0:  # one copy under a launcher
             from repa_fast.recipe import build_recipe
 
-            print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))
+            recipe = build_recipe(cfg).describe()
+            print(json.dumps({**cfg.to_json(), "recipe": recipe, "memory": memory.to_json()}, indent=2))
+            print(format_table(memory), file=sys.stderr)
         return errors.EXIT_OK
     check_runtime(cfg)
     from repa_fast.engine.parallel import PeerFailure
