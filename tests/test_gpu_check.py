@@ -47,7 +47,7 @@ def test_smoke_run_writes_every_file_in_order(tmp_path):
     assert order == ["env", *gpu_check.PARTS]  # the headline first, then the kernels, then the rest
     headline = {r["provider"]: r for r in rows if r["kind"] == "headline"}
     built = [r["provider"] for r in rows if r["kind"] == "headline_build"]
-    assert built == ["reference eager", "reference compiled", "ours impl=ref", "ours triton"]
+    assert built == ["reference eager", "ours triton", "reference compiled", "ours impl=ref"]  # BUILD_ORDER
     for name in ("reference eager", "reference compiled", "ours impl=ref", "ours triton"):
         assert headline[name]["status"] == "ok" and headline[name]["img_per_s"] > 0 and headline[name]["n_steps"] == 2
     assert headline["ours + fp8"]["status"] == "skipped" and "sm_89" in headline["ours + fp8"]["why"]

@@ -143,3 +143,20 @@ def test_activation_checkpointing_trains_bitwise_like_without(tmp_path, monkeypa
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert sum(not torch.equal(first[k], sa[k]) for k in sa) > 0  # the weights moved: not two untouched models
+
+
+def test_a_resume_may_change_the_speed_options(tmp_path):
+    """A run checkpointed at step 2 without activation checkpointing resumes with --activation-checkpointing mlp: not
+    refused (speed options are not weight options), its config.json records the new mode, and its step-4 weights
+    are bitwise those of the straight run (checkpointing is exact)."""
+    straight = train(tiny_cfg(tmp_path / "straight", steps=4, ckpt_every=2))
+    base = tiny_cfg(tmp_path / "resumed", steps=4, ckpt_every=2)
+    base.run.max_train_steps = 2
+    first = train(base)
+    resumed = train(tiny_cfg(tmp_path / "resumed", "--resume", "--activation-checkpointing", "mlp", steps=4))
+    assert resumed["step"] == 4 and first["run_dir"] == resumed["run_dir"]
+    with open(os.path.join(resumed["run_dir"], "config.json")) as f:
+        assert json.load(f)["trainer"]["activation_checkpointing"] == "mlp"
+    a, b = (ckpt.read_checkpoint(ckpt.step_dir(r["run_dir"], 4))["model"] for r in (straight, resumed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
