@@ -99,6 +99,7 @@ def model_kwargs(m: ModelConfig) -> dict:
         projector_dim=m.projector_dim,
         qk_norm=m.qk_norm,
         fused_attn=m.fused_attn,
+        attn_backend=m.attn_backend,  # "auto" unless --attn-backend; fused_attn=False makes "auto" "math"
         impl=m.kernels,
         use_rope=m.use_rope,
         **family_kwargs(m),
@@ -291,10 +292,29 @@ def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: 
     """
     for name, p in model.named_parameters():
         p.requires_grad_(name not in fixed and phase.trains(name))
+    apply_speed_options(cfg, model, backend.device)  # fp8, then activation checkpointing: before compile and wrap
     train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
     optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
     ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
     return train_model, optimizer, ema
+
+
+def apply_speed_options(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """``--fp8`` then ``--activation-checkpointing`` on the single-device model, in place, in the order
+    engine/activation_checkpoint.py's docstring gives (fp8 conversion, checkpointing, then ``parallelize``: compile
+    and wrap). Both are idempotent, so every recipe phase may call this; neither changes a parameter name, so
+    checkpoints and the EMA's pairing are those of the plain model. Without the flags nothing is touched."""
+    m = cfg.model
+    if m.fp8 != "none":
+        from repa_fast.engine.fp8 import apply_fp8
+
+        apply_fp8(model, m.fp8, device=device)  # refuses a GPU without fp8 tensor cores (engine/fp8.py check_fp8)
+    if m.activation_checkpointing != "none":
+        from repa_fast.engine.activation_checkpoint import apply_activation_checkpointing
+
+        names = apply_activation_checkpointing(model, m.activation_checkpointing)
+        logger.info("activation checkpointing %s: %d modules recompute in the backward", m.activation_checkpointing,
+                    len(names))  # fmt: skip
 
 
 @dataclass

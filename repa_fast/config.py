@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,28 @@ POSITIVE = Range(0, lo_open=True)
 PROBABILITY = Range(0, 1)
 
 
-def _f(default, help: str, *, choices=None, check: Range | None = None, weights: bool = False):
+@dataclass(frozen=True)
+class Matches:
+    """The valid values of a string option given by a pattern (``regex``, matched in full); ``text`` says them in
+    words for the help and the error."""
+
+    regex: str
+    text: str
+
+    def __contains__(self, v) -> bool:
+        return isinstance(v, str) and re.fullmatch(self.regex, v) is not None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# engine/activation_checkpoint.py's modes (``parse_ac_mode``; tests/engine/test_speed_flags.py checks they agree).
+AC_MODES = Matches(r"none|full|mlp|every:[1-9][0-9]*", "one of none, full, mlp, every:K (K >= 1)")
+# kernels/attention.py's BACKENDS (the same test checks they agree; this module imports no torch).
+ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "cudnn_attention", "math")
+
+
+def _f(default, help: str, *, choices=None, check: Range | Matches | None = None, weights: bool = False):
     """A config field: its default, one-line doc, valid values (``choices`` or a ``check`` Range: every numeric
     option has one) and whether it defines the weights (``weights``: architecture or the meaning of the weights; a
     checkpoint only continues a run that agrees on all of these)."""
@@ -82,6 +104,26 @@ class ModelConfig:
     kernels: str = _f("auto", "fused kernels: auto (Triton on CUDA), triton, ref", choices=("auto", "triton", "ref"))
     compile: bool = _f(False, "torch.compile each SiT block (repeated structure compiles once)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile (e.g. inductor, aot_eager, cudagraphs)")
+    # Speed options (issue 18; docs/performance.md): they change how a step runs, not what the weights mean, so a
+    # resume may change them. Applied in build.build_phase: fp8, activation checkpointing, compile, parallel wrap.
+    fp8: str = _f(
+        "none",
+        "fp8 training of the SiT blocks' Linear layers (torchao float8; engine/fp8.py): tensorwise or rowwise "
+        "scaling; needs an NVIDIA GPU of compute capability 8.9+",
+        choices=("none", "tensorwise", "rowwise"),
+    )
+    activation_checkpointing: str = _f(
+        "none",
+        "recompute activations in the backward (engine/activation_checkpoint.py): full (every block), mlp (the MLP "
+        "of every block), every:K (blocks K, 2K, ...)",
+        check=AC_MODES,
+    )
+    attn_backend: str = _f(
+        "auto",
+        "attention of the SiT blocks (kernels/attention.py): auto picks by GPU; an explicit backend this machine "
+        "cannot run is refused; math = --no-fused-attn",
+        choices=ATTN_BACKENDS,
+    )
     cfg_prob: float = _f(
         0.1,
         "label dropout probability (the reference hard-codes 0.1 in the model; here it is real)",
@@ -260,6 +302,11 @@ class RunConfig:
         choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
     )
     device: str = _f("auto", "auto (cuda if available), cpu, cuda (device LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
+    gpu_memory_gb: float | None = _f(
+        None,
+        "GPU memory per process in GB (1e9 bytes) for --dry-run's memory check (default: the visible GPU's)",
+        check=POSITIVE,
+    )
     # In-training evaluation of the EMA model (repa_fast.eval.training); never changes the weights.
     eval_every: int = _f(
         0,
@@ -326,6 +373,7 @@ class TrainConfig:
         _check_family(self)
         _check_resume(self)
         _check_recipe(self, depth)
+        _check_speed(self)
         if self.data.dataset == "auto" and not self.data.data_dir:
             raise ConfigError(
                 "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
@@ -453,6 +501,16 @@ def _check_recipe(cfg: TrainConfig, depth: int) -> None:
     if loss.align_stop_step and loss.align_stop_step <= loss.warmup_steps:
         raise ConfigError(
             f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
+        )
+
+
+def _check_speed(cfg: TrainConfig) -> None:
+    """The speed options agree with the older attention switch (models/sit.py: fused_attn=False is "math")."""
+    m = cfg.model
+    if not m.fused_attn and m.attn_backend not in ("auto", "math"):
+        raise ConfigError(
+            f"--no-fused-attn is the explicit-softmax attention (--attn-backend math); it contradicts --attn-backend "
+            f"{m.attn_backend}: drop one of them"
         )
 
 

@@ -14,14 +14,14 @@ import torch
 
 from repa_fast import errors
 from repa_fast.cli import main
-from repa_fast.config import TrainConfig, field_specs, load_config_file
+from repa_fast.config import Range, TrainConfig, field_specs, load_config_file
 from repa_fast.engine import checkpoint as ckpt
 from repa_fast.io import atomic_path, write_text
 
 from .engine.helpers import tiny_args
 from .engine.test_resume_and_crash import _assert_bitwise_equal, _final_state
 
-NUMERIC = [(name, f) for name, f in field_specs() if "check" in f.metadata]
+NUMERIC = [(name, f) for name, f in field_specs() if isinstance(f.metadata.get("check"), Range)]
 
 
 def snapshot(root) -> dict:
