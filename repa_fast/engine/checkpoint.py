@@ -165,7 +165,7 @@ def rotate(run_dir: str, step: int, keep: int) -> None:
     for s in reversed(others):
         path = step_dir(run_dir, s)
         try:
-            verify_checkpoint(path, quiet=True)
+            verify_checkpoint(path, quiet=True, cached=True)
         except CheckpointError as e:
             logger.warning("not counted towards --checkpoints-total-limit and kept for inspection: %s", e)
             continue
@@ -210,8 +210,12 @@ def write_manifest(path: str, step: int) -> str:
 
 
 def _manifest_stamp(path: str) -> tuple:
-    st = os.stat(os.path.join(path, MANIFEST))
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    """Size, mtime and inode of every file of the checkpoint: any rewrite since the last verification changes it."""
+    out = []
+    for rel in (*_files_of(path), MANIFEST):
+        st = os.stat(os.path.join(path, rel))
+        out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
 
 
 def read_manifest(path: str) -> dict | None:
@@ -241,11 +245,12 @@ def _is_legacy(path: str) -> bool:
         return False
 
 
-def verify_checkpoint(path: str, files=None, quiet: bool = False) -> str:
+def verify_checkpoint(path: str, files=None, quiet: bool = False, cached: bool = False) -> str:
     """Check checkpoint directory ``path`` against its manifest (``files``: only those, e.g. the one a reader
     needs); returns "verified", or "legacy" for a pre-manifest checkpoint (warned about unless ``quiet``).
     Raises CheckpointDamaged naming the file (missing, wrong size, wrong SHA-256) or CheckpointError (unreadable
-    for lack of permission)."""
+    for lack of permission). ``cached``: trust an earlier full verification by this process of the same manifest
+    (rotation only; every read before use hashes again)."""
     manifest = read_manifest(path)
     if manifest is None:
         if _is_legacy(path):
@@ -258,7 +263,7 @@ def verify_checkpoint(path: str, files=None, quiet: bool = False) -> str:
     if missing:
         raise CheckpointDamaged(path, f"{MANIFEST} does not list {missing}")
     full = files is None
-    if full and _VERIFIED.get(path) == _manifest_stamp(path):
+    if full and cached and _VERIFIED.get(path) == _manifest_stamp(path):
         return "verified"
     for rel in listed if full else files:
         if rel not in listed:
