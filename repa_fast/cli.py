@@ -246,5 +246,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return errors.EXIT_SIGNAL
-    print(f"done: {summary['step']} steps, outputs in {summary['run_dir']}", file=sys.stderr)
+    skipped = summary.get("skipped_steps", 0)
+    print(f"done: {summary['step']} steps ({skipped} skipped), outputs in {summary['run_dir']}", file=sys.stderr)
     return errors.EXIT_OK

@@ -191,6 +191,17 @@ class DataConfig:
         0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space", check=POSITIVE
     )
     vae: str | None = _f(None, "VAE to decode preview samples: ema, mse, a hub id or a local diffusers directory")
+    # Bad samples (docs/run_directories.md §Data).
+    on_bad_sample: str = _f(
+        "error",
+        "a sample that cannot be read: error (stop, naming the file) or skip (log it, read the next one)",
+        choices=("error", "skip"),
+    )
+    bad_sample_budget: float = _f(
+        0.001,
+        "with --on-bad-sample skip: most bad samples skipped, a count (>= 1) or a fraction of the epoch (< 1)",
+        check=NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -326,6 +337,15 @@ class RunConfig:
         1.0, "CFG scale of the in-training evaluation (1.0 = no guidance)", check=Range(1, note="1 = no guidance")
     )
     eval_batch_size: int = _f(64, "images per sampling batch of the in-training evaluation", check=AT_LEAST_1)
+    # Reliability (docs/run_directories.md).
+    max_skipped_steps: int = _f(
+        20,
+        "stop (exit 7) after this many consecutive skipped (non-finite) steps (0 = never)",
+        check=Range(0, note="0 = never"),
+    )
+    reset_data_position: bool = _f(
+        False, "--resume on changed data: keep weights, EMA and optimizer, restart the data order at the next epoch"
+    )
 
 
 @dataclass
