@@ -37,11 +37,15 @@ class LayerFeatures:
         return opts.out or os.path.join(self.run_dir, "eval")
 
 
-def _hidden_states(model, x, t, y) -> list[torch.Tensor]:
-    """Each block's output, token-averaged: [(B, D)] * depth."""
-    out, hooks = [], [b.register_forward_hook(lambda m, i, o: out.append(o.float().mean(1))) for b in model.blocks]
+def _hidden_states(model, x, t, y, cls_token=None) -> list[torch.Tensor]:
+    """Each block's output, averaged over the patch tokens: [(B, D)] * depth. A REG model (``cls_token``, the noisy
+    class token) runs with its class token first, left out of the average (the patch tokens are what is aligned)."""
+    skip = 0 if cls_token is None else 1
+    out = []
+    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[:, skip:].float().mean(1))) for b in model.blocks]
+    kw = {} if cls_token is None else {"cls_token": cls_token}
     try:
-        model(x, t, y, return_zs=False)
+        model(x, t, y, return_zs=False, **kw)
     finally:
         for h in hooks:
             h.remove()
@@ -58,14 +62,16 @@ def _load_run(opts: LayerFeatureOptions):
     return run
 
 
-def _target_encoder(opts: LayerFeatureOptions, cfg, resolution: int, device):
-    """The run's target encoder named by ``opts.enc_type`` (default: the first), built as training built it."""
+def _target_encoder(opts: LayerFeatureOptions, cfg, resolution: int, device, enc_type: str | None = None):
+    """The run's target encoder named by ``enc_type`` or ``opts.enc_type`` (default: the first), built as training
+    built it."""
     from repa_fast.build import build_encoders, seed_everything
 
     seed_everything(cfg.run.seed)  # a random-weight target is drawn first after this seed, as in training
     if opts.encoder_checkpoint_dir:
         cfg.target.encoder_checkpoint_dir = opts.encoder_checkpoint_dir
-    (encoder,) = build_encoders(cfg, resolution, device, enc_type=opts.enc_type or cfg.target.enc_type.split(",")[0])
+    name = enc_type or opts.enc_type or cfg.target.enc_type.split(",")[0]
+    (encoder,) = build_encoders(cfg, resolution, device, enc_type=name)
     return encoder
 
 
@@ -86,6 +92,14 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
     name = opts.enc_type or cfg.target.enc_type.split(",")[0]
     encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target else None
     model = build_model(ModelOptions(), run).to(device)  # generate's defaults: one source
+    cls_encoder = None
+    if model.reg:  # REG's class token comes from the run's first encoder (docs/methods.md §REG)
+        first = cfg.target.enc_type.split(",")[0]
+        cls_encoder = (
+            encoder
+            if encoder is not None and name == first
+            else _target_encoder(opts, cfg, dataset.resolution, device, first)
+        )
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     layers, targets, labels = [], [], []
     for start in range(0, len(indices), opts.batch_size):
@@ -98,7 +112,11 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
         alpha, sigma, _, _ = interpolant(t.view(-1, 1, 1, 1), cfg.loss.path_type)
         x_t = alpha * x0 + sigma * torch.randn(x0.shape, device=device, generator=gen)
         y = torch.full((len(x0),), model.num_classes, device=device)  # the null class
-        layers.append(_hidden_states(model, x_t, t, y))
+        c_t = None
+        if cls_encoder is not None:  # REG: its class token at the same t, alpha_t c + sigma_t n (REG loss.py:71-81)
+            c = cls_encoder(image, with_cls=True)[1].float()
+            c_t = alpha.view(-1, 1) * c + sigma.view(-1, 1) * torch.randn(c.shape, device=device, generator=gen)
+        layers.append(_hidden_states(model, x_t, t, y, c_t))
         if encoder is not None:
             targets.append(encoder(image).float().mean(1))  # (B, D): patch-mean of the target tokens
     return LayerFeatures(
