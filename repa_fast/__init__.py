@@ -17,7 +17,7 @@ _EXPORTS = {
     "sample_time": "objective",
     "SiT_models": "models",
     "load_encoders": "models",
-    "load_weights": "engine.adapters.load",
+    "load_weights": "engine.weights",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -207,3 +207,41 @@ def test_reg_refuses_an_encoder_without_a_class_token():
     with pytest.raises(ConfigError, match="patch-only gives no class token"):
         check_class_tokens(cfg, [WithCls(), PatchOnly()])
     check_class_tokens(_cfg("--preset", "demo"), [PatchOnly()])  # without REG no class token is read
+
+
+def test_layer_features_of_a_reg_run_feed_the_noisy_class_token(tmp_path):
+    """CKNNA / linear probes on a REG run: the class token enters at the features' t, as alpha_t c + sigma_t n, and
+    the block outputs are averaged over the patch tokens."""
+    from repa_fast.engine.checkpoint import load_run
+    from repa_fast.eval.layer_features import collect_layer_features
+    from repa_fast.generate import build_model
+    from repa_fast.models.encoders import load_encoders
+    from repa_fast.options import LayerFeatureOptions, ModelOptions
+
+    summary = train(tiny_cfg(tmp_path, "--cls", "0.03", "--mixed-precision", "no", steps=1, ckpt_every=1))
+    opts = LayerFeatureOptions(ckpt=summary["run_dir"], t=0.5, num_images=6, batch_size=6, seed=2)
+    feats = collect_layer_features(opts)
+    assert len(feats.layers) == 6 and feats.layers[0].shape == (6, 192)
+    # The same features by hand.
+    run = load_run(summary["run_dir"])
+    model = build_model(ModelOptions(), run)
+    from repa_fast.build import build_dataset
+
+    ds = build_dataset(run.config)
+    image = torch.stack([ds[i][0] for i in range(6)])
+    moments = torch.stack([ds[i][1] for i in range(6)])
+    (enc,) = load_encoders("digits-ssl", 16, grid=4)
+    patch, c = enc(image, with_cls=True)
+    gen = torch.Generator().manual_seed(2)
+    x0 = sample_posterior(moments, 1.0)  # the demo's posterior has std 0: x0 is the pixels whatever the draw
+    x_t = 0.5 * x0 + 0.5 * torch.randn(x0.shape, generator=gen)
+    c_t = 0.5 * c + 0.5 * torch.randn(c.shape, generator=gen)
+    out = []
+    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[:, 1:].mean(1))) for b in model.blocks]
+    with torch.no_grad():
+        model(x_t, torch.full((6,), 0.5), torch.full((6,), 10), cls_token=c_t)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(feats.target, patch.mean(1))
+    for got, want in zip(feats.layers, out):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -6,10 +6,6 @@ label, and every block's output averaged over its tokens (forward hooks; the mod
 is the run's encoder (same name, weights, token grid; a random-weight demo encoder is rebuilt from the run's seed
 exactly as training built it) on the clean image, averaged over its patch tokens.
 
-REG runs (docs/methods.md §REG): the model also reads the noisy class token, built as training builds it,
-alpha_t c + sigma_t eps with c the target encoder's class token of the clean image; the class token's row is left
-out of every block's average, so the features (and CKNNA over them) are over the same patch tokens as REPA's.
-
 ``collect_layer_features(LayerFeatureOptions(ckpt=RUN_DIR, t=0.5, ...))``; the options and their defaults are
 ``repa_fast.options.LayerFeatureOptions`` (the CLIs' flags: ``repa_fast.cli_flags.add_layer_feature_flags``).
 """
@@ -42,12 +38,14 @@ class LayerFeatures:
 
 
 def _hidden_states(model, x, t, y, cls_token=None) -> list[torch.Tensor]:
-    """Each block's output averaged over its patch tokens: [(B, D)] * depth (REG's class token, row 0, left out)."""
-    first = 1 if cls_token is not None else 0
+    """Each block's output, averaged over the patch tokens: [(B, D)] * depth. A REG model (``cls_token``, the noisy
+    class token) runs with its class token first, left out of the average (the patch tokens are what is aligned)."""
+    skip = 0 if cls_token is None else 1
     out = []
-    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[:, first:].float().mean(1))) for b in model.blocks]
+    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[:, skip:].float().mean(1))) for b in model.blocks]
+    kw = {} if cls_token is None else {"cls_token": cls_token}
     try:
-        model(x, t, y, return_zs=False, **({"cls_token": cls_token} if cls_token is not None else {}))
+        model(x, t, y, return_zs=False, **kw)
     finally:
         for h in hooks:
             h.remove()
@@ -64,14 +62,16 @@ def _load_run(opts: LayerFeatureOptions):
     return run
 
 
-def _target_encoder(opts: LayerFeatureOptions, cfg, resolution: int, device):
-    """The run's target encoder named by ``opts.enc_type`` (default: the first), built as training built it."""
+def _target_encoder(opts: LayerFeatureOptions, cfg, resolution: int, device, enc_type: str | None = None):
+    """The run's target encoder named by ``enc_type`` or ``opts.enc_type`` (default: the first), built as training
+    built it."""
     from repa_fast.build import build_encoders, seed_everything
 
     seed_everything(cfg.run.seed)  # a random-weight target is drawn first after this seed, as in training
     if opts.encoder_checkpoint_dir:
         cfg.target.encoder_checkpoint_dir = opts.encoder_checkpoint_dir
-    (encoder,) = build_encoders(cfg, resolution, device, enc_type=opts.enc_type or cfg.target.enc_type.split(",")[0])
+    name = enc_type or opts.enc_type or cfg.target.enc_type.split(",")[0]
+    (encoder,) = build_encoders(cfg, resolution, device, enc_type=name)
     return encoder
 
 
@@ -90,9 +90,16 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
     if len(indices) < 4:
         raise ConfigError(f"--num-images {opts.num_images}: need at least 4 images (the dataset has {len(dataset)})")
     name = opts.enc_type or cfg.target.enc_type.split(",")[0]
+    encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target else None
     model = build_model(ModelOptions(), run).to(device)  # generate's defaults: one source
-    reg = bool(getattr(model, "reg", False))
-    encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target or reg else None
+    cls_encoder = None
+    if model.reg:  # REG's class token comes from the run's first encoder (docs/methods.md §REG)
+        first = cfg.target.enc_type.split(",")[0]
+        cls_encoder = (
+            encoder
+            if encoder is not None and name == first
+            else _target_encoder(opts, cfg, dataset.resolution, device, first)
+        )
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     layers, targets, labels = [], [], []
     for start in range(0, len(indices), opts.batch_size):
@@ -105,13 +112,13 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
         alpha, sigma, _, _ = interpolant(t.view(-1, 1, 1, 1), cfg.loss.path_type)
         x_t = alpha * x0 + sigma * torch.randn(x0.shape, device=device, generator=gen)
         y = torch.full((len(x0),), model.num_classes, device=device)  # the null class
-        tokens, cls_token = encoder(image, with_cls=True) if reg else (encoder(image) if encoder else None, None)
-        if reg:  # REG's noisy class token at the same t (training's interpolant)
-            a, s = alpha.view(-1, 1), sigma.view(-1, 1)
-            cls_token = a * cls_token.float() + s * torch.randn(cls_token.shape, device=device, generator=gen)
-        layers.append(_hidden_states(model, x_t, t, y, cls_token))
-        if need_target:
-            targets.append(tokens.float().mean(1))  # (B, D): patch-mean of the target tokens
+        c_t = None
+        if cls_encoder is not None:  # REG: its class token at the same t, alpha_t c + sigma_t n (REG loss.py:71-81)
+            c = cls_encoder(image, with_cls=True)[1].float()
+            c_t = alpha.view(-1, 1) * c + sigma.view(-1, 1) * torch.randn(c.shape, device=device, generator=gen)
+        layers.append(_hidden_states(model, x_t, t, y, c_t))
+        if encoder is not None:
+            targets.append(encoder(image).float().mean(1))  # (B, D): patch-mean of the target tokens
     return LayerFeatures(
         layers=[torch.cat([b[i] for b in layers]).cpu() for i in range(len(model.blocks))],
         target=torch.cat(targets).cpu() if targets else None,

@@ -8,8 +8,8 @@
     REPATrain    "reference"    the reference train.py's checkpoints                     repa.py
     REPARelease  "state-dict"   REPA's released last.pt, ``{"ema": ...}`` files (generate.py, our export)   repa.py
 
-``load_weights(path, model, which)`` (``load.py``, public as ``repa_fast.load_weights``) reads any of them, or a
-repa_fast checkpoint, strictly into a built model. ``read_foreign(path)`` loads a file safely
+``repa_fast.load_weights(path, model, which)`` (engine/weights.py) reads any of them, or a repa_fast checkpoint,
+strictly into a built model (``fit.check_fits``). ``read_foreign(path)`` loads a file safely
 (``base.load_pickle_safely``) and hands it to the first adapter in ``ADAPTERS`` whose ``detect`` accepts it; the
 order puts the specific formats before the generic layouts they share.
 ``repa_fast.engine.checkpoint.load_run`` (generate, export, layer features) and ``repa_fast.engine.compat``
@@ -27,8 +27,8 @@ from repa_fast.errors import CheckpointError
 
 from .base import ForeignCheckpoint, StateDictAdapter, arch_from_keys, is_state_dict, load_pickle_safely
 from .erw import ERWTrain, ERWWarmup, complete_warmup, is_warmup_state
+from .fit import check_fits
 from .irepa import IREPATrain
-from .load import check_fits, load_weights
 from .reg import REGTrain
 from .repa import REPARelease, REPATrain, legacy_remap
 
@@ -54,7 +54,6 @@ __all__ = [
     "is_warmup_state",
     "legacy_remap",
     "load_pickle_safely",
-    "load_weights",
     "read_foreign",
 ]
 
