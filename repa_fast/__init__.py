@@ -3,6 +3,7 @@
 Public names (resolved lazily, so ``import repa_fast`` does not import torch):
 
     from repa_fast import training_loss          # the REPA loss on one batch (repa_fast.objective)
+    from repa_fast import load_weights           # any supported checkpoint, strictly into a built SiT
     from repa_fast.models import SiT_models, load_encoders
 """
 
@@ -16,6 +17,7 @@ _EXPORTS = {
     "sample_time": "objective",
     "SiT_models": "models",
     "load_encoders": "models",
+    "load_weights": "engine.adapters.load",
 }
 
 __all__ = ["__version__", *_EXPORTS]

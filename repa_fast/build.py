@@ -65,7 +65,7 @@ def build_targets(cfg: TrainConfig, dataset, encoders):
         raise ConfigError("--targets cached: this run has no target encoder (--proj-coeff 0); drop --targets cached")
     from repa_fast.data.cached_targets import open_cached_targets
 
-    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir)
+    dataset = open_cached_targets(dataset, encoders, cfg.target.targets_dir, with_cls=cfg.model.reg)  # REG: cls
     logger.info("targets: cached in %s (the encoders do not run, images are not read)", dataset.cache.dir)
     return dataset, []
 
@@ -75,7 +75,17 @@ def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.d
     from repa_fast.data.dali_loader import DALILoader, choose_loader
 
     if choose_loader(cfg.data.loader, dataset, device) == "dali":
+        if cfg.data.on_bad_sample == "skip":
+            raise ConfigError(
+                "--on-bad-sample skip reads samples one by one, which the DALI loader does not; add --loader "
+                "dataloader, or drop --on-bad-sample skip"
+            )
         return DALILoader(dataset, sampler, micro, device=device, num_threads=max(1, cfg.data.num_workers))
+    if cfg.data.on_bad_sample == "skip":  # deterministic replacement of unreadable samples (data/sampler.py)
+        from repa_fast.data.sampler import SkipBadSamples, bad_sample_limit
+
+        limit = bad_sample_limit(cfg.data.bad_sample_budget, len(dataset))
+        dataset = SkipBadSamples(dataset, limit, cfg.data.num_workers)
     return DataLoader(
         dataset,
         batch_size=micro,
@@ -99,9 +109,35 @@ def model_kwargs(m: ModelConfig) -> dict:
         projector_dim=m.projector_dim,
         qk_norm=m.qk_norm,
         fused_attn=m.fused_attn,
+        attn_backend=m.attn_backend,  # "auto" unless --attn-backend; fused_attn=False makes "auto" "math"
         impl=m.kernels,
         use_rope=m.use_rope,
+        **family_kwargs(m),
     )
+
+
+def family_kwargs(m: ModelConfig) -> dict:
+    """The REPA family's SiT keywords (docs/methods.md §REG, §iREPA): REG's class token, iREPA's projector."""
+    return dict(reg=m.reg, projection_layer_type=m.projection_layer_type, proj_kernel_size=m.proj_kwargs_kernel_size)
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict:
+    """The family's ``training_loss`` / ``warmup_loss`` keywords: iREPA's target z-score (``--spnorm-method``,
+    ``--zscore-alpha``); REG's ``cls_coeff`` (``--cls``) is ``training_loss``'s only (the warm-up has no velocity)."""
+    norm = cfg.loss.spnorm_method
+    return dict(target_norm=None if norm == "none" else norm, target_norm_alpha=cfg.loss.zscore_alpha)
+
+
+def check_class_tokens(cfg: TrainConfig, encoders) -> None:
+    """REG reads each encoder's class token (``forward(images, with_cls=True)``): refuse an encoder without one."""
+    import inspect
+
+    for e in encoders if cfg.model.reg else ():
+        if "with_cls" not in inspect.signature(e.forward).parameters:
+            raise ConfigError(
+                f"--reg: target encoder {e.enc_name} gives no class token (forward(images, with_cls=True)); "
+                "REG needs one: use an encoder that has one (dinov2-vit-*, digits-ssl, ...) or drop --reg"
+            )
 
 
 def encoder_kwargs(m: ModelConfig) -> dict:
@@ -123,7 +159,7 @@ def build_encoders(
     ``attn_backend`` overrides the config's attention choice (``encoder_kwargs``); only bench/throughput.py's
     reference provider sets it, to time the reference's explicit-softmax encoder."""
     names = enc_type or cfg.target.enc_type
-    if not names or (enc_type is None and cfg.loss.proj_coeff == 0):
+    if not names or (enc_type is None and cfg.loss.proj_coeff == 0 and not cfg.model.reg):  # REG reads class tokens
         return []
     kw = encoder_kwargs(cfg.model)
     if attn_backend is not None:
@@ -174,6 +210,7 @@ def build_models(cfg: TrainConfig, dataset, device: torch.device, attn_backend: 
     encoders = build_encoders(cfg, dataset.resolution, device, attn_backend=attn_backend)
     model = build_model(cfg, dataset.latent_shape, dataset.num_classes, [e.embed_dim for e in encoders]).to(device)
     check_token_grids(cfg, model, encoders, dataset.latent_shape[1])
+    check_class_tokens(cfg, encoders)
     return model, encoders
 
 
@@ -253,7 +290,7 @@ def build_evaluator(cfg: TrainConfig, dataset, backend: Backend):
     with the run so that everything it needs is checked before the first write."""
     from repa_fast.eval.training import make_training_evaluator  # eval sits above engine: imported here, not there
 
-    return make_training_evaluator(cfg, dataset, backend.device, backend.is_main)
+    return make_training_evaluator(cfg, dataset, backend.device, backend.is_main, backend)  # sharded over the ranks
 
 
 def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: frozenset):
@@ -265,10 +302,29 @@ def build_phase(cfg: TrainConfig, backend: Backend, model, phase: Phase, fixed: 
     """
     for name, p in model.named_parameters():
         p.requires_grad_(name not in fixed and phase.trains(name))
+    apply_speed_options(cfg, model, backend.device)  # fp8, then activation checkpointing: before compile and wrap
     train_model = parallelize(model, build_optimizer(cfg, model), cfg, backend)  # compile, then wrap/shard
     optimizer = backend.optimizer  # FSDP2 rebuilds it over its sharded parameters
     ema = backend.make_ema(model)  # after wrap: sharding backends keep EMA shards beside the parameter shards
     return train_model, optimizer, ema
+
+
+def apply_speed_options(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """``--fp8`` then ``--activation-checkpointing`` on the single-device model, in place, in the order
+    engine/activation_checkpoint.py's docstring gives (fp8 conversion, checkpointing, then ``parallelize``: compile
+    and wrap). Both are idempotent, so every recipe phase may call this; neither changes a parameter name, so
+    checkpoints and the EMA's pairing are those of the plain model. Without the flags nothing is touched."""
+    m = cfg.model
+    if m.fp8 != "none":
+        from repa_fast.engine.fp8 import apply_fp8
+
+        apply_fp8(model, m.fp8, device=device)  # refuses a GPU without fp8 tensor cores (engine/fp8.py check_fp8)
+    if m.activation_checkpointing != "none":
+        from repa_fast.engine.activation_checkpoint import apply_activation_checkpointing
+
+        names = apply_activation_checkpointing(model, m.activation_checkpointing)
+        logger.info("activation checkpointing %s: %d modules recompute in the backward", m.activation_checkpointing,
+                    len(names))  # fmt: skip
 
 
 @dataclass

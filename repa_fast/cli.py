@@ -22,6 +22,7 @@ from repa_fast.config import (
     default_exp_name,
     field_specs,
     load_config_file,
+    reg_flags,
     run_dir,
 )
 
@@ -96,8 +97,8 @@ def resolve_config(argv=None) -> tuple[TrainConfig, bool]:
     cfg = TrainConfig()
     if preset:
         cfg.update(PRESETS[preset], source=f"preset {preset}")
-    cfg.update(trainer, source=f"--config {config_path} (trainer section)")
-    cfg.update(args, source="command line")
+    cfg.update(reg_flags(trainer), source=f"--config {config_path} (trainer section)")
+    cfg.update(reg_flags(args), source="command line")  # REG's --cls turns REG on (config.reg_flags)
     cfg.deepspeed = deepspeed
     if not cfg.run.exp_name:
         cfg.run.exp_name = default_exp_name(cfg)
@@ -142,9 +143,49 @@ def check_runtime(cfg: TrainConfig) -> None:
 
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    check_speed_options(cfg)
     if launch_env()[0] == 0:
         import_sink(cfg.run.report_to)  # a missing logging package is refused before anything is written
     _check_writable(run_dir(cfg))
+
+
+def _train_device(cfg: TrainConfig):
+    """The device this process will train on (engine/parallel's rule: --device, else CUDA LOCAL_RANK if available)."""
+    import torch
+
+    from repa_fast.engine.parallel.process_group import launch_env
+
+    if cfg.run.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", launch_env()[2] % torch.cuda.device_count())
+
+
+def check_speed_options(cfg: TrainConfig) -> None:
+    """--fp8 and an explicit --attn-backend can run on this machine (before anything is built or written)."""
+    m = cfg.model
+    if m.fp8 == "none" and m.attn_backend in ("auto", "sdpa", "math"):
+        return
+    import torch
+
+    device = _train_device(cfg)
+    if m.fp8 != "none":
+        from repa_fast.engine.fp8 import check_fp8
+
+        check_fp8(device)  # ConfigError naming the GPU fp8 needs and the one found
+    if m.attn_backend not in ("auto", "sdpa", "math"):
+        from repa_fast.cost.shapes import sit_shape
+        from repa_fast.kernels.attention import select_backend
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision, torch.float32)
+        head_dim = sit_shape(m.model).head_dim
+        q = torch.empty(1, 16, 1, head_dim, dtype=dtype, device=device)  # the SiT's head width and autocast dtype
+        try:
+            select_backend(q, m.attn_backend)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"--attn-backend {m.attn_backend} cannot run here ({device}, {cfg.run.mixed_precision}): {e} "
+                "Drop --attn-backend (auto picks the fastest available) or choose sdpa."
+            ) from e
 
 
 def _check_writable(path: str) -> None:
@@ -178,11 +219,17 @@ def main(argv=None) -> int:
     cfg, dry_run = resolve_config(argv)
     if dry_run:
         from repa_fast.engine.parallel.process_group import launch_env
+        from repa_fast.memory_check import check_memory, format_table, refuse_if_too_big
 
-        if launch_env()[0] == 0:  # one copy under a launcher
-            from repa_fast.recipe import build_recipe
+        rank, world, local_rank = launch_env()
+        memory = check_memory(cfg, world, local_rank)  # predicted peak per GPU by part (repa_fast/cost/memory.py)
+        refuse_if_too_big(memory)  # a ConfigError naming the options that fit
+        if rank == 0:  # one copy under a launcher
+            from repa_fast.recipe import build_recipe, method_summary
 
-            print(json.dumps({**cfg.to_json(), "recipe": build_recipe(cfg).describe()}, indent=2))
+            summary = {"method": method_summary(cfg), **cfg.to_json(), "recipe": build_recipe(cfg).describe()}
+            print(json.dumps({**summary, "memory": memory.to_json()}, indent=2))
+            print(format_table(memory), file=sys.stderr)
         return errors.EXIT_OK
     check_runtime(cfg)
     from repa_fast.engine.parallel import PeerFailure
@@ -199,5 +246,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return errors.EXIT_SIGNAL
-    print(f"done: {summary['step']} steps, outputs in {summary['run_dir']}", file=sys.stderr)
+    skipped = summary.get("skipped_steps", 0)
+    print(f"done: {summary['step']} steps ({skipped} skipped), outputs in {summary['run_dir']}", file=sys.stderr)
     return errors.EXIT_OK

@@ -15,11 +15,13 @@ import difflib
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from repa_fast.errors import ConfigError
+from repa_fast.recipe import family_presets as _family_presets
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,28 @@ POSITIVE = Range(0, lo_open=True)
 PROBABILITY = Range(0, 1)
 
 
-def _f(default, help: str, *, choices=None, check: Range | None = None, weights: bool = False):
+@dataclass(frozen=True)
+class Matches:
+    """The valid values of a string option given by a pattern (``regex``, matched in full); ``text`` says them in
+    words for the help and the error."""
+
+    regex: str
+    text: str
+
+    def __contains__(self, v) -> bool:
+        return isinstance(v, str) and re.fullmatch(self.regex, v) is not None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# engine/activation_checkpoint.py's modes (``parse_ac_mode``; tests/engine/test_speed_flags.py checks they agree).
+AC_MODES = Matches(r"none|full|mlp|every:[1-9][0-9]*", "one of none, full, mlp, every:K (K >= 1)")
+# kernels/attention.py's BACKENDS (the same test checks they agree; this module imports no torch).
+ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "cudnn_attention", "math")
+
+
+def _f(default, help: str, *, choices=None, check: Range | Matches | None = None, weights: bool = False):
     """A config field: its default, one-line doc, valid values (``choices`` or a ``check`` Range: every numeric
     option has one) and whether it defines the weights (``weights``: architecture or the meaning of the weights; a
     checkpoint only continues a run that agrees on all of these)."""
@@ -81,6 +104,26 @@ class ModelConfig:
     kernels: str = _f("auto", "fused kernels: auto (Triton on CUDA), triton, ref", choices=("auto", "triton", "ref"))
     compile: bool = _f(False, "torch.compile each SiT block (repeated structure compiles once)")
     compile_backend: str = _f("inductor", "torch.compile backend for --compile (e.g. inductor, aot_eager, cudagraphs)")
+    # Speed options (issue 18; docs/performance.md): they change how a step runs, not what the weights mean, so a
+    # resume may change them. Applied in build.build_phase: fp8, activation checkpointing, compile, parallel wrap.
+    fp8: str = _f(
+        "none",
+        "fp8 training of the SiT blocks' Linear layers (torchao float8; engine/fp8.py): tensorwise or rowwise "
+        "scaling; needs an NVIDIA GPU of compute capability 8.9+",
+        choices=("none", "tensorwise", "rowwise"),
+    )
+    activation_checkpointing: str = _f(
+        "none",
+        "recompute activations in the backward (engine/activation_checkpoint.py): full (every block), mlp (the MLP "
+        "of every block), every:K (blocks K, 2K, ...)",
+        check=AC_MODES,
+    )
+    attn_backend: str = _f(
+        "auto",
+        "attention of the SiT blocks (kernels/attention.py): auto picks by GPU; an explicit backend this machine "
+        "cannot run is refused; math = --no-fused-attn",
+        choices=ATTN_BACKENDS,
+    )
     cfg_prob: float = _f(
         0.1,
         "label dropout probability (the reference hard-codes 0.1 in the model; here it is real)",
@@ -89,6 +132,24 @@ class ModelConfig:
     legacy: bool = _f(False, "reference quirk: drop labels a second time in the loop (effective 19% at 0.1)")
     l2r_depth: int = _f(
         4, "ERW warm-up: blocks 1..N (with the embedders and projectors) train in the warm-up phase", check=AT_LEAST_1
+    )
+    # The REPA family (docs/methods.md §REG, §iREPA): REG's class token, iREPA's projectors.
+    reg: bool = _f(
+        False,
+        "REG: the encoder's class token joins the tokens, noised, with its own velocity loss (--cls)",
+        weights=True,
+    )
+    projection_layer_type: str = _f(
+        "mlp",
+        "alignment projector: mlp (REPA's), linear or conv (iREPA's ProjectionLayer over the token grid)",
+        choices=("mlp", "linear", "conv"),
+        weights=True,
+    )
+    proj_kwargs_kernel_size: int = _f(
+        3,
+        "iREPA conv projector kernel size (iREPA's model and README: 3; its train.py defaults to 1)",
+        choices=(1, 3, 5, 7),
+        weights=True,
     )
 
 
@@ -130,6 +191,17 @@ class DataConfig:
         0.18215, "x0 = (mean + std * eps) * latent_scale (SD-VAE); 1.0 in pixel space", check=POSITIVE
     )
     vae: str | None = _f(None, "VAE to decode preview samples: ema, mse, a hub id or a local diffusers directory")
+    # Bad samples (docs/run_directories.md §Data).
+    on_bad_sample: str = _f(
+        "error",
+        "a sample that cannot be read: error (stop, naming the file) or skip (log it, read the next one)",
+        choices=("error", "skip"),
+    )
+    bad_sample_budget: float = _f(
+        0.001,
+        "with --on-bad-sample skip: most bad samples skipped, a count (>= 1) or a fraction of the epoch (< 1)",
+        check=NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -161,6 +233,18 @@ class LossConfig:
     )
     align_stop_step: int = _f(
         0, "HASTE: alignment term off from this step on (0 = never)", check=Range(0, note="0 = never")
+    )
+    # The REPA family (docs/methods.md §REG, §iREPA).
+    cls: float = _f(
+        0.03,
+        "REG: weight of the class-token velocity loss (REG train.py --cls); given alone it turns --reg on (0: off)",
+        check=NON_NEGATIVE,
+    )
+    spnorm_method: str = _f(
+        "none", "iREPA: spatial normalisation of the patch-token targets", choices=("none", "zscore")
+    )
+    zscore_alpha: float = _f(
+        0.6, "iREPA: z = (z - alpha mean_T z) / (std_T z + 1e-6) with --spnorm-method zscore", check=Range(0, 1)
     )
 
 
@@ -229,6 +313,11 @@ class RunConfig:
         choices=("auto", "none", "ddp", "fsdp", "deepspeed"),
     )
     device: str = _f("auto", "auto (cuda if available), cpu, cuda (device LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
+    gpu_memory_gb: float | None = _f(
+        None,
+        "GPU memory per process in GB (1e9 bytes) for --dry-run's memory check (default: the visible GPU's)",
+        check=POSITIVE,
+    )
     # In-training evaluation of the EMA model (repa_fast.eval.training); never changes the weights.
     eval_every: int = _f(
         0,
@@ -248,6 +337,15 @@ class RunConfig:
         1.0, "CFG scale of the in-training evaluation (1.0 = no guidance)", check=Range(1, note="1 = no guidance")
     )
     eval_batch_size: int = _f(64, "images per sampling batch of the in-training evaluation", check=AT_LEAST_1)
+    # Reliability (docs/run_directories.md).
+    max_skipped_steps: int = _f(
+        20,
+        "stop (exit 7) after this many consecutive skipped (non-finite) steps (0 = never)",
+        check=Range(0, note="0 = never"),
+    )
+    reset_data_position: bool = _f(
+        False, "--resume on changed data: keep weights, EMA and optimizer, restart the data order at the next epoch"
+    )
 
 
 @dataclass
@@ -292,9 +390,10 @@ class TrainConfig:
             for f in dataclasses.fields(section):
                 _checked(section, f.name, getattr(section, f.name), "TrainConfig")
         depth = _check_model(self)
+        _check_family(self)
         _check_resume(self)
         _check_recipe(self, depth)
-        _check_parallel(self)
+        _check_speed(self)
         if self.data.dataset == "auto" and not self.data.data_dir:
             raise ConfigError(
                 "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
@@ -338,7 +437,7 @@ def _check_model(cfg: TrainConfig) -> int:
     if m.model not in SiT_models:
         raise ConfigError(f"--model {m.model!r} is unknown; choose one of {', '.join(SiT_models)}")
     depth = SIT_SIZES[parse_model_name(m.model)[0]][0]
-    if cfg.target.enc_type and cfg.loss.proj_coeff != 0:
+    if cfg.target.enc_type and (cfg.loss.proj_coeff != 0 or m.reg):
         if not 1 <= m.encoder_depth <= depth:
             raise ConfigError(f"--encoder-depth {m.encoder_depth} is outside 1..{depth} for {m.model}")
         for name in cfg.target.enc_type.split(","):
@@ -351,6 +450,47 @@ def _check_model(cfg: TrainConfig) -> int:
     return depth
 
 
+def _check_family(cfg: TrainConfig) -> None:
+    """REG's and iREPA's options (docs/methods.md §Combinations): what is not defined is refused, never guessed."""
+    m, loss = cfg.model, cfg.loss
+    aligns = bool(cfg.target.enc_type) and loss.proj_coeff != 0
+    if m.reg and not cfg.target.enc_type:
+        raise ConfigError(
+            "--reg (REG) diffuses the target encoder's class token: it needs --enc-type (e.g. dinov2-vit-b); "
+            "drop --reg / --cls to train without REG"
+        )
+    if m.reg and m.projection_layer_type == "conv":
+        raise ConfigError(
+            "--reg with --projection-layer-type conv is not defined: REG's class token is not on the token grid the "
+            "convolution runs over, and neither REG nor iREPA says how to project it; use --projection-layer-type "
+            "mlp or linear with REG, or drop --reg (--cls 0) for the conv projector"
+        )
+    if not m.reg and loss.cls not in (0.0, 0.03):
+        raise ConfigError(f"--cls {loss.cls:g} is REG's class-token loss weight: add --reg, or drop --cls")
+    if m.projection_layer_type != "conv" and m.proj_kwargs_kernel_size != 3:
+        raise ConfigError(
+            f"--proj-kwargs-kernel-size {m.proj_kwargs_kernel_size} is the conv projector's kernel: add "
+            "--projection-layer-type conv, or drop it"
+        )
+    if loss.spnorm_method != "none" and not aligns:
+        raise ConfigError(
+            f"--spnorm-method {loss.spnorm_method} normalises the alignment targets: it needs --enc-type and "
+            "--proj-coeff > 0"
+        )
+    if loss.spnorm_method == "none" and loss.zscore_alpha != 0.6:
+        raise ConfigError(
+            f"--zscore-alpha {loss.zscore_alpha:g} is read with --spnorm-method zscore: add it, or drop it"
+        )
+
+
+def reg_flags(values: dict) -> dict:
+    """REG's command line turns REG on: ``--cls C`` without ``--reg`` / ``--no-reg`` means ``--reg`` when C > 0 and
+    no REG when C = 0 (REG's train.py always trains REG; ``--cls`` is its class-token weight, train.py:436)."""
+    if "cls" in values and "reg" not in values:
+        return {**values, "reg": values["cls"] > 0}
+    return values
+
+
 def _check_resume(cfg: TrainConfig) -> None:
     """Where the run starts from: one of --resume, --resume-step, --init-from (whether a checkpoint fits the run is
     ``engine.checkpoint.check_compatible``'s rule, applied once the checkpoint is read)."""
@@ -361,13 +501,6 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ConfigError("--init-from starts a new run from weights; drop --resume/--resume-step, or drop --init-from")
     if r.init_ema_from != "file-ema" and not r.init_from:
         raise ConfigError(f"--init-ema-from {r.init_ema_from} only applies with --init-from FILE; drop it or add one")
-
-
-def phase_flag(cfg: TrainConfig) -> str | None:
-    """The flag that gives the recipe a phase boundary (repa_fast.recipe), if any."""
-    if cfg.loss.warmup_steps:
-        return "--warmup-steps"
-    return "--align-stop-step" if cfg.loss.align_stop_step else None
 
 
 def _check_recipe(cfg: TrainConfig, depth: int) -> None:
@@ -391,21 +524,13 @@ def _check_recipe(cfg: TrainConfig, depth: int) -> None:
         )
 
 
-def _check_parallel(cfg: TrainConfig) -> None:
-    """A phase boundary rebuilds the parallel wrapper over the new trainable set: not every backend can."""
-    flag = phase_flag(cfg)
-    if flag and cfg.run.parallel == "fsdp":
+def _check_speed(cfg: TrainConfig) -> None:
+    """The speed options agree with the older attention switch (models/sit.py: fused_attn=False is "math")."""
+    m = cfg.model
+    if not m.fused_attn and m.attn_backend not in ("auto", "math"):
         raise ConfigError(
-            f"{flag} with --parallel fsdp: the phase change rebuilds the parallel wrapper over the new "
-            "trainable set, which FSDP2 (sharding the model in place) does not allow; use --parallel ddp or "
-            "deepspeed with ZeRO stage 1/2"
-        )
-    zero = (cfg.deepspeed or {}).get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
-    stage = zero.get("stage", 2) if isinstance(zero, dict) else 2  # engine/parallel/dsconfig.py's default
-    if flag and cfg.run.parallel == "deepspeed" and stage == 3:
-        raise ConfigError(
-            f"--parallel deepspeed: {flag} with ZeRO stage 3: the phase change rebuilds the engine over the new "
-            "trainable set, which partitioned parameters do not allow; use ZeRO stage 1 or 2, or --parallel ddp"
+            f"--no-fused-attn is the explicit-softmax attention (--attn-backend math); it contradicts --attn-backend "
+            f"{m.attn_backend}: drop one of them"
         )
 
 
@@ -496,6 +621,9 @@ PRESETS["erw-demo"] = {
     "checkpointing_steps": 100,
     "exp_name": "erw-demo",
 }
+
+# REG and iREPA: the published recipes and their digits demos (repa_fast.recipe holds them: docs/methods.md).
+PRESETS.update(_family_presets(PRESETS["demo"]))
 
 
 def load_config_file(path: str) -> tuple[dict, dict | None]:

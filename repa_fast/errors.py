@@ -12,6 +12,8 @@ Exit codes (README "Exit codes and errors"):
     4  another process of a multi-process run died or stopped answering
     5  a write failed (disk full, quota, read-only or failing disk); partial files are removed
     6  stopped by SIGTERM / SIGINT / SIGUSR1 after writing a checkpoint; continue with --resume
+    7  training diverged: --max-skipped-steps consecutive non-finite steps, or non-finite weights at a save; the
+       message names the step where it started and the newest intact checkpoint (docs/run_directories.md)
     128 + N  a second signal N arrived while stopping: exited at once (130 for SIGINT, 143 for SIGTERM)
 """
 
@@ -30,6 +32,7 @@ EXIT_STOPPED = 3
 EXIT_PEER = 4
 EXIT_WRITE = 5
 EXIT_SIGNAL = 6
+EXIT_DIVERGED = 7
 
 DEBUG_ENV = "REPA_FAST_DEBUG"
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
@@ -69,6 +72,13 @@ class TrainingStopped(RepaFastError, RuntimeError):
     """The run stopped on purpose (--on-nan stop); the message says why and which checkpoint is good."""
 
     exit_code = EXIT_STOPPED
+
+
+class TrainingDiverged(RepaFastError, RuntimeError):
+    """Training diverged (too many consecutive skipped steps, or non-finite weights at a save); nothing was saved
+    after the divergence and the message names the newest intact checkpoint."""
+
+    exit_code = EXIT_DIVERGED
 
 
 class PeerError(RepaFastError):

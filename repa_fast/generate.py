@@ -34,15 +34,17 @@ import torch
 
 from repa_fast import errors
 from repa_fast.build import model_kwargs
-from repa_fast.engine.adapters import arch_from_keys, legacy_remap
+from repa_fast.engine.adapters import arch_from_keys, check_fits, legacy_remap
 from repa_fast.engine.checkpoint import CheckpointError, Run, load_run
 from repa_fast.io import check_output_path
 from repa_fast.models.sit import build_sit, parse_model_name
 from repa_fast.options import VAE_HELP, WEIGHTS, Checked, EvalOptions, ModelOptions, SamplingOptions, option
 from repa_fast.sample import (
+    REG_CLS_CFG_SCALE,
     SAMPLERS,
     class_balanced_labels,
     decode_to_uint8,
+    reg_cls_latents,
     save_npz,
     shard_bounds,
 )
@@ -65,6 +67,9 @@ class GenerateOptions(Checked):
     tf32: bool = option(True, "TF32 matmuls (generate.py's --tf32)")
     fid_reference: str | None = option(None, "reference .npz: evaluate the samples right after sampling")
     calculate_fid: bool = option(False, "ERW's switch; evaluation needs --fid-reference")
+    cls: int | None = option(
+        None, "REG generate.py's class-token width (its default 768): read from the checkpoint; if given, must agree"
+    )
     sit: ModelOptions = field(default_factory=ModelOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     evaluation: EvalOptions = field(default_factory=EvalOptions)
@@ -149,12 +154,21 @@ def build_model(opts: ModelOptions, run: Run) -> torch.nn.Module:
         fused_attn=opts.fused_attn,
         use_rope=use_rope,
         impl=model_kwargs(run.config.model)["impl"],  # the run's --kernels, mapped as training maps it (build.py)
+        **family_options(run, arch),
     )
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"--ckpt {run.path} does not fit --model {name}: {str(e)[:300]}") from e
+    check_fits(f"--ckpt {run.path} (--model {name})", sd, model)  # names the keys, and a projector's shape
+    model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def family_options(run: Run, arch: dict) -> dict:
+    """REG / iREPA model keywords of a checkpoint (docs/methods.md): REG and the projector type from its keys; the
+    conv kernel size from the run's config.json or the file's saved args (iREPA's train.py defaults it to 1, its
+    README to 3: the args say what built the weights), else from the weights' shape."""
+    kernel = arch["proj_kernel_size"]
+    if arch["projection_layer_type"] == "conv" and "proj_kwargs_kernel_size" in run.stated:
+        kernel = run.config.model.proj_kwargs_kernel_size
+    return dict(reg=arch["reg"], projection_layer_type=arch["projection_layer_type"], proj_kernel_size=kernel)
 
 
 def resolve_vae_choice(vae: str | None, in_channels: int, latent_scale: float, ckpt: str) -> str | None:
@@ -174,14 +188,16 @@ def resolve_vae_choice(vae: str | None, in_channels: int, latent_scale: float, c
     return choice
 
 
-def output_name(opts: GenerateOptions, model_name: str) -> str:
-    """Every setting that changes the samples (the reference's name ignores steps and the guidance interval)."""
+def output_name(opts: GenerateOptions, model_name: str, reg: bool = False) -> str:
+    """Every setting that changes the samples (the reference's name ignores steps and the guidance interval); with
+    ``reg`` (a REG model) the class token's guidance scale too."""
     s = opts.sampling
     tag = os.path.basename(os.path.normpath(opts.ckpt)).replace(".pt", "")
     heun = "-heun" if s.heun else ""
+    cls_cfg = f"-clscfg{REG_CLS_CFG_SCALE if s.cls_cfg_scale is None else s.cls_cfg_scale}" if reg else ""
     return (
         f"{model_name.replace('/', '_')}-{tag}-{opts.weights}-{s.mode}{s.num_steps}{heun}"
-        f"-cfg{s.cfg_scale}-g{s.guidance_low}-{s.guidance_high}-{s.labels}-{s.rounding}"
+        f"-cfg{s.cfg_scale}{cls_cfg}-g{s.guidance_low}-{s.guidance_high}-{s.labels}-{s.rounding}"
         f"-seed{s.global_seed}-n{s.num_fid_samples}"
     )
 
@@ -202,25 +218,29 @@ def shard_indices(s: SamplingOptions, rank: int, world: int) -> np.ndarray:
 
 
 def _draws(s: SamplingOptions, model, rank: int, world: int, device, gen):
-    """(noise, labels, how many of the batch are kept) per batch, in the order the generator is drawn from.
+    """(noise, labels, REG's class-token noise or None, how many of the batch are kept) per batch, in the order the
+    generator is drawn from.
 
     balanced: the labels are fixed, the noise is drawn per batch. random: generate.py's loop, per batch the noise
     then the labels, both for a full batch (generate.py:121-122, ``z = torch.randn(n, ...)`` then
     ``y = torch.randint(0, num_classes, (n,))``), then the sampler's own draws (SDE), so that REPA's --global-seed
-    gives REPA's samples."""
+    gives REPA's samples. A REG model draws its class-token noise last, after the labels (REG generate.py:129-131:
+    ``z``, ``y``, then ``cls_z = torch.randn(n, args.cls)``)."""
     size, c, n = model.x_embedder.grid_size * model.patch_size, model.in_channels, s.per_proc_batch_size
     if s.labels == "balanced":
         start, end = shard_bounds(s.num_fid_samples, rank, world)
         labels = class_balanced_labels(s.num_fid_samples, model.num_classes, device=device)[start:end]
         for i in range(0, end - start, n):
             y = labels[i : i + n]
-            yield torch.randn(len(y), c, size, size, device=device, generator=gen), y, len(y)
+            z = torch.randn(len(y), c, size, size, device=device, generator=gen)
+            yield z, y, reg_cls_latents(model, len(y), gen, device), len(y)
         return
     kept = shard_indices(s, rank, world)
     for b in range(math.ceil(s.num_fid_samples / (n * world))):
         z = torch.randn(n, c, size, size, device=device, generator=gen)
         y = torch.randint(0, model.num_classes, (n,), device=device, generator=gen)
-        yield z, y, int(((kept >= b * n * world) & (kept < (b + 1) * n * world)).sum())
+        cls = reg_cls_latents(model, n, gen, device)
+        yield z, y, cls, int(((kept >= b * n * world) & (kept < (b + 1) * n * world)).sum())
 
 
 @torch.no_grad()
@@ -235,10 +255,14 @@ def generate_shard(s: SamplingOptions, model, vae, rank: int, world: int, device
         path_type=s.path_type,
     )
     kw |= {"heun": s.heun} if s.mode == "ode" else {"generator": gen}
+    if model.reg:  # REG samples the class token jointly (REG generate.py:129-131, samplers.py)
+        kw["cls_cfg_scale"] = REG_CLS_CFG_SCALE if s.cls_cfg_scale is None else s.cls_cfg_scale
     out = []
-    for z, y, keep in _draws(s, model, rank, world, device, gen):
+    for z, y, cls, keep in _draws(s, model, rank, world, device, gen):
         if not keep:  # only a rank's last batch can be all past --num-fid-samples: nothing is drawn after it
             continue
+        if cls is not None:
+            kw["cls_latents"] = cls
         x = SAMPLERS[s.mode](model, z, y, **kw)[:keep].float()
         x = vae.decode(x / latent_scale).sample if vae is not None else x / latent_scale
         out.append(decode_to_uint8(x, rounding=s.rounding).cpu().numpy())
@@ -284,6 +308,15 @@ def load_model(opts: GenerateOptions, device):
             "cannot sample. Train the full phase from it (train.py --resume-step N --warmup-steps N)"
         )
     model = build_model(opts.sit, run).to(device)
+    if opts.sampling.cls_cfg_scale is not None and not model.reg:
+        raise errors.ConfigError(
+            f"--cls-cfg-scale guides REG's class token, but {opts.ckpt} is not a REG checkpoint; drop --cls-cfg-scale"
+        )
+    if opts.cls is not None and opts.cls != (model.cls_dim if model.reg else None):
+        raise errors.ConfigError(
+            f"--cls {opts.cls}: REG's generate.py flag is the class-token width, which {opts.ckpt} fixes at "
+            f"{model.cls_dim if model.reg else 'none (not a REG checkpoint)'}; drop --cls"
+        )
     latent_scale = opts.sit.latent_scale or run.config.data.latent_scale
     vae, vae_choice = None, resolve_vae_choice(opts.vae, model.in_channels, latent_scale, opts.ckpt)
     if vae_choice is not None:
@@ -323,7 +356,7 @@ def generate(opts: GenerateOptions, device, rank: int = 0, world: int = 1) -> st
         check_output_path(opts.png_dir, "--png-dir", directory=True)
     feature_net = feature_net_for(opts, device)
     model, vae, latent_scale, name = load_model(opts, device)
-    name = output_name(opts, name)
+    name = output_name(opts, name, model.reg)
     os.makedirs(opts.sample_dir, exist_ok=True)
     part = generate_shard(opts.sampling, model, vae, rank, world, device, latent_scale)
     if opts.png_dir:

@@ -89,6 +89,10 @@ class SamplingOptions(Checked):
     cfg_scale: float = option(1.5, "classifier-free guidance scale", check=Range(1, note="1 = no guidance"))
     guidance_low: float = option(0.0, "guidance interval start: CFG applies for t in [low, high]", check=PROBABILITY)
     guidance_high: float = option(1.0, "guidance interval end", check=PROBABILITY)
+    cls_cfg_scale: float | None = option(
+        None, "REG checkpoints only: guidance scale of the class token where the image is guided (<= 0: its "
+        "conditional half)", note="default 1.5, REG generate.py's",
+    )  # fmt: skip
     path_type: str = option("linear", config="path_type")
     labels: str = option(
         "balanced", "class labels: balanced (each class equally often) or random (generate.py's draws)",

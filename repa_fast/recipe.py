@@ -24,6 +24,96 @@ WARMUP_MODULES = ("x_embedder.", "t_embedder.", "y_embedder.", "projectors.", "c
 
 SCHEDULES = ("constant", "exp", "cosine")
 
+# The REPA family's published recipes as presets (docs/methods.md §Preset; registered in repa_fast.config.PRESETS).
+# REG (Martinser/REG train.sh and train.py:386-436): SiT-XL/2 + DINOv2-B, encoder depth 8, proj coeff 0.5, --cls
+# 0.03, AdamW lr 1e-4 betas (0.9, 0.999) wd 0 eps 1e-8, clip 1.0, batch 256, fp16 with TF32, EMA 0.9999, 1M steps
+# and a checkpoint every 10K (its train.py defaults; train.sh sets neither).
+REG_PRESET = {
+    "model": "SiT-XL/2",
+    "enc_type": "dinov2-vit-b",
+    "encoder_depth": 8,
+    "proj_coeff": 0.5,
+    "reg": True,
+    "cls": 0.03,
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 0.0,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "batch_size": 256,
+    "ema_decay": 0.9999,
+    "mixed_precision": "fp16",
+    "allow_tf32": True,
+    "max_train_steps": 1000000,
+    "checkpointing_steps": 10000,
+    "sampling_steps": 10000,
+}
+# iREPA (End2End-Diffusion/iREPA ldm/configs/irepa.yaml: conv projector, proj_coeff 1.0, spnorm zscore; the rest
+# ldm/train.py:422-489: alpha 0.6, AdamW lr 1e-4 betas (0.9, 0.999) wd 0 eps 1e-8, clip 1.0, batch 256, fp16 with
+# TF32, EMA 0.9999, 400K steps, a checkpoint every 50K). Kernel size 3, as its model and README (its train.py: 1).
+IREPA_PRESET = {
+    "model": "SiT-XL/2",
+    "enc_type": "dinov2-vit-b",
+    "encoder_depth": 8,
+    "projection_layer_type": "conv",
+    "proj_kwargs_kernel_size": 3,
+    "proj_coeff": 1.0,
+    "spnorm_method": "zscore",
+    "zscore_alpha": 0.6,
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 0.0,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "batch_size": 256,
+    "ema_decay": 0.9999,
+    "mixed_precision": "fp16",
+    "allow_tf32": True,
+    "max_train_steps": 400000,
+    "checkpointing_steps": 50000,
+    "sampling_steps": 50000,
+}
+FAMILY_SWITCHES = {  # what each method turns on, applied to the embedded digits demo for the *-demo presets
+    "reg": {"reg": True, "cls": 0.03},
+    "irepa": {"projection_layer_type": "conv", "proj_kwargs_kernel_size": 3, "proj_coeff": 1.0,
+              "spnorm_method": "zscore", "zscore_alpha": 0.6},
+}  # fmt: skip
+
+
+def family_presets(demo: dict) -> dict[str, dict]:
+    """``reg``, ``irepa`` (the published recipes) and ``reg-demo``, ``irepa-demo``: the digits ``demo`` preset with
+    the method switched on (digits-ssl's class token is its pooled global feature, docs/methods.md §REG)."""
+    return {
+        "reg": dict(REG_PRESET),
+        "irepa": dict(IREPA_PRESET),
+        **{f"{k}-demo": {**demo, **v, "exp_name": f"{k}-demo"} for k, v in FAMILY_SWITCHES.items()},
+    }
+
+
+def method_summary(cfg) -> dict:
+    """The family method a configuration trains and its settings (``train.py --dry-run`` prints it)."""
+    m, loss = cfg.model, cfg.loss
+    names = [n for n, on in (("ERW", loss.warmup_steps > 0), ("REG", m.reg)) if on]
+    irepa = m.projection_layer_type != "mlp" or loss.spnorm_method != "none"
+    if irepa:
+        names.append("iREPA")
+    aligns = bool(cfg.target.enc_type) and loss.proj_coeff != 0
+    if loss.align_stop_step:
+        names.append("HASTE-style stop")
+    out = {"method": " + ".join(names) or ("REPA" if aligns else "SiT"), "proj_coeff": loss.proj_coeff}
+    if m.reg:
+        out["reg"] = {"cls_coeff": loss.cls, "class_token": f"{cfg.target.enc_type.split(',')[0]} class token"}
+    if irepa:
+        out["irepa"] = {
+            "projection_layer_type": m.projection_layer_type,
+            "proj_kernel_size": m.proj_kwargs_kernel_size if m.projection_layer_type == "conv" else None,
+            "spnorm_method": loss.spnorm_method,
+            "zscore_alpha": loss.zscore_alpha if loss.spnorm_method == "zscore" else None,
+        }
+    return out
+
 
 def erw_c0(model_name: str) -> float:
     """ERW's initial full-phase weight from the model name: 6 if it contains "xl", else 3 if "l", else 1.

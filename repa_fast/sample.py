@@ -111,6 +111,16 @@ def _validate(latents, y, num_steps, cfg_scale, guidance_low, guidance_high, pat
         raise ValueError(f"path_type={path_type!r}: expected one of {PATH_TYPES}")
 
 
+def reg_cls_latents(model, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor | None:
+    """The class token's starting noise (n, z_dims[0]) for a REG SiT (REG generate.py:131, ``torch.randn(n,
+    args.cls)``), drawn after the image noise by the caller's convention; None for a model without REG."""
+    inner = _unwrap(model)
+    if not getattr(inner, "reg", False):
+        return None
+    where = generator.device if generator is not None else device  # drawn where the generator lives (REG: on device)
+    return torch.randn(n, inner.cls_dim, generator=generator, device=where).to(device)
+
+
 def _validate_cls(model, latents, cls_latents, cls_cfg_scale):
     """REG's class-token latents: given exactly when the model is a REG SiT (``reg``), shape (B, z), same device."""
     reg = getattr(_unwrap(model), "reg", None)

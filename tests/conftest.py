@@ -60,7 +60,24 @@ def _seed_everything():
     yield
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full-matrix",
+        action="store_true",
+        help="run every method x backend cell of tests/engine/test_method_matrix.py (without it: the CI subset)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full_matrix: a method x backend cell run only with --full-matrix")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--full-matrix"):
+        skip_cell = pytest.mark.skip(reason="a cell of the full method x backend matrix: pass --full-matrix")
+        for item in items:
+            if item.get_closest_marker("full_matrix") is not None:
+                item.add_marker(skip_cell)
     if has_cuda():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

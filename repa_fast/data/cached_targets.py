@@ -77,10 +77,12 @@ def dataset_fingerprint(ds: LatentDataset) -> dict:
     return {"layout": kind, "count": len(ds), "sha256": h.hexdigest()}
 
 
-def describe(encoders, ds: LatentDataset, dtype: str, compute: str, batch_size: int) -> dict:
-    """The header of a cache of ``encoders`` over ``ds`` (everything but the per-encoder file names)."""
+def describe(encoders, ds: LatentDataset, dtype: str, compute: str, batch_size: int, with_cls: bool = False) -> dict:
+    """The header of a cache of ``encoders`` over ``ds``. ``with_cls``: each encoder's class token (REG,
+    ``forward(images, with_cls=True)``) is stored too, (N, D) in ``<enc-type>.cls.npy`` (``cls_file``); a cache made
+    without it has no ``class_tokens`` key (older caches read unchanged)."""
     first = encoders[0]
-    return {
+    header = {
         "format": FORMAT,
         "version": VERSION,
         "count": len(ds),
@@ -102,6 +104,11 @@ def describe(encoders, ds: LatentDataset, dtype: str, compute: str, batch_size: 
         "batch_size": int(batch_size),
         "dataset": dataset_fingerprint(ds),
     }
+    if with_cls:
+        header["class_tokens"] = True
+        for e, entry in zip(encoders, header["encoders"]):
+            entry["cls_file"] = f"{e.enc_name}.cls.npy"
+    return header
 
 
 # ---- reading (training) ------------------------------------------------------------------------------------------
@@ -142,7 +149,7 @@ class TargetCache:
     def __init__(self, cache_dir: str):
         self.dir = os.fspath(cache_dir)
         self.header = read_header(self.dir)
-        self._arrays = None
+        self._arrays = self._cls_arrays = None
         self.dtype = _TORCH_DTYPES[STORE_DTYPES[self.header["dtype"]]]
         for e in self.header["encoders"]:
             path = os.path.join(self.dir, e["file"])
@@ -153,6 +160,10 @@ class TargetCache:
                     f"{path}: shape {arr.shape} / dtype {arr.dtype} disagree with {HEADER_FILE} ({want}, "
                     f"{self.header['dtype']}); the cache is damaged: delete {self.dir} and re-create it"
                 )
+            if "cls_file" in e:
+                cls_path = os.path.join(self.dir, e["cls_file"])
+                if tuple(self._open(cls_path).shape) != (self.header["count"], e["embed_dim"]):
+                    raise DataError(f"{cls_path}: not the (N, D) class tokens {HEADER_FILE} names; re-create the cache")
 
     @staticmethod
     def _open(path: str) -> np.ndarray:
@@ -162,7 +173,17 @@ class TargetCache:
             raise DataError(f"{path}: cannot open the cached targets ({exc}); re-create the cache") from exc
 
     def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_cls_arrays": None}
+
+    @property
+    def has_class_tokens(self) -> bool:
+        return bool(self.header.get("class_tokens"))
+
+    def cls_rows(self, idx: int) -> list[torch.Tensor]:
+        """Class tokens of dataset item ``idx``: one (D,) tensor per encoder (a cache made with ``--with-cls``)."""
+        if self._cls_arrays is None:
+            self._cls_arrays = [self._open(os.path.join(self.dir, e["cls_file"])) for e in self.header["encoders"]]
+        return [torch.from_numpy(np.array(a[idx], copy=True)).view(self.dtype) for a in self._cls_arrays]
 
     @property
     def arrays(self) -> list[np.ndarray]:
@@ -172,7 +193,8 @@ class TargetCache:
 
     def check(self, encoders, ds: LatentDataset) -> None:
         """Refuse a cache made with other encoders, weights, resolution, grid, preprocessing or data."""
-        want = describe(encoders, ds, self.header["dtype"], self.header["compute_dtype"], self.header["batch_size"])
+        h = self.header
+        want = describe(encoders, ds, h["dtype"], h["compute_dtype"], h["batch_size"], self.has_class_tokens)
         diff = _differences(self.header, want)
         if diff:
             raise DataError(
@@ -189,10 +211,11 @@ class TargetCache:
 
 
 class CachedTargetsDataset(LatentDataset):
-    """Items ``(targets list, moments, label)``: the base dataset without its images, targets from the cache."""
+    """Items ``(targets list, moments, label)``: the base dataset without its images, targets from the cache; with
+    ``with_cls`` (REG) ``({"patch": targets list, "cls": class tokens list}, moments, label)``."""
 
-    def __init__(self, base: LatentDataset, cache: TargetCache):
-        self.base, self.cache = base, cache
+    def __init__(self, base: LatentDataset, cache: TargetCache, with_cls: bool = False):
+        self.base, self.cache, self.with_cls = base, cache, with_cls
         self.path, self.resolution, self.num_classes = base.path, base.resolution, base.num_classes
         self.latent_shape = base.latent_shape
 
@@ -201,11 +224,23 @@ class CachedTargetsDataset(LatentDataset):
 
     def __getitem__(self, idx: int):
         moments, label = self.base.read_latent(idx)
+        if self.with_cls:
+            return {"patch": self.cache.rows(idx), "cls": self.cache.cls_rows(idx)}, moments, label
         return self.cache.rows(idx), moments, label
 
 
-def open_cached_targets(dataset: LatentDataset, encoders, cache_dir: str | None) -> CachedTargetsDataset:
-    """The trainer's hook for ``--targets cached``: check the cache against the run and wrap the dataset."""
+def open_cached_targets(
+    dataset: LatentDataset, encoders, cache_dir: str | None, with_cls: bool = False
+) -> CachedTargetsDataset:
+    """The trainer's hook for ``--targets cached``: check the cache against the run and wrap the dataset.
+    ``with_cls``: the run is REG's and reads the class tokens, which the cache must hold."""
     cache = TargetCache(cache_dir or default_cache_dir(dataset.path))
     cache.check(encoders, dataset)
-    return CachedTargetsDataset(dataset, cache)
+    if with_cls and not cache.has_class_tokens:
+        names = ",".join(e["name"] for e in cache.header["encoders"])
+        raise DataError(
+            f"{cache.dir}: this target cache holds no class tokens, which REG (--reg) reads; rebuild it with "
+            f"`python -m repa_fast.tools.cache_targets DATA --enc-type {names} --with-cls` (into another --out, "
+            "or delete this one), or train with --targets computed"
+        )
+    return CachedTargetsDataset(dataset, cache, with_cls)

@@ -51,11 +51,25 @@ def list_data_files(root: str) -> list[str]:
     """Sorted relative paths ('/'-separated) of the files the reference would list under ``root``."""
     exts = supported_extensions()
     names = []
-    for dirpath, _dirs, files in os.walk(root):
+
+    def unreadable(e: OSError):
+        if isinstance(e, PermissionError):
+            raise permission_error(e.filename or root) from e
+        raise DataError(f"{e.filename or root}: cannot list the folder ({e.strerror or e})") from e
+
+    for dirpath, _dirs, files in os.walk(root, onerror=unreadable):
         for fname in files:
             if os.path.splitext(fname)[1].lower() in exts:
                 names.append(os.path.relpath(os.path.join(dirpath, fname), start=root).replace(os.sep, "/"))
     return sorted(names)
+
+
+def permission_error(path: str) -> DataError:
+    """A file or folder this process may not read: said as such (the data is not corrupt, nothing to delete)."""
+    return DataError(
+        f"{path}: permission denied (this is not corruption: the file is intact but not readable by this user); "
+        "fix its permissions (e.g. chmod a+r, and a+rx on folders) or run as a user who can read it"
+    )
 
 
 def is_ref_layout(path: str) -> bool:
@@ -143,6 +157,8 @@ def load_image_file(path: str) -> np.ndarray:
             with PIL.Image.open(io.BytesIO(data)) as im:
                 image = np.array(im)
         return image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)
+    except PermissionError as exc:
+        raise permission_error(path) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(
             f"{path}: cannot decode image ({exc}); the file is truncated or corrupt: delete the "
@@ -153,6 +169,8 @@ def load_image_file(path: str) -> np.ndarray:
 def load_moments_file(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
+    except PermissionError as exc:
+        raise permission_error(path) from exc
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(
             f"{path}: cannot read moments .npy ({exc}); the file is truncated or corrupt: re-encode "
@@ -163,6 +181,8 @@ def load_moments_file(path: str) -> np.ndarray:
 def _peek_moments(path: str) -> tuple[tuple, np.dtype]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except PermissionError as exc:
+        raise permission_error(path) from exc
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(
             f"{path}: cannot read moments .npy header ({exc}); the file is truncated or corrupt: re-encode it"

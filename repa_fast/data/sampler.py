@@ -107,3 +107,78 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch, self.consumed = int(state["epoch"]), consumed
         if self._remaining_batches() == 0:  # a smaller tail than the new global batch: the epoch is over
             self.epoch, self.consumed = self.epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a checkpoint records of its data, and the bad-sample policy (docs/run_directories.md §Data).
+
+
+def dataset_fingerprint(dataset) -> dict:
+    """``{"num_samples", "checksum"}`` of a dataset, stored in each checkpoint: a resume on data whose size or
+    checksum differs is refused (engine/trainer.py ``check_data``). The checksum is the packed dataset's sample
+    checksum, or a SHA-256 of the REPA folder's file names and labels (cheap: no file is read); None for the
+    embedded demo (it cannot change)."""
+    import hashlib
+
+    base = getattr(dataset, "base", dataset)  # cached targets wrap the dataset they were made from
+    checksum = None
+    index = getattr(base, "index", None)
+    if isinstance(index, dict) and isinstance(index.get("checksum"), dict):
+        checksum = index["checksum"].get("value")
+    elif hasattr(base, "image_fnames") and hasattr(base, "feature_fnames"):
+        h = hashlib.sha256()
+        for name in (*base.image_fnames, "|", *base.feature_fnames):
+            h.update(name.encode() + b"\0")
+        h.update(np.asarray(base.labels, dtype=np.int64).tobytes())
+        checksum = h.hexdigest()
+    return {"num_samples": len(dataset), "checksum": checksum}
+
+
+def bad_sample_limit(budget: float, num_samples: int) -> int:
+    """``--bad-sample-budget`` as a count: a value >= 1 is a count, one below 1 a fraction of the epoch."""
+    return int(budget) if budget >= 1 else int(budget * num_samples)
+
+
+class SkipBadSamples:
+    """``--on-bad-sample skip``: a sample whose read fails with a DataError (corrupt file, NaN moments, bad label)
+    is replaced by the next readable index (idx + 1, idx + 2, ... mod N): deterministic, so a resumed run reads
+    exactly what an uninterrupted one reads. Each bad sample is logged once with its path and reason; more than
+    ``limit`` distinct bad samples end the run with the last one's error. Permission errors are never skipped.
+    With --num-workers W > 0 each loading process counts its own and may skip ceil(limit / W).
+    """
+
+    def __init__(self, dataset, limit: int, num_workers: int = 0):
+        self.dataset, self.limit = dataset, int(limit)
+        self.per_process = -(-self.limit // num_workers) if num_workers > 0 else self.limit
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # resolution, num_classes, latent_shape, path, ...
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, idx: int):
+        import logging
+
+        from repa_fast.data.common import DataError
+
+        n = len(self.dataset)
+        for j in range(n):
+            i = (int(idx) + j) % n
+            try:
+                return self.dataset[i]
+            except DataError as e:
+                if "permission denied" in str(e):
+                    raise
+                if i not in self.bad:
+                    self.bad.add(i)
+                    if len(self.bad) > self.per_process:
+                        raise DataError(
+                            f"{e} (--on-bad-sample skip: more than {self.limit} bad samples, the "
+                            "--bad-sample-budget; fix the data, or raise the budget)"
+                        ) from e
+                    logging.getLogger("repa_fast").warning("skipped bad sample %d: %s", i, e)
+        raise IndexError(f"{getattr(self.dataset, 'path', 'dataset')}: no readable sample")

@@ -55,19 +55,7 @@ def weights_for(path: str, model: torch.nn.Module, which: str = "model", f: dict
         logger.info(
             "%s is an ERW warm-up checkpoint: %d tensors (later blocks, final layer) keep their init", path, len(filled)
         )
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        hint = (
-            " (old decoder_blocks.* layout: REPA's --legacy)"
-            if any(k.startswith("decoder_blocks.") for k in sd)
-            else ""
-        )
-        raise CheckpointError(
-            f"{path} does not fit this model{hint}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatch {bad[:3]}; check --model, --enc-type, --encoder-depth, --qk-norm, --projector-dim"
-        )
+    adapters.check_fits(path, sd, model)  # strict: the keys that do not fit are named (repa_fast.load_weights's)
     return sd
 
 
@@ -187,11 +175,7 @@ def init_weights(path: str, model: torch.nn.Module) -> dict:
     """``--init-from``: the raw (non-EMA) weights of a repa_fast run/checkpoint directory or a foreign .pt file."""
     if os.path.isdir(path):
         sd = load_run(path, which="model").weights
-        own = model.state_dict()
-        if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in sd):
-            raise CheckpointError(
-                f"--init-from {path}: its weights do not fit this model; check --model and the encoders"
-            )
+        adapters.check_fits(f"--init-from {path}", sd, model)
         return sd
     if not os.path.isfile(path):
         raise CheckpointError(f"--init-from {path}: no such file or directory")

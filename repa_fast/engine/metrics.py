@@ -12,29 +12,46 @@ from repa_fast.errors import require
 
 logger = logging.getLogger("repa_fast")
 
-_KEYS = ("loss", "denoising", "alignment", "grad_norm")
+_KEYS = ("loss", "denoising", "alignment", "cls", "grad_norm")  # "cls": REG's class-token term (0 without REG)
+_LOSSES = len(_KEYS) - 1
 
 
 class LossMeter:
     """Sums of the step losses kept on device; read (one sync) every --log-every steps."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_skipped: int = 0):
         self.sums = torch.zeros(len(_KEYS), device=device, dtype=torch.float64)
         self.counts = torch.zeros(3, device=device, dtype=torch.float64)  # micro-batches, non-finite losses, skipped
         self.steps = 0
         self.stop_agreed = False  # some process asked to stop (set by read; engine/stop.py)
+        # Consecutive skipped steps, on device (--max-skipped-steps): the current streak, the step it started at,
+        # and the start of the first streak that reached ``max_skipped`` (-1: none); read with the losses.
+        self.max_skipped = int(max_skipped)
+        self.streak = torch.zeros(3, device=device, dtype=torch.float64)
+        self.streak[2] = -1
+        self.diverged_at = -1  # host copy of streak[2] after the last read
 
     def add_losses(self, losses: dict) -> None:
-        vals = torch.stack([losses[k].detach().double() for k in _KEYS[:3]])
+        vals = torch.stack([losses[k].detach().double() if k in losses else self.sums[0] * 0 for k in _KEYS[:_LOSSES]])
         finite = torch.isfinite(vals[0])
-        self.sums[:3] += torch.where(finite, vals, torch.zeros_like(vals))
+        self.sums[:_LOSSES] += torch.where(finite, vals, torch.zeros_like(vals))
         self.counts[0] += finite.double()
         self.counts[1] += (~finite).double()
 
-    def add_step(self, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.sums[3] += torch.where(torch.isfinite(grad_norm), grad_norm.double(), 0.0)
+    def add_step(self, grad_norm: torch.Tensor, skipped: torch.Tensor, step: int | None = None) -> None:
+        self.sums[_LOSSES] += torch.where(torch.isfinite(grad_norm), grad_norm.double(), 0.0)
         self.counts[2] += skipped.double()
         self.steps += 1
+        if step is not None and self.max_skipped:
+            s = skipped.to(torch.bool)
+            run = torch.where(s, self.streak[0] + 1, 0.0)
+            start = torch.where(s & (run == 1), float(step), self.streak[1])
+            hit = (self.streak[2] < 0) & (run >= self.max_skipped)
+            self.streak.copy_(torch.stack([run, start, torch.where(hit, start, self.streak[2])]))
+
+    def pending_divergence(self, backend) -> int:
+        """The step where a streak of ``max_skipped`` skipped steps started, or -1 (a sync: call it rarely)."""
+        return round(backend.all_reduce_mean(self.streak[2:3].clone()).item())
 
     def pending_nonfinite(self, backend) -> int:
         """Non-finite losses counted since the last read, over all ranks (a sync: call it rarely)."""
@@ -47,11 +64,15 @@ class LossMeter:
         every process if any asked, so all stop after the same step without another collective.
         """
         flag = torch.full((1,), float(stop), device=self.sums.device, dtype=self.sums.dtype)
-        packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts, flag])).tolist()  # the one sync
+        packed = backend.all_reduce_mean(torch.cat([self.sums, self.counts, self.streak, flag])).tolist()  # one sync
         self.stop_agreed = self.stop_agreed or packed.pop() > 0
+        self.diverged_at = round(packed.pop())  # identical on every rank (every rank skips the same steps)
+        packed = packed[:-2]
         sums, counts = packed[: len(_KEYS)], packed[len(_KEYS) :]
-        out = {k: sums[i] / max(counts[0], 1e-30) for i, k in enumerate(_KEYS[:3])}  # ratio of rank means = global mean
-        out["grad_norm"] = sums[3] / max(self.steps, 1)  # identical on every rank after the gradient all-reduce
+        nan = float("nan")  # an interval whose every micro-batch was non-finite has no loss: NaN, never 0.0
+        out = {k: sums[i] / counts[0] if counts[0] else nan for i, k in enumerate(_KEYS[:_LOSSES])}  # ratio of means
+        all_skipped = self.steps and round(counts[2]) >= self.steps
+        out["grad_norm"] = nan if all_skipped else sums[_LOSSES] / max(self.steps, 1)  # identical on every rank
         out["nonfinite_losses"] = round(counts[1] * backend.world_size)
         out["skipped_steps"] = round(counts[2])  # every rank skips the same steps
         self.sums.zero_(), self.counts.zero_()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from repa_fast.data.vae import load_vae
 from repa_fast.io import atomic_path
-from repa_fast.sample import class_balanced_labels, decode_to_uint8, euler_sampler
+from repa_fast.sample import class_balanced_labels, decode_to_uint8, euler_sampler, reg_cls_latents
 
 logger = logging.getLogger("repa_fast")
 
@@ -36,6 +36,8 @@ class Previewer:
         c, h, w = latent_shape[0] // 2, latent_shape[1], latent_shape[2]
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(n, c, h, w, generator=gen).to(device)  # fixed across previews
+        self.gen = gen  # REG's class-token noise: drawn after the image noise, once (reg_cls_latents)
+        self.cls_noise = None
         self.labels = class_balanced_labels(n, num_classes, device=device)
         self.latent_scale, self.path_type = latent_scale, path_type
         self.pixel_space = vae_path is None and c == 3
@@ -47,8 +49,16 @@ class Previewer:
     def __call__(self, ema_model: torch.nn.Module, path: str, num_steps: int = 50, cfg_scale: float = 4.0) -> str:
         was_training = ema_model.training
         ema_model.eval()
+        if self.cls_noise is None:  # REG: the class token is sampled jointly (docs/methods.md §REG, Sampling)
+            self.cls_noise = reg_cls_latents(ema_model, len(self.noise), self.gen, self.noise.device)
         x = euler_sampler(
-            ema_model, self.noise, self.labels, num_steps=num_steps, cfg_scale=cfg_scale, path_type=self.path_type
+            ema_model,
+            self.noise,
+            self.labels,
+            num_steps=num_steps,
+            cfg_scale=cfg_scale,
+            path_type=self.path_type,
+            cls_latents=self.cls_noise,
         ).float()
         ema_model.train(was_training)
         if self.vae is not None:

@@ -30,20 +30,22 @@ from repa_fast.build import (
     build_phase,
     build_run,
     build_training,
+    loss_kwargs,
     rank_seed,
     seed_everything,
 )
 from repa_fast.config import ConfigError, TrainConfig, run_dir
 from repa_fast.data import ResumableDistributedSampler
+from repa_fast.data.sampler import dataset_fingerprint
 from repa_fast.engine import checkpoint as ckpt
-from repa_fast.engine import compat
+from repa_fast.engine import compat, resume_policy, run_lock
 from repa_fast.engine.ema import EMA
 from repa_fast.engine.metrics import LogSinks, LossMeter, setup_logging
 from repa_fast.engine.parallel import Backend
 from repa_fast.engine.parallel.process_group import launch_env
 from repa_fast.engine.preview import Previewer, plot_loss_curve
 from repa_fast.engine.stop import StopRequest
-from repa_fast.errors import TrainingStopped
+from repa_fast.errors import TrainingDiverged, TrainingStopped
 from repa_fast.io import write_json
 from repa_fast.objective import sample_posterior, training_loss, warmup_loss
 from repa_fast.recipe import Phase, Recipe
@@ -63,6 +65,7 @@ class State:
     sampler: ResumableDistributedSampler
     step: int = 0
     nonfinite_total: int = 0
+    skipped_total: int = 0  # optimizer steps skipped on non-finite gradients (--max-skipped-steps bounds a streak)
     stop: StopRequest | None = None  # signals asking for a graceful stop (engine/stop.py)
     stopped_by: str = ""  # set when the loop ended early on a signal
     recipe: Recipe | None = None  # which phase each step is in (repa_fast.recipe)
@@ -83,8 +86,9 @@ def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
     cfg.validate(launch_env()[1])
     backend = build_backend(cfg)
     clean = False
+    lock = run_lock.RunLock(run_dir(cfg), enabled=backend.is_main)  # taken by prepare_run_dir (one trainer per run)
     try:
-        summary = _train(cfg, backend, resume_command or "the same command with --resume")
+        summary = _train(cfg, backend, resume_command or "the same command with --resume", lock)
         clean = True
         return summary
     except Exception as e:
@@ -94,26 +98,54 @@ def train(cfg: TrainConfig, resume_command: str | None = None) -> dict:
             raise
         raise failure from e
     finally:
+        lock.release()
         backend.shutdown(clean=clean)
 
 
-def check_resume(cfg: TrainConfig, backend: Backend) -> tuple[str | None, dict | None, bool]:
+def check_resume(
+    cfg: TrainConfig, backend: Backend, resume_command: str = "the same command with --resume"
+) -> tuple[str | None, dict | None, bool]:
     """(path, contents, foreign) of the checkpoint to resume from, refused before anything is written if it does not
-    fit. A reference / ERW ``.pt`` file (``foreign``) is read once the model exists (``compat.read_as_saved``)."""
+    fit. A reference / ERW ``.pt`` file (``foreign``) is read once the model exists (``compat.read_as_saved``). A
+    damaged checkpoint is refused naming the newest intact one and the command that resumes from it."""
     resume_from, foreign = compat.resolve_any_resume(run_dir(cfg), cfg.run.resume, cfg.run.resume_step)
     if foreign:
         return resume_from, None, True
-    saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
+    try:
+        saved = ckpt.read_checkpoint(resume_from, rank=backend.rank) if resume_from else None
+    except ckpt.CheckpointDamaged as e:
+        raise ckpt.refuse_damaged(run_dir(cfg), e, ckpt.resume_hint(resume_command)) from e
     if saved is not None:
         ckpt.check_compatible(resume_from, saved["state"].get("config", {}), cfg.flat())
     return resume_from, saved, False
 
 
-def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
+def check_data(cfg: TrainConfig, path: str, saved: dict, dataset) -> None:
+    """Refuse (before anything is written) a resume on data whose size or checksum differs from the checkpoint's,
+    unless --reset-data-position asks to restart the data order (docs/run_directories.md §Data)."""
+    had = saved["state"].get("data") or {"num_samples": saved["state"]["sampler"]["num_samples"]}
+    now = dataset_fingerprint(dataset)
+    same = had["num_samples"] == now["num_samples"] and had.get("checksum", now["checksum"]) == now["checksum"]
+    if same or cfg.run.reset_data_position:
+        return
+    what = f"{had['num_samples']} samples" + (f" (checksum {had['checksum']})" if had.get("checksum") else "")
+    now_sum = f" (checksum {now['checksum']})" if now["checksum"] else ""
+    raise ckpt.CheckpointError(
+        f"the dataset changed since {path}: it was trained on {what}, --data-dir "
+        f"{cfg.data.data_dir or cfg.data.dataset} now has {now['num_samples']} samples"
+        f"{now_sum}, so the saved data position does not apply. "
+        "Either restore the data as it was and resume, or add --reset-data-position to keep the weights, EMA and "
+        "optimizer and restart the data order at the next epoch (nothing was written)"
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig, backend: Backend, lock: run_lock.RunLock | None = None) -> str:
     out = run_dir(cfg)
     if backend.is_main:
         try:
             os.makedirs(out, exist_ok=True)
+            if lock is not None:
+                lock.acquire()  # a second trainer is refused here, having written nothing
             probe = os.path.join(out, f".write-test-{os.getpid()}")
             with open(probe, "w") as f:
                 f.write("ok")
@@ -128,19 +160,27 @@ def prepare_run_dir(cfg: TrainConfig, backend: Backend) -> str:
     return out
 
 
-def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
+def _train(cfg: TrainConfig, backend: Backend, resume_command: str, lock: run_lock.RunLock | None = None) -> dict:
     setup_logging(backend.is_main)  # stderr only: nothing is written before every check has passed
     _report_launcher(cfg, backend)
-    resume_from, saved, foreign = check_resume(cfg, backend)
+    if backend.is_main:
+        run_lock.check_unlocked(run_dir(cfg))  # another trainer here: refused before any work (and any write)
+    resume_from, saved, foreign = check_resume(cfg, backend, resume_command)
     run = build_run(cfg, backend)  # seed, dataset, encoders / cached targets, SiT, recipe (repa_fast.build)
     if foreign:  # a reference / ERW .pt file (weights_only: no class unpickled but the reference's Namespace)
         saved = compat.read_as_saved(resume_from, run.model, cfg.run.resume_step, lambda s: run.recipe.phase(s).name)
+    elif saved is not None:
+        check_data(cfg, resume_from, saved, run.dataset)
+        if cfg.run.reset_data_position:  # weights, EMA and optimizer continue; the data order restarts
+            sampler = saved["state"]["sampler"]
+            epoch = int(sampler["epoch"]) + 1
+            saved["state"]["sampler"] = {**sampler, "epoch": epoch, "consumed": 0, "num_samples": len(run.dataset)}
     evaluator = build_evaluator(cfg, run.dataset, backend)  # checked before any write
     init_sd = compat.init_weights(cfg.run.init_from, run.model) if cfg.run.init_from and saved is None else None
     init_ema, ema_source = (None, "")
     if init_sd is not None:  # --init-ema-from: the file's EMA (when it has one) or its weights start our EMA
         init_ema, ema_source = compat.init_ema_weights(cfg.run.init_from, run.model, cfg.run.init_ema_from)
-    out = prepare_run_dir(cfg, backend)  # the first write to the run directory
+    out = prepare_run_dir(cfg, backend, lock)  # the first write to the run directory (and the run's lock)
     setup_logging(backend.is_main, out)
     if backend.is_main:
         save_resolved_config(cfg, out)
@@ -155,6 +195,17 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
         if init_ema is not None:
             backend.load_ema_state_dict(state.ema, init_ema)
         logger.info("the EMA starts from %s", ema_source if init_ema is not None else f"the weights ({ema_source})")
+    if saved is not None and cfg.run.reset_data_position and not foreign:
+        logger.warning("--reset-data-position: the data order restarts at epoch %d", state.sampler.epoch)
+    if saved is not None:  # options that apply on resume (engine/resume_policy.py): set on the restored state
+        saved_cfg, flat = saved["state"].get("config", {}), cfg.flat()
+        resume_policy.apply_to_optimizer(state.optimizer, flat)
+        resume_policy.log_applied(
+            resume_from,
+            saved_cfg,
+            flat,
+            [k for k in resume_policy.APPLIED if k in saved_cfg and saved_cfg[k] != flat[k]],
+        )
     loader = build_loader(cfg, run.dataset, state.sampler, run.micro, backend.device, backend.rank)
     sinks = LogSinks(out, cfg.run.report_to, cfg.flat(), enabled=backend.is_main)
     previewer = None
@@ -167,6 +218,7 @@ def _train(cfg: TrainConfig, backend: Backend, resume_command: str) -> dict:
         boundaries=run.recipe.boundaries(),  # the end of a phase is always saved
         keep=cfg.run.checkpoints_total_limit,
         config=cfg.flat(),
+        data=dataset_fingerprint(run.dataset),
     )
     try:
         with StopRequest() as state.stop:
@@ -202,6 +254,7 @@ def _summary(state: State, backend: Backend, out: str, last: dict, resume_comman
     if backend.is_main and os.path.exists(os.path.join(out, "log.jsonl")):
         plot_loss_curve(os.path.join(out, "log.jsonl"), os.path.join(out, "loss_curve.png"))
     summary = {"step": state.step, "run_dir": out, "metrics": last, "nonfinite_losses": state.nonfinite_total}
+    summary["skipped_steps"] = state.skipped_total
     if state.stopped_by:
         summary.update(stopped_by=state.stopped_by, checkpoint=ckpt.step_dir(out, state.step))
         summary["resume_command"] = resume_command
@@ -216,8 +269,11 @@ def _summary(state: State, backend: Backend, out: str, last: dict, resume_comman
 
 
 def change_phase(cfg: TrainConfig, state: State, backend: Backend, phase: Phase) -> None:
-    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase."""
+    """The step crossed a phase boundary: rebuild wrapper, optimizer and EMA for the new phase. Under FSDP2 / ZeRO-3
+    the shards are first gathered into a plain module (``backend.unshard``), which is then wrapped and sharded again
+    for the new phase: what a resume from the boundary checkpoint does, so the two agree bit for bit."""
     state.train_model = state.optimizer = state.ema = None  # release the old wrapper (and its DDP hooks) first
+    state.model = backend.unshard(state.model)  # the module itself, except where it was sharded in place
     state.train_model, state.optimizer, state.ema = build_phase(cfg, backend, state.model, phase, state.fixed)
     state.train_model.train()
     state.phase = phase
@@ -298,6 +354,8 @@ def get_batch(data_iter, device, need_images: bool = True):
     image, moments, label = next(data_iter)
     if isinstance(image, list):  # cached targets, one (B, T, D) tensor per encoder
         image = [z.to(device, non_blocking=True) for z in image]
+    elif isinstance(image, dict):  # cached targets with REG's class tokens: {"patch": [...], "cls": [...]}
+        image = {k: [z.to(device, non_blocking=True) for z in v] for k, v in image.items()}
     elif need_images:
         image = image.to(device, non_blocking=True)
     return image, moments.to(device, non_blocking=True), label.to(device, non_blocking=True)
@@ -308,13 +366,7 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
     image, moments, labels = batch
     phase = state.phase
     x0 = sample_posterior(moments, cfg.data.latent_scale)
-    if not phase.align:
-        targets = []
-    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.tools.cache_targets)
-        targets = [z.float() for z in image]
-    else:
-        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            targets = [enc(image) for enc in encoders]
+    targets, cls_targets = step_targets(cfg, phase, image, encoders, amp_dtype)
     if cfg.model.legacy:  # reference --legacy: labels dropped here and again inside the model
         drop = torch.rand(labels.shape[0], device=labels.device) < cfg.model.cfg_prob
         labels = torch.where(drop, state.model.num_classes, labels)
@@ -330,6 +382,8 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
                 proj_coeff=weight,
                 autocast_dtype=amp_dtype,
                 impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+                cls_targets=cls_targets,
+                **loss_kwargs(cfg),
             )
         else:
             losses = training_loss(
@@ -343,16 +397,40 @@ def micro_step(cfg: TrainConfig, state: State, backend: Backend, batch, encoders
                 proj_coeff=weight,
                 autocast_dtype=amp_dtype,
                 impl=state.model.impl,  # the alignment-loss kernel follows the model's switch (model_kwargs)
+                cls_targets=cls_targets,
+                cls_coeff=cfg.loss.cls,
+                **loss_kwargs(cfg),
             )
         backend.backward(losses["loss"] / cfg.optim.gradient_accumulation_steps, state.scaler)
     return losses
+
+
+def step_targets(cfg: TrainConfig, phase: Phase, image, encoders, amp_dtype) -> tuple[list, list | None]:
+    """(patch-token targets, REG's class tokens or None) of a micro-batch: computed by the encoders or read from the
+    target cache (a list of patch rows, or with class tokens {"patch": [...], "cls": [...]}). With REG the class
+    tokens are read in every phase (the token is sampled jointly: docs/methods.md §HASTE-style stop); the patch
+    targets only where the phase aligns. Class tokens are fp32, as the cache gives them (REG's noise is drawn like
+    them, objective.training_loss)."""
+    reg = cfg.model.reg
+    if not (phase.align or reg):
+        return [], None
+    if isinstance(image, dict):  # --targets cached with class tokens (tools/cache_targets.py --with-cls)
+        patch, cls = [z.float() for z in image["patch"]], [c.float() for c in image["cls"]]
+    elif isinstance(image, list):  # --targets cached: stored fp32/fp16/bf16 rows (repa_fast.tools.cache_targets)
+        patch, cls = [z.float() for z in image], None
+    else:
+        with torch.no_grad(), torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs = [enc(image, with_cls=True) if reg else enc(image) for enc in encoders]
+        patch = [o[0] for o in outs] if reg else outs
+        cls = [o[1].float() for o in outs] if reg else None
+    return (patch if phase.align else []), (cls if reg else None)
 
 
 def optimizer_step(cfg: TrainConfig, state: State, backend: Backend, meter: LossMeter) -> None:
     max_norm = cfg.optim.max_grad_norm or float("inf")  # 0 = no clipping (the norm is still computed and logged)
     grad_norm, skipped = backend.clip_and_step(state.model, max_norm, state.scaler)
     backend.update_ema(state.ema, state.model, cfg.optim.ema_decay, skipped)
-    meter.add_step(grad_norm, skipped)
+    meter.add_step(grad_norm, skipped, state.step + 1)  # the step number feeds the on-device skip streak
     state.sampler.advance()
     state.step += 1
 
@@ -362,7 +440,7 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, che
     save is due. Returns the last logged metrics."""
     out = checkpointer.run_dir
     amp_dtype = AMP_DTYPES[cfg.run.mixed_precision]
-    meter = LossMeter(backend.device)
+    meter = LossMeter(backend.device, max_skipped=cfg.run.max_skipped_steps)
     accum, last_metrics = cfg.optim.gradient_accumulation_steps, {}
     progress = _progress(cfg, state, backend)
     t_last, step_last = time.perf_counter(), state.step
@@ -388,6 +466,7 @@ def run_loop(cfg, state: State, backend, loader, encoders, sinks, previewer, che
             t_last, step_last, last_metrics = now, step, metrics
             _check_nonfinite(cfg, state, metrics, out)
             sinks.log(step, metrics)
+            _check_diverged(cfg, state, meter.diverged_at, out)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}")
         stopping = _stop_agreed(state, backend, meter) and step < cfg.run.max_train_steps
         t_last += _between_steps(cfg, state, backend, meter, checkpointer, sinks, previewer, stopping)
@@ -410,6 +489,8 @@ def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previ
     if save_due:
         if cfg.run.on_nan == "stop":  # never save after an unread non-finite loss (one sync, at save time only)
             _check_nonfinite(cfg, state, {"nonfinite_losses": meter.pending_nonfinite(backend)}, out)
+        if cfg.run.max_skipped_steps:  # a diverged run stops instead of saving (one sync, at save time only)
+            _check_diverged(cfg, state, meter.pending_divergence(backend), out)
         checkpointer.save(state, backend)
     if preview_due:
         ema_model = backend.ema_module(state.ema)  # all ranks: gathers the EMA shards under FSDP2 / ZeRO-3
@@ -421,8 +502,8 @@ def _between_steps(cfg, state: State, backend, meter, checkpointer, sinks, previ
                 cfg_scale=cfg.run.preview_cfg_scale,
             )
             sinks.add_image("samples", path, step)
-    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA (rank 0 computes)
-        sinks.log(step, state.evaluator(backend.ema_module(state.ema), step))
+    if state.evaluator is not None and state.evaluator.due(step):  # FID-N / IS of the EMA, sampled on every rank
+        sinks.log(step, state.evaluator(backend.ema_module(state.ema, all_ranks=True), step))
     return time.perf_counter() - t_pause
 
 
@@ -440,9 +521,24 @@ def _next_batch(data_iter, device, need_images):
         return None
 
 
+def _check_diverged(cfg, state: State, started: int, out: str) -> None:
+    """--max-skipped-steps consecutive skipped steps from step ``started`` (-1: none): stop with exit code 7."""
+    if started < 0:
+        return
+    good = ckpt.newest_intact(out)
+    where = f"the newest intact checkpoint is {ckpt.step_dir(out, good)}" if good else "no checkpoint was saved yet"
+    raise TrainingDiverged(
+        f"training diverged at step {started}: {cfg.run.max_skipped_steps} consecutive steps from there were skipped "
+        f"(non-finite loss or gradients; --max-skipped-steps {cfg.run.max_skipped_steps}); stopped at step "
+        f"{state.step} with nothing saved after the divergence, {where}. Resume from it with a lower "
+        "--learning-rate or --max-grad-norm, or check the data (a sample with extreme values)"
+    )
+
+
 def _check_nonfinite(cfg, state: State, metrics: dict, out: str) -> None:
     n = metrics["nonfinite_losses"]
     state.nonfinite_total += n
+    state.skipped_total += metrics.get("skipped_steps", 0)
     if n and cfg.run.on_nan == "stop":
         good = ckpt.list_checkpoints(out)
         where = ckpt.step_dir(out, good[-1]) if good else "none was saved yet"
@@ -504,16 +600,26 @@ def load_state(state: State, path: str, saved: dict, backend: Backend) -> None:
         return
     state.sampler.load_state_dict(saved["state"]["sampler"])
     state.nonfinite_total = int(saved["state"].get("nonfinite_total", 0))
+    state.skipped_total = int(saved["state"].get("skipped_total", 0))
     same_world = int(saved["state"].get("world_size", 1)) == backend.world_size
     if "rng" in saved and same_world:
         ckpt.set_rng_state(saved["rng"])
-    else:  # a different process count: no per-rank stream to continue, so derive fresh, distinct ones
+    else:  # a different process count (or an older checkpoint without this rank's file): fresh, distinct streams
         seed_everything(rank_seed(int(saved["state"]["config"]["seed"]), backend.rank, state.step))
-        logger.warning(
-            "resumed with %d processes from a %s-process checkpoint: data order is exact, random streams are reseeded",
-            backend.world_size,
-            saved["state"].get("world_size"),
-        )
+        if same_world:
+            logger.warning(
+                "%s has no RNG file for rank %d (an older repa_fast): random streams are reseeded, so this resume "
+                "is not bitwise identical to an uninterrupted run",
+                path,
+                backend.rank,
+            )
+        else:
+            logger.warning(
+                "resumed with %d processes from a %s-process checkpoint: data order is exact, random streams are "
+                "reseeded",
+                backend.world_size,
+                saved["state"].get("world_size"),
+            )
     logger.info(
         "resumed from %s at step %d (epoch %d, %d samples into it)",
         path,

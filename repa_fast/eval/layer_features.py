@@ -6,6 +6,10 @@ label, and every block's output averaged over its tokens (forward hooks; the mod
 is the run's encoder (same name, weights, token grid; a random-weight demo encoder is rebuilt from the run's seed
 exactly as training built it) on the clean image, averaged over its patch tokens.
 
+REG runs (docs/methods.md §REG): the model also reads the noisy class token, built as training builds it,
+alpha_t c + sigma_t eps with c the target encoder's class token of the clean image; the class token's row is left
+out of every block's average, so the features (and CKNNA over them) are over the same patch tokens as REPA's.
+
 ``collect_layer_features(LayerFeatureOptions(ckpt=RUN_DIR, t=0.5, ...))``; the options and their defaults are
 ``repa_fast.options.LayerFeatureOptions`` (the CLIs' flags: ``repa_fast.cli_flags.add_layer_feature_flags``).
 """
@@ -37,11 +41,13 @@ class LayerFeatures:
         return opts.out or os.path.join(self.run_dir, "eval")
 
 
-def _hidden_states(model, x, t, y) -> list[torch.Tensor]:
-    """Each block's output, token-averaged: [(B, D)] * depth."""
-    out, hooks = [], [b.register_forward_hook(lambda m, i, o: out.append(o.float().mean(1))) for b in model.blocks]
+def _hidden_states(model, x, t, y, cls_token=None) -> list[torch.Tensor]:
+    """Each block's output averaged over its patch tokens: [(B, D)] * depth (REG's class token, row 0, left out)."""
+    first = 1 if cls_token is not None else 0
+    out = []
+    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[:, first:].float().mean(1))) for b in model.blocks]
     try:
-        model(x, t, y, return_zs=False)
+        model(x, t, y, return_zs=False, **({"cls_token": cls_token} if cls_token is not None else {}))
     finally:
         for h in hooks:
             h.remove()
@@ -84,8 +90,9 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
     if len(indices) < 4:
         raise ConfigError(f"--num-images {opts.num_images}: need at least 4 images (the dataset has {len(dataset)})")
     name = opts.enc_type or cfg.target.enc_type.split(",")[0]
-    encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target else None
     model = build_model(ModelOptions(), run).to(device)  # generate's defaults: one source
+    reg = bool(getattr(model, "reg", False))
+    encoder = _target_encoder(opts, cfg, dataset.resolution, device) if need_target or reg else None
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     layers, targets, labels = [], [], []
     for start in range(0, len(indices), opts.batch_size):
@@ -98,9 +105,13 @@ def collect_layer_features(opts: LayerFeatureOptions, need_target: bool = True, 
         alpha, sigma, _, _ = interpolant(t.view(-1, 1, 1, 1), cfg.loss.path_type)
         x_t = alpha * x0 + sigma * torch.randn(x0.shape, device=device, generator=gen)
         y = torch.full((len(x0),), model.num_classes, device=device)  # the null class
-        layers.append(_hidden_states(model, x_t, t, y))
-        if encoder is not None:
-            targets.append(encoder(image).float().mean(1))  # (B, D): patch-mean of the target tokens
+        tokens, cls_token = encoder(image, with_cls=True) if reg else (encoder(image) if encoder else None, None)
+        if reg:  # REG's noisy class token at the same t (training's interpolant)
+            a, s = alpha.view(-1, 1), sigma.view(-1, 1)
+            cls_token = a * cls_token.float() + s * torch.randn(cls_token.shape, device=device, generator=gen)
+        layers.append(_hidden_states(model, x_t, t, y, cls_token))
+        if need_target:
+            targets.append(tokens.float().mean(1))  # (B, D): patch-mean of the target tokens
     return LayerFeatures(
         layers=[torch.cat([b[i] for b in layers]).cpu() for i in range(len(model.blocks))],
         target=torch.cat(targets).cpu() if targets else None,

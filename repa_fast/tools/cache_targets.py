@@ -12,6 +12,8 @@ Layout (``DATA/targets/`` unless ``--out``):
     header.json              format, count, encoders (name, tokens, width, weights SHA-256, file), resolution, grid,
                              preprocessing, stored dtype, compute dtype, batch size, dataset fingerprint
     <enc-type>.npy           (N, T, D) per encoder, row i = dataset item i; bf16 is stored as uint16 bit patterns
+    <enc-type>.cls.npy       (N, D) per encoder with --with-cls: the class token REG reads (docs/methods.md §REG,
+                             ``encoder(images, with_cls=True)``), same dtype; the header then has "class_tokens"
 
 Rows are computed in dataset order, ``--batch-size`` rows per encoder forward. A training run reading the cache
 checks every field of the header against its own encoders (weights hash included) and data, and refuses a cache
@@ -98,7 +100,9 @@ def _to_storage(z: torch.Tensor, dtype: str, first_row: int, ds: LatentDataset) 
 class Job:
     """One cache run: the plan every rank agrees on, shard work, finalisation (as repa_fast.tools.preprocess)."""
 
-    def __init__(self, ds, encoders, out: str, *, dtype: str, compute: str, batch_size: int, shard_size: int):
+    def __init__(
+        self, ds, encoders, out: str, *, dtype: str, compute: str, batch_size: int, shard_size: int, with_cls=False
+    ):
         if dtype not in STORE_DTYPES:
             raise DataError(f"--dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
         if shard_size % batch_size:
@@ -107,7 +111,8 @@ class Job:
         self.dtype, self.compute, self.batch_size, self.shard_size = dtype, compute, batch_size, shard_size
         self.work = self.out + ".tmp"
         self.progress = os.path.join(self.work, PROGRESS_DIR)
-        self.plan = describe(encoders, ds, dtype, compute, batch_size)
+        self.with_cls = with_cls
+        self.plan = describe(encoders, ds, dtype, compute, batch_size, with_cls)
         self.num_shards = -(-len(ds) // shard_size)
 
     def is_complete(self) -> bool:
@@ -136,6 +141,10 @@ class Job:
             shape = (len(self.ds), e["tokens"], e["embed_dim"])
             del_me = np.lib.format.open_memmap(os.path.join(self.work, e["file"]), "w+", storage, shape)
             del del_me
+            if "cls_file" in e:
+                path = os.path.join(self.work, e["cls_file"])
+                del_me = np.lib.format.open_memmap(path, "w+", storage, (len(self.ds), e["embed_dim"]))
+                del del_me
         _atomic_json(plan_path, self.plan)  # last: its presence means the area is ready
 
     def _check_plan(self, plan_path: str) -> None:
@@ -171,13 +180,19 @@ class Job:
             lo, hi = s * self.shard_size, min((s + 1) * self.shard_size, n)
             batches += [list(range(i, min(i + b, hi))) for i in range(lo, hi, b)]
         arrays = [np.load(os.path.join(self.work, e["file"]), mmap_mode="r+") for e in self.plan["encoders"]]
+        if self.with_cls:  # the class tokens' arrays follow the patch tokens' (same rows)
+            arrays += [np.load(os.path.join(self.work, e["cls_file"]), mmap_mode="r+") for e in self.plan["encoders"]]
         device = next(self.encoders[0].parameters()).device
         amp = COMPUTE_DTYPES[self.compute]
         loader = DataLoader(_Images(self.ds), batch_sampler=batches, num_workers=workers)
         for idx, images in loader:
             images = images.to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                zs = [enc(images) for enc in self.encoders]  # (B, T, D) each, as the trainer's micro_step
+                if self.with_cls:  # (B, T, D) then (B, D) each, as the trainer's step_targets for REG
+                    outs = [enc(images, with_cls=True) for enc in self.encoders]
+                    zs = [o[0] for o in outs] + [o[1] for o in outs]
+                else:
+                    zs = [enc(images) for enc in self.encoders]  # (B, T, D) each, as the trainer's micro_step
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             for arr, z in zip(arrays, zs):
                 arr[lo:hi] = _to_storage(z, self.dtype, lo, self.ds)
@@ -224,6 +239,7 @@ def cache_targets(
     device: str = "auto",
     workers: int = 0,
     wait_timeout_s: float = 3600.0,
+    with_cls: bool = False,
 ) -> str | None:
     """Compute (or resume) the cache; returns its directory (None on ranks other than 0). Random-weight encoders
     (``encoder_pretrained=False``, tests and demo) are drawn after ``torch.manual_seed(seed)`` as the trainer does."""
@@ -262,6 +278,7 @@ def cache_targets(
         compute=mixed_precision,
         batch_size=batch_size,
         shard_size=shard_size or batch_size * max(1, 4096 // batch_size),
+        with_cls=with_cls,
     )
     if job.is_complete():
         logger.info("%s: already complete", job.out)
@@ -298,6 +315,11 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", choices=("auto", "triton", "ref"), default="auto", help="as train.py")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes reading the images")
+    p.add_argument(
+        "--with-cls",
+        action="store_true",
+        help="also store each encoder's class token (REG's target, <enc-type>.cls.npy): needed by --reg runs",
+    )
     errors.add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -150,9 +150,11 @@ def test_each_layout_is_taken_by_exactly_its_adapter_first():
         "erw": {"model": sd, "ema": sd, "opt": {}, "args": erw_args(), "steps": 1},
         "erw-warmup": {"model": warm, "ema": warm, "args": erw_args(), "steps": 1},
         "state-dict": sd,
+        "reg": {"model": (reg := _sit(seed=6, reg=True).state_dict()), "ema": reg, "args": repa_args(cls=0.03)},
+        "irepa": {"model": sd, "ema": sd, "args": repa_args(projection_layer_type="mlp", spnorm_method="none")},
     }
     names = [a.name for a in adapters.ADAPTERS]
-    assert len(set(names)) == len(names) == 4
+    assert len(set(names)) == len(names) == 6
     for kind, obj in layouts.items():
         accepted = [a.name for a in adapters.ADAPTERS if a.detect(obj)]
         assert accepted[0] == kind, (kind, accepted)

@@ -3,11 +3,15 @@
 
     ERWWarmup    "erw-warmup"   ERW warm-up files (no final layer)                       erw.py
     ERWTrain     "erw"          ERW train.py checkpoints (the reference's container + ERW's flags)   erw.py
+    REGTrain     "reg"          REG train.py checkpoints and weights (class-token keys)  reg.py
+    IREPATrain   "irepa"        iREPA train.py checkpoints (its flags), weights (projection_layer keys)  irepa.py
     REPATrain    "reference"    the reference train.py's checkpoints                     repa.py
     REPARelease  "state-dict"   REPA's released last.pt, ``{"ema": ...}`` files (generate.py, our export)   repa.py
 
-``read_foreign(path)`` loads a file safely (``base.load_pickle_safely``) and hands it to the first adapter in
-``ADAPTERS`` whose ``detect`` accepts it; the order puts the specific formats before the generic layouts they share.
+``load_weights(path, model, which)`` (``load.py``, public as ``repa_fast.load_weights``) reads any of them, or a
+repa_fast checkpoint, strictly into a built model. ``read_foreign(path)`` loads a file safely
+(``base.load_pickle_safely``) and hands it to the first adapter in ``ADAPTERS`` whose ``detect`` accepts it; the
+order puts the specific formats before the generic layouts they share.
 ``repa_fast.engine.checkpoint.load_run`` (generate, export, layer features) and ``repa_fast.engine.compat``
 (training's ``--resume-step`` / ``--init-from``) read foreign files only through here.
 
@@ -23,21 +27,34 @@ from repa_fast.errors import CheckpointError
 
 from .base import ForeignCheckpoint, StateDictAdapter, arch_from_keys, is_state_dict, load_pickle_safely
 from .erw import ERWTrain, ERWWarmup, complete_warmup, is_warmup_state
+from .irepa import IREPATrain
+from .load import check_fits, load_weights
+from .reg import REGTrain
 from .repa import REPARelease, REPATrain, legacy_remap
 
-ADAPTERS: tuple[StateDictAdapter, ...] = (ERWWarmup(), ERWTrain(), REPATrain(), REPARelease())
+# REG before iREPA: a REG file is told by its keys whatever its projector; both before REPA's generic layouts.
+ADAPTERS: tuple[StateDictAdapter, ...] = (
+    ERWWarmup(),
+    ERWTrain(),
+    REGTrain(),
+    IREPATrain(),
+    REPATrain(),
+    REPARelease(),
+)
 
 __all__ = [
     "ADAPTERS",
     "ForeignCheckpoint",
     "StateDictAdapter",
     "arch_from_keys",
+    "check_fits",
     "complete_warmup",
     "detect",
     "is_state_dict",
     "is_warmup_state",
     "legacy_remap",
     "load_pickle_safely",
+    "load_weights",
     "read_foreign",
 ]
 

@@ -190,17 +190,26 @@ class StateDictAdapter:
 
 
 def arch_from_keys(sd: dict) -> dict:
-    """What a SiT state dict's keys and shapes tell: projector widths, depth, qk-norm, channels, classes, tokens."""
-    z_dims = []
+    """What a SiT state dict's keys and shapes tell: projector widths and type (REPA's MLP, iREPA's linear / conv and
+    the conv's kernel size), REG's class token, depth, qk-norm, channels, classes, tokens (patch tokens only)."""
+    z_dims, kind, kernel = [], "mlp", 3
     while f"projectors.{len(z_dims)}.4.weight" in sd:
         z_dims.append(sd[f"projectors.{len(z_dims)}.4.weight"].shape[0])
+    while f"projectors.{len(z_dims)}.projection_layer.weight" in sd:  # iREPA's ProjectionLayer (ldm/models/sit.py)
+        w = sd[f"projectors.{len(z_dims)}.projection_layer.weight"]
+        kind, kernel = ("conv", w.shape[-1]) if w.dim() == 4 else ("linear", 3)
+        z_dims.append(w.shape[0])
+    reg = "cls_projectors2.weight" in sd  # REG models/sit.py:222
     return {
         "z_dims": z_dims,
-        "projector_dim": sd["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        "projection_layer_type": kind,
+        "proj_kernel_size": kernel,
+        "reg": reg,
+        "projector_dim": sd["projectors.0.0.weight"].shape[0] if z_dims and kind == "mlp" else 2048,
         "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
         "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
         "in_channels": sd["x_embedder.proj.weight"].shape[1],
         "num_classes": sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-        "num_patches": sd["pos_embed"].shape[1],
+        "num_patches": sd["pos_embed"].shape[1] - int(reg),  # REG's pos_embed has the class token's row first
         "hidden_size": sd["pos_embed"].shape[2],
     }

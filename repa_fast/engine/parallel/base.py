@@ -1,10 +1,11 @@
 """The Backend interface, and the single-process backend that implements it (its collectives are no-ops).
 
 A backend applies the parallelism from outside the single-device model and owns the calls the training loop makes:
-wrap, make_ema, no_sync, backward, clip_and_step, update_ema, ema_module, full_state_dict, full_ema_state_dict,
-optimizer_state_dict, load_*_state_dict, all_reduce_mean, gather_objects, broadcast_object, barrier, peer_failure,
-shutdown. The multi-process backends derive from ``process_group.DistributedBackend``; this module imports none of
-them (``repa_fast.engine.parallel.make_backend`` picks one).
+wrap, unshard (at a phase change), make_ema, no_sync, backward, clip_and_step, update_ema, ema_module,
+full_state_dict, full_ema_state_dict, optimizer_state_dict, load_*_state_dict, all_reduce_mean, gather_objects,
+broadcast_object, barrier, peer_failure, shutdown. The multi-process backends derive from
+``process_group.DistributedBackend``; this module imports none of them (``repa_fast.engine.parallel.make_backend``
+picks one).
 """
 
 import contextlib
@@ -56,6 +57,14 @@ class Backend:
         self.optimizer = optimizer
         return model
 
+    def unshard(self, model: nn.Module) -> nn.Module:
+        """At a recipe phase change (ERW warm-up -> full, the HASTE-style stop): the plain single-device module that
+        ``wrap`` takes for the next phase, holding the current full fp32 weights on every rank. Backends that keep
+        the parameters whole (none, DDP, ZeRO-1/2) return ``model`` itself; FSDP2 and ZeRO-3 gather their shards
+        into a new module (collective), exactly what a resume from the phase's last checkpoint loads before its
+        ``wrap``. The old wrapper is not used afterwards."""
+        return model
+
     def make_ema(self, model: nn.Module):
         """The EMA, created after ``wrap`` (so it starts from the synchronised, possibly sharded, weights)."""
         return EMA(model)
@@ -104,9 +113,11 @@ class Backend:
     def update_ema(self, ema, model: nn.Module, decay: float, skipped: torch.Tensor) -> None:
         ema.update(model, decay, skip=skipped)
 
-    def ema_module(self, ema) -> nn.Module | None:
-        """A full EMA module for previews on the main process (None elsewhere). Collective for sharded EMAs."""
-        return ema.full_module(self.device, self.is_main)
+    def ema_module(self, ema, all_ranks: bool = False) -> nn.Module | None:
+        """A full EMA module for previews on the main process (None elsewhere), or on every process with
+        ``all_ranks`` (the sharded in-training evaluation). Collective for sharded EMAs: their gathers are
+        all-gathers, so every rank holds the full tensors anyway."""
+        return ema.full_module(self.device, self.is_main or all_ranks)
 
     # -- state -----------------------------------------------------------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict:

@@ -23,6 +23,9 @@ fold of ``Backend.clip_and_step`` does not apply; the pass it keeps covers 1/wor
 Checkpoints: full weights from the module (stages 0-2) or gathered partitions (3); the optimizer state through
 DeepSpeed's public fragment API (``safe_get/set_full_optimizer_state``), keyed by parameter name.
 
+Phase changes (ERW, the HASTE-style stop): a new engine over the new trainable set; under ZeRO-3 ``unshard`` first
+gathers the partitioned module into a plain one (docs/training.md §Phase changes under sharding).
+
 Config: the backend takes the DeepSpeed config already resolved at the config boundary (``repa_fast.cli.resolve_config``
 calls ``dsconfig.resolve_deepspeed_config`` once) and only checks that it was resolved for this process count.
 """
@@ -89,6 +92,18 @@ class DeepSpeedBackend(DistributedBackend):
             self.ds_config["torch_autocast"].get("dtype") if self.ds_config["torch_autocast"]["enabled"] else "off",
         )
         return engine
+
+    def unshard(self, model):
+        """A phase change. Stages 0-2 keep the module whole (its parameters point into the engine's flat buffers,
+        which the next ``initialize`` copies into its own): the module itself. Stage 3 partitioned it in place: the
+        full weights are gathered on every rank (``full_state_dict``, the checkpoint's own gather) into a plain
+        module built from the replica's skeleton, and the old engine is destroyed (its hooks and buffers)."""
+        if self.stage < 3:
+            return model
+        plain = self.replica.materialize(self.full_state_dict(model), self.device).train(model.training)
+        self.engine.destroy()
+        self.engine = self.optimizer = self.base = self.replica = self._model = None
+        return plain
 
     def backward(self, loss, scaler=None):
         # The loop already divided by the accumulation count.

@@ -11,6 +11,9 @@ skips non-finite steps through ``found_inf`` with no host sync.
 Checkpoints: ``torch.distributed.checkpoint.state_dict`` assembles full fp32 model and optimizer state keyed by
 parameter name (rank 0, CPU); loading cuts full tensors into this rank's shards (``distribute_tensor`` with
 ``src_data_rank=None``: every rank already read the file, no communication).
+
+Phase changes (ERW, the HASTE-style stop): ``unshard`` gathers the full weights into a new plain module, which the
+trainer wraps and shards again for the new trainable set (docs/training.md §Phase changes under sharding).
 """
 
 import inspect
@@ -64,6 +67,17 @@ class FSDPBackend(DistributedBackend):
         self._params = dict(model.named_parameters())
         bound_process_groups()  # in case the device mesh made its own group
         return model
+
+    def unshard(self, model):
+        """A phase change: every rank all-gathers the full state dict (``full_state_dict=True`` without
+        ``cpu_offload``: on every rank, not rank 0 only) into a plain module built from the replica's skeleton (the
+        non-persistent buffers, the RoPE tables, come from the replica). ``fully_shard`` swapped the module's class
+        and parameters in place, so the module itself cannot be wrapped again; the new one is, by ``wrap``."""
+        _, _, _, options, get_model_state_dict, _ = _dtensor_api()
+        full = get_model_state_dict(model, options=options(full_state_dict=True))
+        plain = self.replica.materialize(full, self.device).train(model.training)
+        self.replica = self._model = self._params = self.optimizer = None
+        return plain
 
     def no_sync(self, train_model, last_micro_step):
         train_model.set_requires_gradient_sync(last_micro_step)
