@@ -170,12 +170,19 @@ def entry_point(prog: str):
     return wrap
 
 
+def _launcher_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as the launcher set them, read without process_group.launch_env: that module raises this
+    module's errors (an incomplete launcher environment), and the error path must work whatever the values are."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 0, 1
+
+
 def _report(prog: str, exc: BaseException, message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exception(exc)
-    from repa_fast.engine.parallel.process_group import launch_env  # on the error path only (it imports torch)
-
-    rank, world, _ = launch_env()
+    rank, world = _launcher_rank()
     who = f" (rank {rank})" if world > 1 else ""
     hint = "" if debug else " (--debug shows the traceback)"
     print(f"{prog}{who}: error: {worker_message(message)}{hint}", file=sys.stderr)

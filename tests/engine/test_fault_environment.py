@@ -102,6 +102,8 @@ def test_output_under_a_file_or_onto_a_directory(tmp_path, capsys, run_dir):
     refused(capsys, errors.EXIT_USER, rc, "--sample-dir", f"{tmp_path / 'f'} is a file, not a directory")
     rc = generate.main(gen_args(run_dir, tmp_path / "f"))
     refused(capsys, errors.EXIT_USER, rc, "--sample-dir", "a file of that name is in the way")
+    rc = generate.main(gen_args(run_dir, tmp_path / "samples", "--png-dir", str(tmp_path / "f" / "png")))
+    refused(capsys, errors.EXIT_USER, rc, "--png-dir", "is a file, not a directory")
     rc = export.main(["--ref-layout", run_dir, str(tmp_path / "f" / "ema.pt")])
     refused(capsys, errors.EXIT_USER, rc, "OUT", "is a file, not a directory")
     rc = export.main(["--ref-layout", run_dir, str(tmp_path / "d")])

@@ -91,6 +91,8 @@ def refuse_non_torch_file(path: str) -> None:
             f"{run_dir} (its newest checkpoint and this config are read from there), or one of {run_dir}/checkpoints/*"
         )
     kind = "a JSON file" if obj is not None else f"not a torch.save file (it starts with {head!r})"
+    if path.endswith(".safetensors"):
+        kind = "a safetensors file, read only as a checkpoint's ema.safetensors / model.safetensors"
     raise CheckpointError(
         f"{path}: refused to load: {kind}, not a checkpoint; pass a run directory, a checkpoint directory or a .pt "
         "file written by torch.save"
