@@ -253,13 +253,33 @@ def _summarise(check: Check, args, times: dict, steps: int) -> list[dict]:
             )
         )
     ref = next((r for r in rows if r["provider"] == "reference eager"), None)
+    predicted = _predicted(check, args)
     for r in rows:
         r["x_reference"] = round(r["img_per_s"] / ref["img_per_s"], 2) if ref else ""
+        r["predicted_img_s"] = predicted.get(r["provider"], {}).get("predicted_img_s", "")
     return rows
+
+
+def _predicted(check: Check, args) -> dict:
+    """The cost model's img/s per provider (predicted.py), each recorded as its own line (kind headline_predicted)."""
+    from repa_fast.cost.shapes import sit_shape
+    from repa_fast.kernels.attention import select_backend
+
+    from .predicted import predictions
+
+    name = torch.cuda.get_device_name(check.device) if check.cuda else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    probe = torch.empty(1, 16, 1, sit_shape(args.model).head_dim, device=check.device, dtype=dtype)
+    attn = select_backend(probe, "auto")
+    out = predictions(name, args.model, args.enc_type, args.resolution, args.batch_size, args.mixed_precision, attn)
+    for provider, row in out.items():
+        check.record("headline_predicted", provider=provider, auto_attention=attn, **row)
+    return out
 
 
 def _table(rows: list[dict]) -> str:
     from .core import md_table
 
     keys = ("provider", "batch", "n_steps", "ms_per_step", "ms_p20", "ms_p80", "img_per_s", "tflops", "mfu")
-    return md_table([{k: r.get(k, "") for k in (*keys, "x_reference")} for r in rows])
+    keys += ("x_reference", "predicted_img_s")  # the last column is the cost model's, not a measurement
+    return md_table([{k: r.get(k, "") for k in keys} for r in rows])
