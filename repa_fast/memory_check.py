@@ -88,6 +88,9 @@ def setup_from_config(cfg: TrainConfig, world: int = 1) -> Setup:
         impl="ref" if m.kernels == "ref" else "triton",  # --kernels auto runs Triton on a GPU
         encoder_depth=m.encoder_depth,
         projector_dim=m.projector_dim,
+        reg=m.reg,  # REG's class token: 1 + T tokens through the blocks (repa_fast/cost/shapes.py)
+        projection_layer_type=m.projection_layer_type,
+        proj_kernel_size=m.proj_kwargs_kernel_size,
     )
     memory_report(setup)  # ValueError for a model or encoder the cost model does not know
     return setup

@@ -33,6 +33,12 @@ def test_setup_follows_the_config():
     s = setup_from_config(_cfg("--batch-size", "64", "--parallel", "fsdp", "--kernels", "ref"), 4)
     assert (s.parallel, s.impl, s.batch) == ("fsdp", "ref", 16)
     assert setup_from_config(_cfg("--proj-coeff", "0")).enc_types == ()
+    s = setup_from_config(_cfg("--cls", "0.03"))  # REG: the class token is costed
+    assert (s.reg, s.projection_layer_type) == (True, "mlp")
+    s = setup_from_config(_cfg("--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "5"))
+    assert (s.reg, s.projection_layer_type, s.proj_kernel_size) == (False, "conv", 5)
+    reg, plain = (memory_report(setup_from_config(_cfg(*a))) for a in (["--cls", "0.03"], []))
+    assert dict(reg)["total"] > dict(plain)["total"]  # one more token per image, REG's extra layers
 
 
 def test_dry_run_prints_the_table_by_part_and_a_fit_verdict(capsys):
