@@ -20,7 +20,8 @@ references). The whole matrix, one command:
 
     python -m pytest -q tests/engine/test_method_matrix.py --full-matrix     (24 passed in 28 min on 2 shared cores)
 
-REG and iREPA: one line each in ``METHODS`` once ``TrainConfig`` has their options (issue 19; see the marked list).
+REG (``--reg --cls 0.03``) and iREPA (conv projector, z-scored targets) are rows too; CI adds REG under ZeRO-3 and
+iREPA under FSDP2 (each with its one-process reference).
 """
 
 import pytest
@@ -39,11 +40,8 @@ METHODS = {
     "repa": ([], "repa"),
     "erw": (ERW, "full"),
     "haste": (["--align-stop-step", BOUNDARY], "no-align"),
-    # -- REG / iREPA (issue 19, item 4): TO BE EXTENDED BY THE LEAD when the familywire branch (TrainConfig's
-    # --reg/--cls, --projection-layer-type, --spnorm-method options) is merged; uncomment, and add the two methods to
-    # CI_CELLS if they should run in CI (e.g. ("reg", "zero3"), ("irepa", "fsdp")):
-    # "reg": (["--reg", "--cls", 0.03], "repa"),
-    # "irepa": (["--projection-layer-type", "conv", "--spnorm-method", "zscore"], "repa"),
+    "reg": (["--reg", "--cls", 0.03], "repa"),  # REG: the class token noised and denoised beside the patch tokens
+    "irepa": (["--projection-layer-type", "conv", "--spnorm-method", "zscore"], "repa"),  # iREPA: conv, z-score
 }
 
 # backend -> flags (``None``: one process); the DeepSpeed configs are written per run directory.
@@ -56,7 +54,7 @@ BACKENDS = {
     "zero3": 3,
 }
 
-CI_CELLS = {("erw", "one"), ("erw", "fsdp"), ("haste", "one"), ("haste", "zero3")}
+CI_CELLS = {("erw", "one"), ("erw", "fsdp"), ("haste", "one"), ("haste", "zero3"), ("reg", "zero3"), ("irepa", "fsdp")}
 CELLS = [(m, b) for m in METHODS for b in BACKENDS]
 
 

@@ -75,3 +75,18 @@ def test_free_options_just_apply(tmp_path, capsys):
     argv = tiny_args(tmp_path, "--resume", "--log-every", "2", "--checkpoints-total-limit", "1", steps=6)
     assert main([str(a) for a in argv]) == 0
     assert ckpt.list_checkpoints(run) == [6]
+
+
+def test_docs_table_lists_every_option_in_its_class():
+    """docs/run_directories.md §Resume names each option in the row of its class (the table cannot drift)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "run_directories.md")) as f:
+        text = f.read()
+    for cls in ("applied", "free", "refused"):
+        row = re.search(rf"^\| {cls} \| ([^|]*) \|", text, flags=re.M).group(1)
+        documented = set(re.findall(r"`(--[a-z0-9-]+)`", row))
+        expected = {"--" + k.replace("_", "-") for k, c in resume_policy.table().items() if c == cls}
+        assert documented == expected, f"{cls}: {sorted(documented ^ expected)}"
