@@ -587,10 +587,21 @@ def _load_own(path: str, ckpt: str, which: str) -> Run:
     try:
         verify_checkpoint(ckpt, files=[name])
     except CheckpointDamaged as e:
-        run_root = os.path.normpath(os.path.join(ckpt, "..", ".."))
-        raise refuse_damaged(run_root, e, lambda s: f"pass {step_dir(run_root, s)} instead") from e
+        loose = not _STEP_DIR.match(os.path.basename(os.path.normpath(ckpt))) and read_manifest(ckpt) is None
+        if not loose:
+            raise _damaged_for_reader(ckpt, e) from e
+        logger.warning("%s: weights outside a run's checkpoints/<step>/ without a manifest: not verified", ckpt)
     weights = load_tensors(os.path.join(ckpt, name))
     check_finite(ckpt, name, weights)
+    return _own_run(path, ckpt, weights)
+
+
+def _damaged_for_reader(ckpt: str, e: CheckpointDamaged) -> CheckpointError:
+    run_root = os.path.normpath(os.path.join(ckpt, "..", ".."))
+    return refuse_damaged(run_root, e, lambda s: f"pass {step_dir(run_root, s)} instead")
+
+
+def _own_run(path: str, ckpt: str, weights: dict) -> Run:
     candidates = (os.path.join(ckpt, "..", "..", "config.json"), os.path.join(path, "config.json"))
     config_path = next((os.path.normpath(c) for c in candidates if os.path.isfile(c)), None)
     cfg, stated = read_run_config(config_path) if config_path else (TrainConfig(), frozenset())

@@ -79,6 +79,12 @@ FREE = (
     "eval_num_steps",
     "eval_cfg_scale",
     "eval_batch_size",
+    # speed and memory options (issue 18): the same training, computed another way
+    "fp8",
+    "activation_checkpointing",
+    "attn_backend",
+    "gpu_memory_gb",
+    "init_ema_from",  # read with --init-from only (a new run), never on --resume
     # reliability options (issue 20)
     "max_skipped_steps",
     "on_bad_sample",
@@ -105,6 +111,10 @@ REFUSED_EXTRA = (  # beyond the weight-defining options: the objective, the reci
     "spnorm_method",
     "zscore_alpha",
     "seed",
+    # REG / iREPA (issue 19): the objective's terms and the targets' normalisation
+    "cls",
+    "spnorm_method",
+    "zscore_alpha",
 )
 
 
