@@ -34,10 +34,6 @@ FREE = (
     "kernels",
     "compile",
     "compile_backend",
-    "fp8",  # issue 18's speed options: the same weights and objective (fp8: within its stated loss bound)
-    "activation_checkpointing",
-    "attn_backend",
-    "gpu_memory_gb",
     # where things are, how they are read
     "encoder_checkpoint_dir",
     "targets",
@@ -61,7 +57,6 @@ FREE = (
     "resume_step",
     "resume",
     "init_from",
-    "init_ema_from",
     "mixed_precision",
     "allow_tf32",
     "report_to",
@@ -107,9 +102,6 @@ REFUSED_EXTRA = (  # beyond the weight-defining options: the objective, the reci
     "proj_coeff_start",
     "proj_half_life",
     "align_stop_step",
-    "cls",  # REG's class-token weight and iREPA's target normalisation: the objective
-    "spnorm_method",
-    "zscore_alpha",
     "seed",
     # REG / iREPA (issue 19): the objective's terms and the targets' normalisation
     "cls",
