@@ -2,9 +2,9 @@
 
 The production loop draws t and the noise from per-rank streams (seed + rank, as the reference), so a 2-process run
 cannot reproduce a 1-process run's numbers. Here, and only here, those two draws are replaced by draws keyed by
-(seed, step, micro-batch, position of the sample in the GLOBAL batch): every sample gets the same t and noise whatever
-the number of processes, the accumulation split or the backend, so 1- and N-process trajectories are comparable
-number for number. Everything else (model, data order, reduction, clipping, AdamW, EMA, checkpoints) is the
+(seed, step, micro-batch, position of the sample in the GLOBAL batch): every sample gets the same t and noise (and
+REG's class-token noise) whatever the number of processes, the accumulation split or the backend, so 1- and
+N-process trajectories are comparable number for number. Everything else (model, data order, reduction, clipping, AdamW, EMA, checkpoints) is the
 production path. Label dropout must be off (--cfg-prob 0): it is drawn inside the model.
 
 ``REPA_FAST_TEST_NAN_STEP=k``: the micro-batch holding global sample 0 returns a NaN loss at optimizer step k (one
@@ -54,6 +54,10 @@ def _loss(model, x0, y, targets, **kw):
     noise_all = torch.randn((g, *x0.shape[1:]), generator=gen)
     kw["t"] = t_all[offset : offset + b].to(x0.device)
     kw["noise"] = noise_all[offset : offset + b].to(x0.device, x0.dtype)
+    cls = kw.get("cls_targets")
+    if cls is not None and kw.get("cls_noise") is None:  # REG: the class token's noise, keyed the same way
+        cls_all = torch.randn((g, *cls[0].shape[1:]), generator=gen)
+        kw["cls_noise"] = cls_all[offset : offset + b].to(cls[0].device, cls[0].dtype)
     out = _real_loss(model, x0, y, targets, **kw)
     if offset == 0 and _ctx["step"] + 1 == int(os.environ.get("REPA_FAST_TEST_NAN_STEP", -1)):
         out = {k: v * float("nan") for k, v in out.items()}
