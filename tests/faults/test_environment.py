@@ -22,7 +22,7 @@ from repa_fast.evaluate import main as evaluate_main
 from tests.data.helpers import make_ref_dataset
 from tests.test_hardening import snapshot
 
-from .helpers import tiny_args, tiny_cfg
+from ..engine.helpers import tiny_args, tiny_cfg
 
 LAUNCHER = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
