@@ -60,6 +60,19 @@ def _refusal(path: str, holder: dict) -> RunLocked:
     )
 
 
+# flock is not supported on this file system (NFS without lockd, Lustre mounted noflock): the run goes on unlocked.
+_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _unsupported(path: str, e: OSError) -> None:
+    logger.warning(
+        "%s: this file system does not support flock (%s); the run directory is NOT protected against a second "
+        "trainer: make sure only one trainer uses it",
+        path,
+        e.strerror or e,
+    )
+
+
 def check_unlocked(run_dir: str) -> None:
     """Refuse early, without writing anything, when a live trainer holds ``run_dir``'s lock."""
     path = lock_path(run_dir)
@@ -73,7 +86,8 @@ def check_unlocked(run_dir: str) -> None:
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise _refusal(path, _holder(fd)) from e
-            raise
+            if e.errno not in _UNSUPPORTED:
+                raise
     finally:
         os.close(fd)
 
@@ -92,10 +106,13 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = _holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise _refusal(self.path, holder) from e
-            raise
+            if e.errno in _UNSUPPORTED:  # no lock to hold; the holder record is still written
+                _unsupported(self.path, e)
+            else:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise _refusal(self.path, holder) from e
+                raise
         old, host = _holder(fd), socket.gethostname()
         if old.get("pid"):
             state = "no longer running" if old.get("host") == host and not _alive(int(old["pid"])) else "not holding it"

@@ -60,3 +60,26 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"taking over a stale lock of PID {dead.pid} on host {socket.gethostname()} (no longer running" in err
     assert open(lock_path(str(tmp_path / "run"))).read() == ""
+
+
+def test_a_file_system_without_flock_trains_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    """NFS without lockd / Lustre mounted noflock answer flock with ENOLCK / EOPNOTSUPP: the run is not refused
+    (nor told its directory is unwritable); it warns that the directory is unprotected and records its holder."""
+    import errno
+    import fcntl
+
+    from repa_fast.engine import run_lock
+
+    run = trained(tmp_path)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run_lock.check_unlocked(run)  # the resume's early check: no traceback
+    with RunLock(run) as lock:
+        assert lock.fd is not None and json.load(open(lock_path(run)))["pid"] == os.getpid()
+    capsys.readouterr()
+    assert main(tiny_args(tmp_path, "--resume", steps=5)) == 0  # the trainer itself, end to end
+    err = capsys.readouterr().err
+    assert "does not support flock" in err and "NOT protected" in err
