@@ -9,6 +9,7 @@ to names through the file's own key order. Where these formats are documented: d
 §Checkpoints you already have.
 """
 
+import glob
 import logging
 import os
 
@@ -23,7 +24,13 @@ from repa_fast.engine.adapters import (  # noqa: F401 (the names this module has
     legacy_remap,
     load_pickle_safely,
 )
-from repa_fast.engine.checkpoint import CheckpointError, list_checkpoints, load_run, resolve_resume, step_dir
+from repa_fast.engine.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_run,
+    resolve_resume,
+    step_dir,
+)
 
 logger = logging.getLogger("repa_fast")
 
@@ -158,6 +165,8 @@ def init_ema_weights(path: str, model: torch.nn.Module, choice: str = "file-ema"
         try:
             sd = load_run(path, which="ema").weights
         except CheckpointError:
+            if glob.glob(os.path.join(glob.escape(path), "**", "ema.safetensors"), recursive=True):
+                raise  # an EMA file that does not load (damaged, unverified) is refused, never replaced in silence
             return None, f"{path} has no EMA weights"
         own = model.state_dict()
         if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in sd):

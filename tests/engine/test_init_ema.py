@@ -71,3 +71,20 @@ def test_fp16_on_cpu_warns_that_it_is_slow(tmp_path, capsys):
     assert main(tiny_args(tmp_path / "p", "--mixed-precision", "fp16", "--device", "cpu", steps=1)) == 0
     err = capsys.readouterr().err
     assert "--mixed-precision fp16 on CPU" in err and "slower" in err
+
+
+def test_init_from_a_run_with_a_damaged_ema_is_refused_not_replaced_by_the_weights(source, tmp_path, capsys):
+    """A manifest mismatch in the EMA file is damage: it is refused (exit 2, naming the file), never read as 'no EMA'
+    (which would start the EMA from the raw weights in silence)."""
+    import shutil
+
+    run = str(tmp_path / "copy")
+    shutil.copytree(source[0], run)
+    ema = os.path.join(ckpt.step_dir(run, 2), "ema.safetensors")
+    data = bytearray(open(ema, "rb").read())
+    data[-9] ^= 0xFF  # a flipped byte inside the last tensor
+    open(ema, "wb").write(bytes(data))
+    out = tmp_path / "b"
+    assert main(tiny_args(out, "--init-from", run, steps=1, ckpt_every=1)) == 2
+    err = capsys.readouterr().err
+    assert "ema.safetensors" in err and "has no EMA" not in err
