@@ -74,14 +74,10 @@ def build_loader(cfg: TrainConfig, dataset, sampler, micro: int, device: torch.d
     """DALI or torch DataLoader (--loader; repa_fast.data.dali_loader.choose_loader logs why), same sample order."""
     from repa_fast.data.dali_loader import DALILoader, choose_loader
 
-    if choose_loader(cfg.data.loader, dataset, device) == "dali":
-        if cfg.data.on_bad_sample == "skip":
-            raise ConfigError(
-                "--on-bad-sample skip reads samples one by one, which the DALI loader does not; add --loader "
-                "dataloader, or drop --on-bad-sample skip"
-            )
+    skip = cfg.data.on_bad_sample == "skip"  # reads samples one by one: the DataLoader (validate refuses --loader dali)
+    if choose_loader("dataloader" if skip else cfg.data.loader, dataset, device) == "dali":
         return DALILoader(dataset, sampler, micro, device=device, num_threads=max(1, cfg.data.num_workers))
-    if cfg.data.on_bad_sample == "skip":  # deterministic replacement of unreadable samples (data/sampler.py)
+    if skip:  # deterministic replacement of unreadable samples (data/sampler.py)
         from repa_fast.data.sampler import SkipBadSamples, bad_sample_limit
 
         limit = bad_sample_limit(cfg.data.bad_sample_budget, len(dataset))

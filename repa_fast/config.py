@@ -394,6 +394,7 @@ class TrainConfig:
         _check_resume(self)
         _check_recipe(self, depth)
         _check_speed(self)
+        _check_data_policy(self)
         if self.data.dataset == "auto" and not self.data.data_dir:
             raise ConfigError(
                 "no --data-dir: pass --data-dir DIR (REPA folder or packed dataset), or run the embedded "
@@ -522,6 +523,22 @@ def _check_recipe(cfg: TrainConfig, depth: int) -> None:
         raise ConfigError(
             f"--align-stop-step {loss.align_stop_step} must be after --warmup-steps {loss.warmup_steps} (0 = never)"
         )
+
+
+def _check_data_policy(cfg: TrainConfig) -> None:
+    """The bad-sample and data-position options only where they are read (docs/run_directories.md §Data)."""
+    d, r = cfg.data, cfg.run
+    if d.on_bad_sample == "skip" and d.loader == "dali":
+        raise ConfigError(
+            "--on-bad-sample skip reads samples one by one, which the DALI loader does not; use --loader dataloader "
+            "(or auto, which then picks it), or drop --on-bad-sample skip"
+        )
+    if d.on_bad_sample == "error" and d.bad_sample_budget != 0.001:
+        raise ConfigError(
+            f"--bad-sample-budget {d.bad_sample_budget:g} is read with --on-bad-sample skip: add it, or drop the budget"
+        )
+    if r.reset_data_position and not (r.resume or r.resume_step):
+        raise ConfigError("--reset-data-position applies to --resume / --resume-step only; drop it for a new run")
 
 
 def _check_speed(cfg: TrainConfig) -> None:

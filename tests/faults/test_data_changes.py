@@ -125,3 +125,35 @@ def test_an_unreadable_folder_is_not_an_empty_dataset(tmp_path, capsys, data, mo
     monkeypatch.setattr(os, "scandir", scandir)
     err = refused(capsys, tmp_path, _args(tmp_path), errors.EXIT_USER, f"{folder}: permission denied", "chmod")
     assert "empty" not in err
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (("--on-bad-sample", "skip", "--loader", "dali"), "DALI loader does not"),
+        (("--bad-sample-budget", "5"), "read with --on-bad-sample skip"),
+        (("--reset-data-position",), "applies to --resume / --resume-step only"),
+    ],
+    ids=["skip-with-dali", "budget-without-skip", "reset-on-a-new-run"],
+)
+def test_data_policy_options_where_they_are_not_read_are_refused_before_anything(tmp_path, data, capsys, extra, words):
+    before = snapshot(tmp_path)
+    assert main([str(a) for a in _args(tmp_path, *extra)]) == errors.EXIT_USER
+    assert words in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_skip_with_loader_auto_picks_the_dataloader(monkeypatch):
+    """--loader auto would pick DALI on a GPU; with --on-bad-sample skip it must pick the per-sample DataLoader."""
+    from repa_fast import build
+    from repa_fast.config import TrainConfig
+    from repa_fast.data import dali_loader
+
+    asked = []
+    monkeypatch.setattr(dali_loader, "choose_loader", lambda loader, ds, dev: asked.append(loader) or "dataloader")
+    cfg = TrainConfig()
+    cfg.data.on_bad_sample, cfg.data.num_workers = "skip", 0
+    build.build_loader(cfg, list(range(8)), None, 2, torch.device("cpu"), 0)
+    cfg.data.on_bad_sample = "error"
+    build.build_loader(cfg, list(range(8)), None, 2, torch.device("cpu"), 0)
+    assert asked == ["dataloader", "auto"]
