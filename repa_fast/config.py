@@ -47,6 +47,8 @@ class Range:
             text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
         elif self.lo is not None:
             text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is None:
+            text = "finite"
         else:
             text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
         return text + (f" ({self.note})" if self.note else "")

@@ -91,7 +91,7 @@ class SamplingOptions(Checked):
     guidance_high: float = option(1.0, "guidance interval end", check=PROBABILITY)
     cls_cfg_scale: float | None = option(
         None, "REG checkpoints only: guidance scale of the class token where the image is guided (<= 0: its "
-        "conditional half)", note="default 1.5, REG generate.py's",
+        "conditional half)", note="default 1.5, REG generate.py's", check=Range(),
     )  # fmt: skip
     path_type: str = option("linear", config="path_type")
     labels: str = option(

@@ -208,3 +208,15 @@ def test_a_reg_train_file_resumes_a_reg_run(tmp_path):
     assert [r["step"] for r in log] == [3] and log[0]["cls"] > 0
     with pytest.raises(CheckpointError, match="cls_projectors2"):  # into a REPA run: refused, naming the keys
         train(tiny_cfg(tmp_path / "b", "--resume-step", "2", "--exp-name", "run", steps=3, ckpt_every=3))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_generate_refuses_a_non_finite_cls_cfg_scale_before_loading(tmp_path, capsys, bad):
+    from repa_fast.errors import ConfigError
+    from repa_fast.generate import main
+
+    with pytest.raises(ConfigError, match="cls-cfg-scale must be finite"):
+        SamplingOptions(cls_cfg_scale=float(bad))
+    assert main(["--ckpt", str(tmp_path / "missing.pt"), "--cls-cfg-scale", bad]) == 2
+    err = capsys.readouterr().err
+    assert "cls" in err and "finite" in err and "Traceback" not in err
