@@ -114,11 +114,12 @@ class TrainingEvaluator:
             ema_model.train(was_training)
 
     def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Feature-network outputs of one sampling batch (chunks of 64, as python -m repa_fast.evaluate)."""
+        """The feature-network outputs FID and IS read (pool features, logits) of one sampling batch (chunks of 64, as
+        python -m repa_fast.evaluate); the spatial features are not kept, so the gather to rank 0 stays small."""
         from repa_fast.eval.inception import extract
 
         feats = [extract(self.net, images[i : i + 64], self.device) for i in range(0, len(images), 64)]
-        return {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+        return {k: np.concatenate([f[k] for f in feats]) for k in feats[0] if k in ("pool", "logits")}
 
     def _gather(self, part):
         return self.backend.gather_objects(part) if self.backend is not None and self.world > 1 else [part]
