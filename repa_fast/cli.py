@@ -144,6 +144,11 @@ def check_runtime(cfg: TrainConfig) -> None:
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
     check_speed_options(cfg)
+    if cfg.run.gpu_memory_gb is not None:  # a stated budget is honoured by a real run too, before anything is built
+        from repa_fast.memory_check import check_memory, refuse_if_too_big
+
+        _, world, local_rank = launch_env()
+        refuse_if_too_big(check_memory(cfg, world, local_rank))
     if launch_env()[0] == 0:
         import_sink(cfg.run.report_to)  # a missing logging package is refused before anything is written
     _check_writable(run_dir(cfg))

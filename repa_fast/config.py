@@ -317,7 +317,8 @@ class RunConfig:
     device: str = _f("auto", "auto (cuda if available), cpu, cuda (device LOCAL_RANK)", choices=("auto", "cpu", "cuda"))
     gpu_memory_gb: float | None = _f(
         None,
-        "GPU memory per process in GB (1e9 bytes) for --dry-run's memory check (default: the visible GPU's)",
+        "GPU memory per process in GB (1e9 bytes): the predicted peak must fit it (--dry-run and training; default: "
+        "the visible GPU's, checked by --dry-run only)",
         check=POSITIVE,
     )
     # In-training evaluation of the EMA model (repa_fast.eval.training); never changes the weights.

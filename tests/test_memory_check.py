@@ -73,6 +73,14 @@ def test_a_batch_that_cannot_fit_is_refused_with_the_options_that_fit(capsys):
         assert o.predicted_gb <= 80
 
 
+def test_a_real_run_with_a_stated_budget_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--gpu-memory-gb without --dry-run: the same refusal, before the run directory exists (check_runtime)."""
+    argv = [a for a in XL if a != "--dry-run"] + ["--batch-size", "256", "--gpu-memory-gb", "80"]
+    assert main([*argv, "--output-dir", str(tmp_path / "exps")]) == 2
+    assert "does not fit the 80.0 GB of --gpu-memory-gb" in capsys.readouterr().err
+    assert not (tmp_path / "exps").exists()
+
+
 def test_an_option_offered_is_accepted_by_the_dry_run(capsys):
     check = check_memory(_cfg("--batch-size", "256", "--gpu-memory-gb", "80"))
     flags = check.options[0].flags.split()
