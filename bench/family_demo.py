@@ -20,7 +20,8 @@ encoder) of the samples and of all 1,797 digits. After training, CKNNA (k = 10) 
 Steps to threshold: the first evaluation step at which a run's FD-digits is at or below the threshold, by default
 vanilla's mean FD-digits at the last step (how many steps each method needs to match vanilla's final quality).
 Each finished run writes ``<work>/<method>-s<seed>/family_result.json``; a rerun skips finished runs, so an
-interrupted bench resumes with the same command. Writes bench/results/family_demo.{csv,md,png}.
+interrupted bench resumes with the same command; ``--report-only`` writes the table from the finished runs alone
+(the table says how many seeds each method has). Writes bench/results/family_demo.{csv,md,png}.
 It is an illustration at toy scale (a 6-block SiT on 16x16 digits), not a reproduction of any paper's numbers.
 """
 
@@ -55,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--threshold", type=float, default=None, help="FD-digits threshold (default: vanilla's final)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the table and plot from the runs already finished under --work",
+    )
     p.add_argument("--work", default=os.path.join(REPO, "demo_out", "bench_family"))
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     return p.parse_args(argv)
@@ -246,10 +252,17 @@ def main(argv=None) -> None:
     results = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for m in methods:
+            if args.report_only:
+                done = os.path.join(args.work, f"{m}-s{seed}", "family_result.json")
+                if os.path.isfile(done):
+                    results.append(run_one(m, seed, args, ref))  # read back, nothing trained
+                continue
             results.append(run_one(m, seed, args, ref))
             r = results[-1]
             print(f"{m} seed {seed}: FD-digits {r['curve'][-1][1]:.3f}, CKNNA {r['cknna']:.3f}", flush=True)
     threshold, rows = summarize(results, methods, args.threshold)
+    if not results:
+        raise SystemExit(f"--report-only: no finished run under {args.work}")
     keys = ("methods", "seeds", "steps", "eval_every", "eval_samples")
     command = "python bench/family_demo.py " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
     write_results(results, rows, threshold, args, command)
