@@ -24,6 +24,20 @@ WARMUP_MODULES = ("x_embedder.", "t_embedder.", "y_embedder.", "projectors.", "c
 
 SCHEDULES = ("constant", "exp", "cosine")
 
+# The training settings REG's and iREPA's train.py share (both REPA's train.py defaults, as their commands run them):
+# AdamW lr 1e-4, betas (0.9, 0.999), weight decay 0, eps 1e-8, clipping 1.0, global batch 256, EMA 0.9999, fp16, TF32.
+_REPA_TRAINING = {
+    "learning_rate": 1e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 0.0,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "batch_size": 256,
+    "ema_decay": 0.9999,
+    "mixed_precision": "fp16",
+    "allow_tf32": True,
+}
 # The REPA family's published recipes as presets (docs/methods.md §Preset; registered in repa_fast.config.PRESETS).
 # REG (Martinser/REG train.sh and train.py:386-436): SiT-XL/2 + DINOv2-B, encoder depth 8, proj coeff 0.5, --cls
 # 0.03, AdamW lr 1e-4 betas (0.9, 0.999) wd 0 eps 1e-8, clip 1.0, batch 256, fp16 with TF32, EMA 0.9999, 1M steps
@@ -35,16 +49,7 @@ REG_PRESET = {
     "proj_coeff": 0.5,
     "reg": True,
     "cls": 0.03,
-    "learning_rate": 1e-4,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_weight_decay": 0.0,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
-    "batch_size": 256,
-    "ema_decay": 0.9999,
-    "mixed_precision": "fp16",
-    "allow_tf32": True,
+    **_REPA_TRAINING,
     "max_train_steps": 1000000,
     "checkpointing_steps": 10000,
     "sampling_steps": 10000,
@@ -61,16 +66,7 @@ IREPA_PRESET = {
     "proj_coeff": 1.0,
     "spnorm_method": "zscore",
     "zscore_alpha": 0.6,
-    "learning_rate": 1e-4,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_weight_decay": 0.0,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
-    "batch_size": 256,
-    "ema_decay": 0.9999,
-    "mixed_precision": "fp16",
-    "allow_tf32": True,
+    **_REPA_TRAINING,
     "max_train_steps": 400000,
     "checkpointing_steps": 50000,
     "sampling_steps": 50000,

@@ -4,8 +4,9 @@ The production loop draws t and the noise from per-rank streams (seed + rank, as
 cannot reproduce a 1-process run's numbers. Here, and only here, those two draws are replaced by draws keyed by
 (seed, step, micro-batch, position of the sample in the GLOBAL batch): every sample gets the same t and noise (and
 REG's class-token noise) whatever the number of processes, the accumulation split or the backend, so 1- and
-N-process trajectories are comparable number for number. Everything else (model, data order, reduction, clipping, AdamW, EMA, checkpoints) is the
-production path. Label dropout must be off (--cfg-prob 0): it is drawn inside the model.
+N-process trajectories are comparable number for number. Everything else (model, data order, reduction, clipping,
+AdamW, EMA, checkpoints) is the production path. Label dropout must be off (--cfg-prob 0): it is drawn inside the
+model.
 
 ``REPA_FAST_TEST_NAN_STEP=k``: the micro-batch holding global sample 0 returns a NaN loss at optimizer step k (one
 rank only under several processes): every backend must skip that step (weights, moments, step count, EMA unchanged).

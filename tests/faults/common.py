@@ -6,17 +6,7 @@ from repa_fast.cli import main
 from repa_fast.engine import checkpoint as ckpt
 
 from ..engine.helpers import tiny_args
-
-
-def snapshot(root) -> dict:
-    """Every file under ``root`` with its bytes, and every directory: a byte-for-byte picture of a tree."""
-    out = {}
-    for d, _dirs, files in os.walk(root):
-        out[os.path.relpath(d, root) + "/"] = None
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                out[os.path.relpath(os.path.join(d, name), root)] = f.read()
-    return out
+from ..test_hardening import snapshot
 
 
 def refused(capsys, root, argv, code: int, *words) -> str:
